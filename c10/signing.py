@@ -1,0 +1,362 @@
+"""Operator Ed25519 keys (create, load safely, identify) and DSSE envelopes over PAE."""
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import errno
+import hashlib
+import os
+import stat
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from c10.atomic import fsync_dir
+from c10.errors import SigningKeyError, VerifyError
+
+PAYLOAD_TYPE = "application/vnd.c10.manifest+json"
+_MAX_KEY_BYTES = 64 * 1024  # a PEM Ed25519 key is < 1 KiB; anything bigger is not a key
+
+
+# ---------------------------------------------------------------- identity
+
+def _public(key: Ed25519PrivateKey | Ed25519PublicKey) -> Ed25519PublicKey:
+    """Accept a private or public key wherever only the public half matters."""
+    return key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+
+
+def _raw(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
+    return _public(key).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def keyid(public_key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """Hex sha256 of the raw 32-byte public key: the id in envelopes and allowlists."""
+    return hashlib.sha256(_raw(public_key)).hexdigest()
+
+
+def ssh_fingerprint(public_key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """`SHA256:...` exactly as `ssh-keygen -lf` prints it, for operators to compare by eye."""
+    blob = b"".join(struct.pack(">I", len(part)) + part for part in (b"ssh-ed25519", _raw(public_key)))
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def public_key_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
+    """SubjectPublicKeyInfo PEM of the public half (what goes into --trusted-keys files)."""
+    return _public(key).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+# ---------------------------------------------------------------- key files
+
+def generate_key(path: Path, passphrase: bytes | None = None) -> str:
+    """Write a new Ed25519 PKCS8 PEM key at `path` (0600 from creation); return its keyid."""
+    path = Path(path)
+    key = Ed25519PrivateKey.generate()
+    encryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    _create_exclusive(path, pem)
+    return keyid(key)
+
+
+def _create_exclusive(path: Path, data: bytes) -> None:
+    """Publish `data` at `path` only if nothing is there, never partially, never beyond 0600.
+
+    atomic.write_bytes would os.replace an existing key (losing it), so this keeps its
+    temp-fsync-publish-fsync shape but publishes with os.link, which fails if `path` exists.
+    mkstemp creates the temp file 0600 whatever the umask, so no instant is world-readable.
+    """
+    if not path.parent.is_dir():
+        raise SigningKeyError(f"cannot create key {path}: directory {path.parent} does not exist; "
+                              f"run `mkdir -p {path.parent}` then `c10 keygen {path}`")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _link_new(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(path.parent)
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise SigningKeyError(f"refusing to overwrite existing file {path}: keep that key, or "
+                              f"choose another path: `c10 keygen NEW_PATH`") from None
+    except OSError as exc:
+        raise SigningKeyError(f"cannot create key {path}: {exc.strerror} (the filesystem must "
+                              f"support hard links and POSIX modes); use a local disk path with "
+                              f"`c10 keygen PATH`") from None
+
+
+def load_signing_key(
+    path: Path, *, passphrase: bytes | None, cache_root: Path | None
+) -> Ed25519PrivateKey:
+    """Load the operator key after refusing unsafe files; the file is opened exactly once.
+
+    Seed CP-INV-7: one open, the PEM bytes are zeroed after parsing, and nothing is cached;
+    the caller drops the returned key once it has signed.
+    """
+    path = Path(path)
+    _refuse_inside_cache(path, cache_root)
+    buf = _read_key_file_once(path)
+    try:
+        return _parse_private_key(buf, passphrase, path)
+    finally:
+        buf[:] = bytes(len(buf))  # zero the PEM (and any unencrypted key) in place
+
+
+def _refuse_inside_cache(path: Path, cache_root: Path | None) -> None:
+    """The cache is copied to aircraft and USB sticks; the private key must never ride along."""
+    if cache_root is None:
+        return
+    key, root = path.resolve(), Path(cache_root).resolve()
+    if key == root or root in key.parents:
+        raise SigningKeyError(f"refusing key {path}: it lies inside the cache {cache_root}, which "
+                              f"is shipped; move it out (`mv {path} ~/.c10/`) and update "
+                              f"signing.key_path in c10.toml")
+
+
+def _read_key_file_once(path: Path) -> bytearray:
+    """One os.open; O_NOFOLLOW refuses a symlink and fstat checks the very file we read."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    try:
+        _check_key_stat(path, os.fstat(fd))
+        return _read_all(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _open_error(path: Path, exc: OSError) -> SigningKeyError:
+    if exc.errno == errno.ELOOP:
+        return SigningKeyError(f"refusing key {path}: it is a symlink; point signing.key_path "
+                               f"at the real file (`readlink -f {path}`)")
+    if exc.errno == errno.ENOENT:
+        return SigningKeyError(f"signing key {path} does not exist; create one with "
+                               f"`c10 keygen {path}` or fix signing.key_path in c10.toml")
+    return SigningKeyError(f"cannot read signing key {path}: {exc.strerror}; check its owner "
+                           f"and permissions (`ls -l {path}`)")
+
+
+def _check_key_stat(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise SigningKeyError(f"refusing key {path}: not a regular file; point "
+                              f"signing.key_path at a PEM file made by `c10 keygen PATH`")
+    if st.st_mode & 0o077:
+        raise SigningKeyError(f"refusing key {path}: mode {stat.S_IMODE(st.st_mode):04o} lets "
+                              f"other users read it; run `chmod 600 {path}`")
+    if st.st_size > _MAX_KEY_BYTES:
+        raise SigningKeyError(f"refusing key {path}: {st.st_size} bytes is too big for an "
+                              f"Ed25519 PEM key; create one with `c10 keygen PATH`")
+
+
+def _read_all(fd: int, path: Path) -> bytearray:
+    """Read into one growing bytearray so the caller can zero every copy we made."""
+    buf = bytearray(_MAX_KEY_BYTES + 1)
+    view, n = memoryview(buf), 0
+    while n < len(buf):
+        got = os.readv(fd, [view[n:]])
+        if got == 0:
+            break
+        n += got
+    view.release()
+    data = buf[:n]
+    buf[:] = bytes(len(buf))
+    return data
+
+
+def _parse_private_key(buf: bytearray, passphrase: bytes | None, path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(buf, passphrase or None)
+    except TypeError as exc:  # cryptography signals a missing/unexpected password with TypeError
+        raise _passphrase_error(path, encrypted="not given" in str(exc)) from None
+    except ValueError as exc:
+        raise _parse_error(path, exc) from None
+    except UnsupportedAlgorithm:
+        raise SigningKeyError(f"signing key {path} uses an unsupported algorithm; c10 signs "
+                              f"with Ed25519: create a key with `c10 keygen NEW_PATH`") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SigningKeyError(f"signing key {path} is a {type(key).__name__}, not Ed25519; "
+                              f"create an Ed25519 key with `c10 keygen NEW_PATH`")
+    return key
+
+
+def _passphrase_error(path: Path, *, encrypted: bool) -> SigningKeyError:
+    if encrypted:
+        return SigningKeyError(f"signing key {path} is encrypted and no passphrase was given; "
+                               f"give it with --passphrase-file FILE or at the prompt")
+    return SigningKeyError(f"signing key {path} is not encrypted but a passphrase was given; "
+                           f"drop --passphrase-file")
+
+
+def _parse_error(path: Path, exc: ValueError) -> SigningKeyError:
+    if "password" in str(exc).lower() or "decrypt" in str(exc).lower():
+        return SigningKeyError(f"wrong passphrase for signing key {path}; retry with the right "
+                               f"one (--passphrase-file FILE or the prompt)")
+    return SigningKeyError(f"signing key {path} is not a valid PEM private key; create one "
+                           f"with `c10 keygen NEW_PATH`")
+
+
+def load_trusted_keys(entries: Iterable[str | os.PathLike]) -> dict[str, Ed25519PublicKey]:
+    """Trusted verifier keys from PEM/OpenSSH public key files or 64-hex raw public keys.
+
+    A 64-hex entry is the raw public key itself, NOT a keyid (both are 64 hex digits).
+    """
+    trusted: dict[str, Ed25519PublicKey] = {}
+    for entry in entries:
+        key = _load_trusted(entry)
+        trusted[keyid(key)] = key
+    return trusted
+
+
+def _load_trusted(entry: str | os.PathLike) -> Ed25519PublicKey:
+    text = os.fspath(entry).strip()
+    if len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text):
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(text))
+    try:
+        data = Path(text).read_bytes()
+    except OSError as exc:
+        raise SigningKeyError(f"cannot read trusted key {text}: {exc.strerror}; pass a public "
+                              f"key file (`c10 keygen` prints one) or 64-hex raw key") from None
+    return _parse_public(data, text)
+
+
+def _parse_public(data: bytes, where: str) -> Ed25519PublicKey:
+    try:
+        if data.lstrip().startswith(b"ssh-ed25519"):
+            key = serialization.load_ssh_public_key(data.strip())
+        else:
+            key = serialization.load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm):
+        key = None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SigningKeyError(f"trusted key {where} is not an Ed25519 public key (PEM or "
+                              f"ssh-ed25519); export one with `c10 keygen --show-public PATH`")
+    return key
+
+
+# ---------------------------------------------------------------- DSSE
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 Pre-Authentication Encoding: what is actually signed."""
+    ptype = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %b %d %b" % (len(ptype), ptype, len(payload), payload)
+
+
+def sign_envelope(payload: bytes, payload_type: str, key: Ed25519PrivateKey) -> dict:
+    """A one-signature DSSE envelope (standard base64, keyid = hex sha256 of raw public key)."""
+    sig = key.sign(pae(payload_type, payload))
+    return {
+        "payloadType": payload_type,
+        "payload": base64.b64encode(payload).decode("ascii"),
+        "signatures": [{"keyid": keyid(key), "sig": base64.b64encode(sig).decode("ascii")}],
+    }
+
+
+def verify_envelope(
+    envelope: dict, trusted: dict[str, Ed25519PublicKey], threshold: int = 1
+) -> bytes:
+    """Return the payload when >= `threshold` DISTINCT trusted keys signed it; else VerifyError.
+
+    Signatures with unknown keyids are skipped (other signers may co-sign); a repeated
+    signature of one key counts once, so one key can never satisfy threshold 2.
+    """
+    return verify_envelope_signers(envelope, trusted, threshold)[0]
+
+
+def verify_envelope_signers(
+    envelope: dict, trusted: dict[str, Ed25519PublicKey], threshold: int = 1
+) -> tuple[bytes, tuple[str, ...]]:
+    """verify_envelope, also returning the sorted keyids whose signatures verified."""
+    payload_type, payload, sigs = _envelope_parts(envelope)
+    if payload_type != PAYLOAD_TYPE:
+        raise VerifyError("bad-payload-type", f"envelope payloadType is {payload_type!r}, "
+                          f"expected {PAYLOAD_TYPE!r}; rebuild with `doit build_cache`")
+    signed = pae(payload_type, payload)
+    good, bad = set(), 0
+    for kid, sig in sigs:
+        key = trusted.get(kid)
+        if key is None:
+            continue
+        if _sig_ok(key, sig, signed):
+            good.add(_raw(key))
+        else:
+            bad += 1
+    _check_threshold(len(good), bad, max(threshold, 1), trusted)
+    return payload, tuple(sorted(hashlib.sha256(raw).hexdigest() for raw in good))
+
+
+def _sig_ok(key: Ed25519PublicKey, sig: bytes, message: bytes) -> bool:
+    try:
+        key.verify(sig, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def _check_threshold(good: int, bad: int, threshold: int, trusted: dict) -> None:
+    if good >= threshold:
+        return
+    if good == 0 and bad == 0:
+        raise VerifyError("unknown-key", f"no signature is by a trusted key (trusted keyids: "
+                          f"{', '.join(sorted(trusted)) or 'none'}); pass the operator's public "
+                          f"key with --trusted-keys FILE", "Manifest.json.dsse")
+    reason = "bad-signature" if bad else "threshold"
+    raise VerifyError(reason, f"{good} distinct trusted key(s) verified, {threshold} required, "
+                      f"{bad} signature(s) by trusted keys invalid; the Manifest or envelope was "
+                      f"altered or under-signed: re-sign with `doit build_cache`",
+                      "Manifest.json.dsse")
+
+
+def _envelope_parts(envelope: object) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+    if not isinstance(envelope, dict):
+        raise _bad_envelope("not a JSON object")
+    ptype, payload, sigs = (envelope.get(k) for k in ("payloadType", "payload", "signatures"))
+    if not isinstance(ptype, str) or not isinstance(payload, str):
+        raise _bad_envelope("payloadType and payload must be strings")
+    if not isinstance(sigs, list) or not sigs:
+        raise _bad_envelope("signatures must be a non-empty list")
+    return ptype, _b64(payload, "payload"), [_sig_entry(s) for s in sigs]
+
+
+def _sig_entry(entry: object) -> tuple[str, bytes]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("sig"), str):
+        raise _bad_envelope("each signature needs a base64 'sig' string")
+    kid = entry.get("keyid", "")
+    if not isinstance(kid, str):
+        raise _bad_envelope("signature keyid must be a string")
+    return kid.lower(), _b64(entry["sig"], "sig")
+
+
+def _b64(text: str, field: str) -> bytes:
+    """DSSE allows standard or URL-safe base64; accept both, reject anything else."""
+    try:
+        if "-" in text or "_" in text:
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise _bad_envelope(f"{field} is not valid base64") from None
+
+
+def _bad_envelope(what: str) -> VerifyError:
+    return VerifyError("bad-envelope", f"Manifest.json.dsse is malformed: {what}; "
+                       f"re-sign with `doit build_cache`", "Manifest.json.dsse")
