@@ -1,0 +1,290 @@
+"""The Manifest: schema, canonical bytes, the control-file allowlist, and the signed write."""
+from __future__ import annotations
+
+import base64
+import fnmatch
+import json
+import posixpath
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+import blake3
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from c10 import atomic
+from c10.errors import ManifestWriteError, VerifyError
+from c10.signing import PAYLOAD_TYPE, keyid, sign_envelope, ssh_fingerprint
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "Manifest.json"
+ENVELOPE_NAME = "Manifest.json.dsse"
+KINDS = frozenset({"tile", "model", "engine", "engine-meta", "shard", "index", "report"})
+
+# Files at the cache root that the build owns but never ships in the Manifest.
+CONTROL_FILES = frozenset({"dodo.py", "c10.toml", ".c10.lock", MANIFEST_NAME, ENVELOPE_NAME})
+CONTROL_DIR = ".c10"  # the build's private dir: everything under it is control
+# doit imports dodo.py, so Python writes exactly this bytecode file beside it.
+CONTROL_PYCACHE = "__pycache__/dodo.cpython-*.pyc"
+
+
+def is_control(relpath: str) -> bool:
+    """True for a cache-relative POSIX path that is allowed without being in the Manifest."""
+    if relpath in CONTROL_FILES or relpath.startswith(CONTROL_DIR + "/"):
+        return True
+    return relpath.count("/") == 1 and fnmatch.fnmatchcase(relpath, CONTROL_PYCACHE)
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One shipped file: cache-relative POSIX path, size in bytes, blake3 hex, kind."""
+
+    path: str
+    size: int
+    blake3: str
+    kind: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "size": self.size, "blake3": self.blake3, "kind": self.kind}
+
+
+def path_problem(relpath: object) -> str | None:
+    """Why `relpath` is not a safe cache-relative path, or None when it is."""
+    if not isinstance(relpath, str) or not relpath:
+        return "empty or not a string"
+    if relpath.startswith("/"):
+        return "absolute"
+    if any(ord(c) < 0x20 or c == "\\" for c in relpath):
+        return "control character or backslash"
+    if ".." in relpath.split("/"):
+        return "contains '..'"
+    if posixpath.normpath(relpath) != relpath:
+        return "not normalized"
+    return None
+
+
+# ---------------------------------------------------------------- build
+
+def tiles_aggregate_hash(entries: Iterable[FileEntry]) -> str:
+    """blake3 over the sorted (path, blake3) pairs of tile entries: one id for the tile set."""
+    pairs = sorted((e.path, e.blake3) for e in entries if e.kind == "tile")
+    return blake3.blake3(_canonical(pairs)).hexdigest()
+
+
+def build_manifest(
+    *,
+    version: int,
+    issued_at: datetime,
+    expires: datetime,
+    build_identity: str,
+    request: dict,
+    host: dict,
+    tools: dict,
+    tiles_hash: str,
+    files: Iterable[FileEntry],
+    cache_id: str,
+    engines: Iterable[dict] = (),
+) -> dict:
+    """The Manifest as a plain dict; refuses inputs the verifier would reject later."""
+    files = sorted(files, key=lambda e: e.path)
+    engines = sorted((dict(e) for e in engines), key=lambda e: e.get("path", ""))
+    _check_build_inputs(version, issued_at, expires, files, engines)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "cache_id": cache_id,
+        "version": version,
+        "issued_at": _iso(issued_at),
+        "expires": _iso(expires),
+        "build_identity": build_identity,
+        "request": request,
+        "host": host,
+        "tools": tools,
+        "tiles_hash": tiles_hash,
+        "engines": engines,
+        "files": [e.to_json() for e in files],
+    }
+
+
+def _check_build_inputs(version, issued_at, expires, files, engines) -> None:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ManifestWriteError(f"Manifest version must be an integer >= 1, got {version!r}")
+    if issued_at.tzinfo is None or expires.tzinfo is None:
+        raise ManifestWriteError("Manifest issued_at/expires must be timezone-aware (UTC)")
+    if expires <= issued_at:
+        raise ManifestWriteError(f"Manifest would expire ({_iso(expires)}) before it is issued "
+                                 f"({_iso(issued_at)}); raise signing.validity in c10.toml")
+    _check_files(files)
+    _check_engines(engines, {e.path for e in files})
+
+
+def _check_files(files: list[FileEntry]) -> None:
+    for prev, entry in zip([None, *files], files):
+        problem = path_problem(entry.path) or ("control file" if is_control(entry.path) else None)
+        if problem:
+            raise ManifestWriteError(f"cannot list {entry.path!r} in the Manifest: {problem}; "
+                                     f"this is a bug in the task that declared it")
+        if prev is not None and prev.path == entry.path:
+            raise ManifestWriteError(f"{entry.path} is declared twice; fix the duplicate task target")
+        if entry.size < 0 or len(entry.blake3) != 64:
+            raise ManifestWriteError(f"{entry.path}: bad size/blake3 in its FileEntry")
+
+
+def _check_engines(engines: list[dict], listed: set[str]) -> None:
+    for eng in engines:
+        if eng.get("path") not in listed or not isinstance(eng.get("backend"), str):
+            raise ManifestWriteError(f"engine entry {eng!r} needs a backend and a path that is "
+                                     f"listed in the Manifest's files")
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse a Manifest timestamp (always UTC, `...Z`)."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+# ---------------------------------------------------------------- bytes
+
+def _canonical(obj: object) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def dumps_manifest(manifest: dict) -> bytes:
+    """Canonical bytes: sorted keys, no spaces, UTF-8, files sorted by path, one trailing newline."""
+    body = dict(manifest)
+    body["files"] = sorted(manifest.get("files", ()), key=lambda f: f["path"])
+    body["engines"] = sorted(manifest.get("engines", ()), key=lambda e: e["path"])
+    try:
+        return _canonical(body) + b"\n"
+    except (TypeError, ValueError) as exc:
+        raise ManifestWriteError(f"Manifest is not canonical JSON ({exc}); the request or host "
+                                 f"metadata holds a non-JSON value") from None
+
+
+_REQUIRED = {"schema_version": int, "cache_id": str, "version": int, "issued_at": str,
+             "expires": str, "build_identity": str, "tiles_hash": str, "engines": list,
+             "files": list}
+
+
+def loads_manifest(data: bytes) -> dict:
+    """Parse and structurally check Manifest bytes; VerifyError(bad-manifest|schema-version)."""
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad_manifest(f"not UTF-8 JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise _bad_manifest("not a JSON object")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise VerifyError("schema-version", f"Manifest schema_version is "
+                          f"{manifest.get('schema_version')!r}, this c10 reads {SCHEMA_VERSION}; "
+                          f"use the c10 release that built it or rebuild with `doit build_cache`",
+                          MANIFEST_NAME)
+    _check_fields(manifest)
+    return manifest
+
+
+def _check_fields(manifest: dict) -> None:
+    for name, kind in _REQUIRED.items():
+        value = manifest.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _bad_manifest(f"field {name!r} missing or not {kind.__name__}")
+    try:
+        parse_time(manifest["issued_at"]), parse_time(manifest["expires"])
+    except ValueError:
+        raise _bad_manifest("issued_at/expires are not YYYY-MM-DDTHH:MM:SSZ") from None
+    paths = [_check_entry(f) for f in manifest["files"]]
+    if len(set(paths)) != len(paths):
+        raise _bad_manifest("a file path is listed twice")
+    for eng in manifest["engines"]:
+        if not isinstance(eng, dict) or eng.get("path") not in set(paths):
+            raise _bad_manifest(f"engine entry {eng!r} is not a listed file")
+
+
+def _check_entry(entry: object) -> str:
+    ok = (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+          and isinstance(entry.get("size"), int) and not isinstance(entry.get("size"), bool)
+          and entry["size"] >= 0 and isinstance(entry.get("blake3"), str)
+          and isinstance(entry.get("kind"), str))
+    if not ok:
+        raise _bad_manifest(f"file entry {entry!r} needs path, size >= 0, blake3 and kind")
+    return entry["path"]
+
+
+def _bad_manifest(what: str) -> VerifyError:
+    return VerifyError("bad-manifest", f"Manifest.json is malformed: {what}; rebuild with "
+                       f"`doit build_cache`", MANIFEST_NAME)
+
+
+# ---------------------------------------------------------------- write
+
+def check_key_allowed(key, allowed_keyids: list[str] | None) -> None:
+    """Seed CP-TC-7: refuse a key outside a non-empty allowlist; call before writing anything.
+
+    Entries may be keyids (hex sha256 of the raw key) or `SHA256:` SSH fingerprints.
+    """
+    if not allowed_keyids:
+        return
+    kid, fpr = keyid(key), ssh_fingerprint(key)
+    allowed = {a.strip() for a in allowed_keyids}
+    if kid in {a.lower() for a in allowed} or fpr in allowed:
+        return
+    raise ManifestWriteError(f"signing key {kid} ({fpr}) is not in signing.allowed_keyids of "
+                             f"c10.toml; sign with an allowed key (signing.key_path) or add "
+                             f"\"{kid}\" to signing.allowed_keyids. No file was written.")
+
+
+def write_signed_manifest(cache_root: Path, manifest_bytes: bytes, key: Ed25519PrivateKey) -> None:
+    """Sign `manifest_bytes` and write Manifest.json.dsse, THEN Manifest.json.
+
+    Why envelope first: the envelope carries the whole signed payload, so it is the commit
+    point. A kill between the two renames leaves (new envelope, old Manifest.json); the
+    verifier requires payload == Manifest.json and rejects that pair (envelope-mismatch),
+    so no mismatched state is ever accepted, and the newest signed version survives in the
+    envelope, where next_version() reads it, so a version number is never signed twice
+    with different bytes. (Manifest first would leave an unsigned new Manifest.json beside
+    the old envelope: also rejected, but the newest version would then be unsigned.)
+    """
+    loads_manifest(manifest_bytes)  # never sign bytes the verifier would refuse to parse
+    envelope = sign_envelope(manifest_bytes, PAYLOAD_TYPE, key)
+    root = Path(cache_root)
+    try:
+        atomic.write_bytes(root / ENVELOPE_NAME, _canonical(envelope) + b"\n")
+        atomic.write_bytes(root / MANIFEST_NAME, manifest_bytes)
+    except OSError as exc:
+        raise ManifestWriteError(f"cannot write the Manifest in {root}: {exc}; free space or "
+                                 f"fix permissions, then `doit build_cache`") from None
+
+
+def next_version(cache_root: Path) -> int:
+    """Highest version in Manifest.json or the envelope's payload, + 1 (1 for a new cache)."""
+    root = Path(cache_root)
+    versions = [_version_of(root / MANIFEST_NAME, False), _version_of(root / ENVELOPE_NAME, True)]
+    return max([v for v in versions if v is not None], default=0) + 1
+
+
+def _version_of(path: Path, is_envelope: bool) -> int | None:
+    """Read a previous version without trusting it for anything but 'never go lower'."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _unreadable_previous(path, exc.strerror) from None
+    try:
+        if is_envelope:
+            data = base64.b64decode(json.loads(data)["payload"], validate=True)
+        return loads_manifest(data)["version"]
+    except (VerifyError, ValueError, KeyError, TypeError) as exc:
+        raise _unreadable_previous(path, str(exc)) from None
+
+
+def _unreadable_previous(path: Path, why: str) -> ManifestWriteError:
+    return ManifestWriteError(
+        f"previous {path} is unreadable ({why}), so the next Manifest version is unknown and "
+        f"aircraft would reject a lower one as a rollback; restore it from the copy on the "
+        f"aircraft or a backup, or, to deliberately restart versioning, move it away "
+        f"(`mv {path} {path}.bad`) and clear the aircraft's trusted state, then `doit build_cache`")
