@@ -1,0 +1,99 @@
+"""OpenVINO backend: a CPU-compiled model exported as a blob, tied to the CPU's ISA and OpenVINO version."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from c10.atomic import write_bytes
+from c10.backends import Backend, Runner, cpu_info, os_arch, package_version, run_chunked
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from c10.engines import EngineSpec, ModelInfo
+
+# The ISA extensions the OpenVINO CPU plugin dispatches on (x86 and ARM spellings).
+_ISA = re.compile(r"^(sse4_[12]|avx|avx2|fma|f16c|avx512.*|amx.*|avx_vnni.*|avxvnni.*|avx_ne_convert"
+                  r"|asimd.*|fphp|sve.*|bf16|i8mm)$")
+_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+# Measured in bench/engines.py on the 2-core build machine: LATENCY (one stream using every
+# core) gave ~3x the batch-32 throughput of THROUGHPUT, whose streams sit idle in a
+# synchronous call. The hint is applied again on import, so it is not part of the key.
+DEFAULT_HINT = "LATENCY"
+
+
+class OpenVinoBackend(Backend):
+    """OpenVINO on the CPU; fp32, bf16 or fp16 inference precision (int8 only via TensorRT)."""
+
+    name = "openvino"
+    suffix = ".blob"
+    install_hint = "pip install 'c10[openvino]' (or: pip install openvino)"
+    precisions = ("fp32", "bf16", "fp16")
+
+    def __init__(self, performance_hint: str = DEFAULT_HINT) -> None:
+        self.performance_hint = performance_hint
+        self._core = None
+
+    def version(self) -> str:
+        return package_version("openvino", ("openvino", "openvino_nightly")) or "unknown"
+
+    def _fingerprint(self) -> dict:
+        cpu = cpu_info()
+        isa = [flag for flag in cpu["flags"] if _ISA.match(flag)]
+        return {"device": "CPU", "cpu_model": cpu["model"], "isa": isa,
+                "openvino": self.version(), "os_arch": os_arch()}
+
+    def core(self):
+        if self._core is None:
+            import openvino as ov
+            self._core = ov.Core()
+        return self._core
+
+    def _compile(self, spec: EngineSpec, model: ModelInfo, calibration: bytes | None,
+                 out: Path) -> dict:
+        import openvino as ov
+
+        core = self.core()
+        network = core.read_model(str(spec.onnx_path))
+        if spec.input_shape is not None:
+            # The image input gets the request's size and the dynamic batch profile.
+            lo, _, hi = spec.batch
+            first = network.inputs[0]
+            network.reshape({first.get_any_name(): ov.PartialShape(
+                [ov.Dimension(lo, hi), *spec.input_shape])})
+        config = {"INFERENCE_PRECISION_HINT": _PRECISION[spec.precision],
+                  "PERFORMANCE_HINT": self.performance_hint}
+        compiled = core.compile_model(network, "CPU", config)
+        blob = compiled.export_model()
+        write_bytes(out, blob.getvalue() if hasattr(blob, "getvalue") else bytes(blob))
+        actual = compiled.get_property("INFERENCE_PRECISION_HINT")
+        # The CPU may substitute (e.g. f16 runs as bf16 without avx512_fp16): record what runs.
+        return {"inference_precision": getattr(actual, "get_type_name", lambda: str(actual))(),
+                "requested_precision": _PRECISION[spec.precision],
+                "openvino_build": ov.get_version(), "performance_hint": self.performance_hint}
+
+    def _load(self, path: Path, spec: EngineSpec) -> Runner:
+        compiled = self.core().import_model(path.read_bytes(), "CPU",
+                                            {"PERFORMANCE_HINT": self.performance_hint})
+        return OvRunner(compiled, spec.batch[2] if spec.input_shape is not None else None)
+
+
+class OvRunner(Runner):
+    def __init__(self, compiled, max_batch: int | None) -> None:
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.input_names = [i.get_any_name() for i in compiled.inputs]
+        self.output_names = [o.get_any_name() for o in compiled.outputs]
+        self.max_batch = max_batch
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return run_chunked(self._run, feeds, self.max_batch)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
+        results = self.request.infer(feeds)
+        # The request reuses its output buffers: copy before the next call overwrites them.
+        return [np.array(results[i], copy=True) for i in range(len(self.output_names))]
+
