@@ -1,0 +1,396 @@
+"""`c10 verify DIR`: what the aircraft runs before takeoff; first failure wins, one reason each."""
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import blake3
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from c10 import atomic
+from c10.errors import VerifyError
+from c10.manifest import (CONTROL_DIR, ENVELOPE_NAME, MANIFEST_NAME, is_control, loads_manifest,
+                          parse_time, path_problem)
+from c10.signing import verify_envelope_signers
+
+# Stable: scripts and the aircraft's arming logic branch on these. Never renumber.
+EXIT_CODES: dict[str, int] = {
+    "ok": 0,
+    "missing-manifest": 10, "bad-envelope": 11, "bad-payload-type": 12, "no-trusted-keys": 13,
+    "unknown-key": 14, "bad-signature": 15, "threshold": 16,
+    "envelope-mismatch": 20, "bad-manifest": 21, "schema-version": 22,
+    "rollback": 30, "version-reuse": 31, "bad-state": 32,
+    "expired": 40,
+    "bad-path": 50, "missing-file": 51, "symlink": 52, "special-file": 53, "hardlink": 54,
+    "size-mismatch": 55, "hash-mismatch": 56, "unreadable": 57,
+    "extra-file": 60,
+    "platform-mismatch": 70,
+}
+MMAP_MIN = 1 << 20  # below this one read() beats mmap setup; above, mmap + threads win
+_CONTROL_MAX = 1 << 30  # a 1M-file Manifest is ~200 MB; refuse to slurp anything larger
+_CHUNK = 256  # files per worker task: amortizes executor overhead, keeps failures local
+_REBUILD = "rebuild on the build host with `doit build_cache` and copy the cache again"
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """A cache that passed every check."""
+
+    cache_id: str
+    version: int
+    files: int
+    bytes: int
+    keyid: str
+    elapsed: float
+    state_updated: bool = False
+
+
+@dataclass
+class _Tree:
+    """One no-follow walk of the cache: regular files, symlinks and special files by relpath."""
+
+    files: set[str] = field(default_factory=set)
+    symlinks: list[str] = field(default_factory=list)
+    specials: list[str] = field(default_factory=list)
+
+
+def verify_cache(
+    cache_root: Path,
+    *,
+    trusted: dict[str, Ed25519PublicKey],
+    now: datetime,
+    state_path: Path | None,
+    airborne_fingerprints: dict | None = None,
+    threshold: int = 1,
+) -> VerifyResult:
+    """Check the cache in the documented order; raise VerifyError at the first failure.
+
+    `now` without a timezone is taken as UTC. `state_path` None skips the rollback check
+    (a ground tool inspecting a copy); the aircraft always passes its state file.
+    """
+    start = time.perf_counter()
+    try:
+        return _verify(Path(cache_root), trusted, now, state_path, airborne_fingerprints,
+                       threshold, start)
+    except VerifyError as err:
+        err.exit_code = EXIT_CODES.get(err.reason, 1)
+        raise
+
+
+def _verify(root, trusted, now, state_path, airborne, threshold, start) -> VerifyResult:
+    payload, signers = _check_signature(root, trusted, threshold)
+    _check_payload_matches(root, payload)
+    manifest = loads_manifest(payload)
+    state = _check_rollback(manifest, payload, state_path)
+    _check_expiry(manifest, now)
+    tree = _walk(root)
+    total = _check_files(root, manifest["files"], tree)
+    _check_coverage(tree, {f["path"] for f in manifest["files"]})
+    if airborne is not None:
+        _check_platform(manifest["engines"], airborne)
+    updated = _record_state(state_path, state, manifest, payload, signers)
+    return VerifyResult(manifest["cache_id"], manifest["version"], len(manifest["files"]),
+                        total, ",".join(signers), time.perf_counter() - start, updated)
+
+
+# ---------------------------------------------------------------- 1-2: envelope
+
+def _check_signature(root: Path, trusted, threshold) -> tuple[bytes, tuple[str, ...]]:
+    if not trusted:
+        raise VerifyError("no-trusted-keys", "no trusted keys given, so nothing can be verified; "
+                          "pass --trusted-keys FILE or set signing.trusted_keys in c10.toml")
+    raw = _read_control(root, ENVELOPE_NAME)
+    try:
+        envelope = json.loads(raw)
+    except ValueError:
+        raise VerifyError("bad-envelope", f"{ENVELOPE_NAME} is not JSON; {_REBUILD}",
+                          ENVELOPE_NAME) from None
+    return verify_envelope_signers(envelope, trusted, threshold)
+
+
+def _check_payload_matches(root: Path, payload: bytes) -> None:
+    if _read_control(root, MANIFEST_NAME) != payload:
+        raise VerifyError("envelope-mismatch", f"{MANIFEST_NAME} differs from the payload "
+                          f"signed in {ENVELOPE_NAME} (edited, or a build was killed between "
+                          f"the two writes); {_REBUILD}", MANIFEST_NAME)
+
+
+def _read_control(root: Path, name: str) -> bytes:
+    """Read a root control file without following a symlink planted in its place."""
+    try:
+        fd = os.open(root / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise _open_failure(name, exc) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _CONTROL_MAX:
+            raise VerifyError("special-file", f"{name} is not a regular file of sane size; "
+                              f"{_REBUILD}", name)
+        return _read_fd(fd, st.st_size)
+    finally:
+        os.close(fd)
+
+
+def _open_failure(rel: str, exc: OSError) -> VerifyError:
+    if exc.errno == errno.ENOENT:
+        reason = "missing-manifest" if rel in (MANIFEST_NAME, ENVELOPE_NAME) else "missing-file"
+        return VerifyError(reason, f"{rel} is missing; {_REBUILD}", rel)
+    if exc.errno == errno.ELOOP:
+        return VerifyError("symlink", f"{rel} is a symlink; caches hold only regular files: "
+                           f"{_REBUILD}", rel)
+    return VerifyError("unreadable", f"cannot read {rel}: {exc.strerror}; check the medium and "
+                       f"permissions (`ls -l {rel}`)", rel)
+
+
+# ---------------------------------------------------------------- 3-4: freshness
+
+def _check_rollback(manifest: dict, payload: bytes, state_path: Path | None) -> dict:
+    """Like a TUF client: never accept a version below (or a reused one beside) the highest seen."""
+    if state_path is None:
+        return {}
+    state = _load_state(Path(state_path))
+    seen = state.get("caches", {}).get(manifest["cache_id"])
+    if not seen:
+        return state
+    version, digest = manifest["version"], blake3.blake3(payload).hexdigest()
+    if version < seen["version"]:
+        raise VerifyError("rollback", f"Manifest version {version} is older than version "
+                          f"{seen['version']} already verified for cache {manifest['cache_id']} "
+                          f"(state {state_path}); copy the current cache, or {_REBUILD}",
+                          MANIFEST_NAME)
+    if version == seen["version"] and digest != seen["manifest_blake3"]:
+        raise VerifyError("version-reuse", f"Manifest version {version} differs from the version "
+                          f"{version} already verified (state {state_path}); a signer reused a "
+                          f"version number: {_REBUILD}", MANIFEST_NAME)
+    return state
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {"format": 1, "caches": {}}
+    except (OSError, ValueError) as exc:
+        raise _bad_state(path, str(exc)) from None
+    caches = state.get("caches") if isinstance(state, dict) else None
+    if not isinstance(caches, dict) or not all(_state_entry_ok(v) for v in caches.values()):
+        raise _bad_state(path, "unexpected structure")
+    return state
+
+
+def _state_entry_ok(entry: object) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("version"), int)
+            and isinstance(entry.get("manifest_blake3"), str))
+
+
+def _bad_state(path: Path, why: str) -> VerifyError:
+    # Fail closed: resetting the state silently would re-open every rollback.
+    return VerifyError("bad-state", f"trusted state {path} is unreadable ({why}); restore it "
+                       f"from backup, or delete it to trust the next verified cache afresh "
+                       f"(`rm {path}`)", str(path))
+
+
+def _check_expiry(manifest: dict, now: datetime) -> None:
+    now = now if now.tzinfo else now.replace(tzinfo=timezone.utc)
+    expires = parse_time(manifest["expires"])
+    if now >= expires:
+        raise VerifyError("expired", f"Manifest expired at {manifest['expires']} (now "
+                          f"{now.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ}); re-sign a fresh "
+                          f"Manifest with `doit build_cache` and copy it", MANIFEST_NAME)
+
+
+def _record_state(state_path, state, manifest, payload, signers) -> bool:
+    """Persist the highest version only after every check passed."""
+    if state_path is None:
+        return False
+    caches = state.setdefault("caches", {})
+    seen = caches.get(manifest["cache_id"])
+    if seen and seen["version"] >= manifest["version"]:
+        return False
+    caches[manifest["cache_id"]] = {
+        "version": manifest["version"], "manifest_blake3": blake3.blake3(payload).hexdigest(),
+        "keyid": ",".join(signers), "expires": manifest["expires"]}
+    data = json.dumps(state, sort_keys=True, indent=1).encode() + b"\n"
+    atomic.write_bytes(state_path, data, mode=0o600)
+    return True
+
+
+# ---------------------------------------------------------------- 5: listed files
+
+def _walk(root: Path) -> _Tree:
+    """Iterative os.scandir walk that never follows a symlink (d_type: no stat per entry)."""
+    tree, stack = _Tree(), [("", str(root))]
+    while stack:
+        prefix, directory = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError as exc:
+            raise _open_failure(prefix.rstrip("/") or ".", exc) from None
+        for entry in entries:
+            _classify(tree, stack, prefix + entry.name, entry)
+    return tree
+
+
+def _classify(tree: _Tree, stack: list, rel: str, entry: os.DirEntry) -> None:
+    if entry.is_symlink():
+        tree.symlinks.append(rel)
+    elif entry.is_dir(follow_symlinks=False):
+        if rel != CONTROL_DIR:  # the build's private dir is never shipped nor read here
+            stack.append((rel + "/", entry.path))
+    elif entry.is_file(follow_symlinks=False):
+        tree.files.add(rel)
+    else:
+        tree.specials.append(rel)
+
+
+def _check_files(root: Path, files: list[dict], tree: _Tree) -> int:
+    """Metadata of every entry first (cheap, in path order), then size+hash on two threads."""
+    linked_dirs = {s + "/" for s in tree.symlinks}
+    for entry in files:
+        _check_listed(entry["path"], tree, linked_dirs)
+    chunks = [files[i:i + _CHUNK] for i in range(0, len(files), _CHUNK)]
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(lambda chunk: _hash_chunk(str(root), chunk), chunks))
+    for failure, _ in results:
+        if failure is not None:
+            raise failure
+    return sum(size for _, size in results)
+
+
+def _check_listed(rel: str, tree: _Tree, linked_dirs: set[str]) -> None:
+    problem = path_problem(rel) or ("control file" if is_control(rel) else None)
+    if problem:
+        raise VerifyError("bad-path", f"Manifest lists unsafe path {rel!r} ({problem}); the "
+                          f"Manifest is refused: {_REBUILD}", rel)
+    if rel in tree.files:
+        return
+    if rel in tree.symlinks or _parents(rel) & linked_dirs:
+        raise VerifyError("symlink", f"{rel} is (or lies under) a symlink; caches hold only "
+                          f"regular files and directories: {_REBUILD}", rel)
+    if rel in tree.specials:
+        raise VerifyError("special-file", f"{rel} is not a regular file (FIFO, device or "
+                          f"socket): {_REBUILD}", rel)
+    raise VerifyError("missing-file", f"{rel} is listed in the Manifest but missing; {_REBUILD}",
+                      rel)
+
+
+def _parents(rel: str) -> set[str]:
+    parts = rel.split("/")[:-1]
+    return {"/".join(parts[:i]) + "/" for i in range(1, len(parts) + 1)}
+
+
+def _hash_chunk(root: str, chunk: list[dict]) -> tuple[VerifyError | None, int]:
+    """Runs on a worker thread: returns the chunk's first failure instead of raising."""
+    total = 0
+    for entry in chunk:
+        try:
+            total += _check_content(root, entry)
+        except VerifyError as err:
+            return err, total
+    return None, total
+
+
+def _check_content(root: str, entry: dict) -> int:
+    rel = entry["path"]
+    try:
+        fd = os.open(os.path.join(root, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise _open_failure(rel, exc) from None
+    try:
+        st = os.fstat(fd)  # of the very file we hash: a swap after the walk cannot slip past
+        _check_stat(rel, st, entry["size"])
+        digest = hash_fd(fd, st.st_size)
+    except OSError as exc:
+        raise _open_failure(rel, exc) from None
+    finally:
+        os.close(fd)
+    if digest != entry["blake3"]:
+        raise VerifyError("hash-mismatch", f"{rel}: blake3 differs from the Manifest (corrupted "
+                          f"or replaced); {_REBUILD}", rel)
+    return st.st_size
+
+
+def _check_stat(rel: str, st: os.stat_result, size: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise VerifyError("special-file", f"{rel} is not a regular file: {_REBUILD}", rel)
+    if st.st_nlink != 1:
+        raise VerifyError("hardlink", f"{rel} has {st.st_nlink} hard links; a file shared with "
+                          f"another place can change behind the Manifest: copy the cache "
+                          f"without hard links (`cp -r`, not `cp -al`)", rel)
+    if st.st_size != size:
+        raise VerifyError("size-mismatch", f"{rel} is {st.st_size} bytes, the Manifest says "
+                          f"{size} (truncated or extended); {_REBUILD}", rel)
+
+
+def hash_fd(fd: int, size: int) -> str:
+    """blake3 hex of an open regular file: one read when small, mmap + all cores when big."""
+    if size >= MMAP_MIN:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+            return blake3.blake3(mapped, max_threads=blake3.blake3.AUTO).hexdigest()
+    return blake3.blake3(_read_fd(fd, size)).hexdigest()
+
+
+def hash_file(path: str | os.PathLike) -> str:
+    """blake3 hex of a file, same code path as the verifier (for writers and tests)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return hash_fd(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int, size: int) -> bytes:
+    """Read to EOF; asking for size+1 makes the usual case a single read() syscall."""
+    parts, want = [], size + 1
+    while want > 0:
+        chunk = os.read(fd, want)
+        if not chunk:
+            break
+        parts.append(chunk)
+        want -= len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+# ---------------------------------------------------------------- 6-7: coverage, platform
+
+def _check_coverage(tree: _Tree, listed: set[str]) -> None:
+    """Exactly the listed files plus control files; no symlink or special file anywhere."""
+    if tree.symlinks:
+        rel = sorted(tree.symlinks)[0]
+        raise VerifyError("symlink", f"{rel} is a symlink; caches hold no symlinks (not even to "
+                          f"directories): remove it (`rm {rel}`) or {_REBUILD}", rel)
+    if tree.specials:
+        rel = sorted(tree.specials)[0]
+        raise VerifyError("special-file", f"{rel} is a FIFO, device or socket; remove it "
+                          f"(`rm {rel}`)", rel)
+    extra = sorted(rel for rel in tree.files - listed if not is_control(rel))
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise VerifyError("extra-file", f"{extra[0]}{more} not listed in the Manifest; remove "
+                          f"(`rm {extra[0]}`), or {_REBUILD}", extra[0])
+
+
+def _check_platform(engines: list[dict], airborne: dict) -> None:
+    for eng in engines:
+        backend, want = eng.get("backend"), eng.get("fingerprint")
+        have = airborne.get(backend)
+        if have != want:
+            raise VerifyError("platform-mismatch", f"{eng.get('path')} was built for {backend} "
+                              f"fingerprint {want!r}, this host is {have!r}; build the cache on "
+                              f"this platform with `doit build_cache`", eng.get("path"))
+
+
+def verify_to_json(outcome: VerifyResult | VerifyError) -> dict:
+    """The `--json` line: ok + figures, or reason, message, path and exit code."""
+    if isinstance(outcome, VerifyResult):
+        return {"ok": True, "exit_code": 0, **asdict(outcome)}
+    return {"ok": False, "reason": outcome.reason, "message": str(outcome),
+            "path": outcome.path, "exit_code": EXIT_CODES.get(outcome.reason, 1)}
