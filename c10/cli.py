@@ -1,0 +1,143 @@
+"""The `c10` command: init, build, demo, verify, keygen."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+
+from c10.errors import C10Error, ConfigError, VerifyError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except C10Error as exc:
+        print(f"c10: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="c10", description="Build and verify signed offline takeoff caches.")
+    sub = p.add_subparsers(metavar="COMMAND")
+    cmd = sub.add_parser("init", help="write dodo.py and a commented c10.toml into DIR")
+    cmd.add_argument("dir", type=Path)
+    cmd.set_defaults(func=cmd_init)
+    cmd = sub.add_parser("build", help="run `doit build_cache` in DIR (extra args go to doit)")
+    cmd.add_argument("dir", type=Path)
+    cmd.add_argument("doit_args", nargs=argparse.REMAINDER)
+    cmd.set_defaults(func=cmd_build)
+    cmd = sub.add_parser("demo", help="make and build a complete example cache in DIR")
+    cmd.add_argument("dir", type=Path)
+    cmd.add_argument("--tiles", type=int, default=300, help="about how many tiles (default 300)")
+    cmd.add_argument("--key", type=Path, help="signing key to create/use (default: outside DIR)")
+    cmd.add_argument("--backend", default="auto", help="engine backend (default auto)")
+    cmd.set_defaults(func=cmd_demo)
+    cmd = sub.add_parser("verify", help="check a cache as the aircraft does (exit 0 only if it is intact)")
+    cmd.add_argument("dir", type=Path)
+    cmd.add_argument("--trusted-keys", action="append", default=[], metavar="KEY",
+                     help="PEM public key file or hex public key (default: signing.trusted_keys)")
+    cmd.add_argument("--state", type=Path, help="trusted-state file (default: ~/.local/state/c10/verify.json)")
+    cmd.add_argument("--now", help="ISO time to check expiry against (tests)")
+    cmd.add_argument("--airborne", action="store_true", help="also check engines against this host")
+    cmd.add_argument("--json", action="store_true", help="one JSON line for tools")
+    cmd.set_defaults(func=cmd_verify)
+    cmd = sub.add_parser("keygen", help="create an Ed25519 operator key (mode 0600)")
+    cmd.add_argument("path", type=Path)
+    cmd.add_argument("--passphrase-file", type=Path, help="encrypt with the passphrase in this file")
+    cmd.add_argument("--prompt", action="store_true", help="ask for a passphrase on the terminal")
+    cmd.set_defaults(func=cmd_keygen)
+    return p
+
+
+def cmd_init(args) -> int:
+    from c10.project import init_cache
+
+    skipped = init_cache(args.dir)
+    for name in skipped:
+        print(f"{args.dir / name} exists: left as it is")
+    print(f"initialised {args.dir}: edit c10.toml, then `cd {args.dir} && doit build_cache`")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from c10.run import run_build
+
+    return run_build(args.dir, [a for a in args.doit_args if a != "--"] or ["build_cache"])
+
+
+def cmd_demo(args) -> int:
+    from c10.demo import make_demo
+
+    return make_demo(args.dir, tiles=args.tiles, key=args.key, backend=args.backend)
+
+
+def cmd_verify(args) -> int:
+    from c10.signing import load_trusted_keys
+    from c10.verify import verify_cache, verify_to_json
+
+    root = args.dir.resolve()
+    trusted = load_trusted_keys(args.trusted_keys or _configured_trust(root))
+    now = dt.datetime.fromisoformat(args.now) if args.now else dt.datetime.now(dt.timezone.utc)
+    try:
+        result = verify_cache(root, trusted=trusted, now=now, state_path=args.state or default_state(),
+                              airborne_fingerprints=_fingerprints() if args.airborne else None)
+    except VerifyError as err:
+        print(json.dumps(verify_to_json(err)) if args.json else f"c10 verify: REJECTED ({err.reason}): {err}")
+        return verify_to_json(err)["exit_code"]
+    print(json.dumps(verify_to_json(result)) if args.json else
+          f"c10 verify: OK {root}: Manifest v{result.version}, {result.files} files, "
+          f"{result.bytes / 1e6:.1f} MB checked in {result.elapsed_s:.2f} s")
+    return 0
+
+
+def _configured_trust(root: Path) -> list[str]:
+    from c10.config import load_config
+
+    cfg = load_config(root)
+    keys = list(cfg.signing.trusted_keys)
+    if not keys:
+        raise ConfigError(f"{root / 'c10.toml'}: no trusted keys: set signing.trusted_keys or pass --trusted-keys")
+    return [str((root / k).expanduser()) if not _is_hex(k) else k for k in keys]
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def default_state() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "c10" / "verify-state.json"
+
+
+def _fingerprints() -> dict:
+    from c10.backends import all_backends
+
+    return {b.name: b.host_fingerprint() for b in all_backends() if b.available()}
+
+
+def cmd_keygen(args) -> int:
+    from c10.signing import generate_key, load_trusted_keys, public_key_pem, ssh_fingerprint
+
+    passphrase = None
+    if args.passphrase_file:
+        passphrase = args.passphrase_file.read_bytes().rstrip(b"\r\n")
+    elif args.prompt:
+        import getpass
+        passphrase = getpass.getpass("passphrase: ").encode()
+    kid = generate_key(args.path, passphrase)
+    print(f"wrote {args.path} (mode 0600)\nkeyid {kid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The build request: c10.toml parsed into frozen dataclasses, every bad key named."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from c10.errors import ConfigError
+
+CONFIG_NAME = "c10.toml"
+SECTOR_CLASSES = ("active_conflict", "stable_rear")
+ROLES = ("global", "local", "matcher")
+BACKENDS = ("auto", "tensorrt", "openvino", "onnxruntime")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+METRICS = ("ip", "l2")
+RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
+MAX_ZOOM = 24
+
+
+@dataclass(frozen=True)
+class Area:
+    bbox: tuple[float, float, float, float]  # lat_min, lon_min, lat_max, lon_max (seed Bbox order)
+    zooms: tuple[int, ...]
+    sector_class: str = "stable_rear"
+    require_complete: bool = False
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    path: Path
+    role: str = "global"
+    input_size: tuple[int, int] | None = (224, 224)
+    precision: str = "fp32"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    channel_order: str = "rgb"
+    resize: str = "bilinear"
+    batch_size: int = 32
+    calibration: Path | None = None
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The settings that change a descriptor: part of every shard's key."""
+        return {"input_size": self.input_size, "mean": self.mean, "std": self.std,
+                "channel_order": self.channel_order, "resize": self.resize}
+
+
+@dataclass(frozen=True)
+class Engines:
+    backend: str = "auto"
+    workspace_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class Shards:
+    block: int = 16
+
+
+@dataclass(frozen=True)
+class Index:
+    factory: str = "Flat"
+    metric: str = "ip"
+    ef_construction: int = 40
+    ef_search: int = 64
+
+
+@dataclass(frozen=True)
+class Signing:
+    key: Path | None = None
+    passphrase_file: Path | None = None
+    allowed_keyids: tuple[str, ...] = ()
+    trusted_keys: tuple[str, ...] = ()
+    validity_days: int = 30
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path
+    area: Area
+    models: dict[str, Model] = field(default_factory=dict)
+    engines: Engines = Engines()
+    shards: Shards = Shards()
+    index: Index = Index()
+    signing: Signing = Signing()
+
+    def request(self) -> dict[str, Any]:
+        """The request as plain JSON values, as recorded in the Manifest."""
+        return _plain(dataclasses.asdict(self) | {"root": None})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def load_config(root: Path) -> Config:
+    """Read and validate `root/c10.toml`."""
+    path = Path(root) / CONFIG_NAME
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no build request here; run `c10 init {root}` first") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}; fix the file and re-run") from None
+    return parse_config(data, Path(root).resolve(), str(path))
+
+
+def parse_config(data: dict, root: Path, where: str = CONFIG_NAME) -> Config:
+    """Validate a parsed c10.toml mapping; `where` names the file in errors."""
+    _check_keys(data, {"area", "models", "engines", "shards", "index", "signing"}, where, "")
+    if "area" not in data:
+        raise ConfigError(f"{where}: missing [area] table (bbox and zooms); see `c10 init`")
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError(f"{where}: [models] must be tables like [models.global]")
+    return Config(
+        root=root,
+        area=_area(data["area"], where),
+        models={name: _model(name, spec, root, where) for name, spec in models.items()},
+        engines=_section(Engines, data.get("engines", {}), where, "engines"),
+        shards=_section(Shards, data.get("shards", {}), where, "shards"),
+        index=_section(Index, data.get("index", {}), where, "index"),
+        signing=_signing(data.get("signing", {}), root, where),
+    )
+
+
+def _check_keys(table: Any, allowed: set[str], where: str, prefix: str) -> None:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: `{prefix.rstrip('.')}` must be a table")
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}: unknown key `{prefix}{key}`; allowed here: {', '.join(sorted(allowed))}")
+
+
+def _section(cls: type, table: dict, where: str, name: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(table, set(fields), where, f"{name}.")
+    values = {k: _typed(v, type(getattr(cls(), k)), where, f"{name}.{k}") for k, v in table.items()}
+    obj = cls(**values)
+    _validate(obj, where, name)
+    return obj
+
+
+def _typed(value: Any, kind: type, where: str, key: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is tuple and isinstance(value, list):
+        return tuple(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: `{key}` must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _validate(obj: Any, where: str, name: str) -> None:
+    rules = {
+        ("engines", "backend"): BACKENDS, ("index", "metric"): METRICS,
+    }
+    for (section, key), allowed in rules.items():
+        if section == name and getattr(obj, key) not in allowed:
+            raise ConfigError(f"{where}: `{name}.{key}` = {getattr(obj, key)!r}; allowed: {', '.join(allowed)}")
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+            raise ConfigError(f"{where}: `{name}.{f.name}` must be positive, got {value}")
+
+
+def _area(table: dict, where: str) -> Area:
+    _check_keys(table, {"bbox", "zooms", "sector_class", "require_complete"}, where, "area.")
+    bbox = table.get("bbox")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_num(v) for v in bbox)):
+        raise ConfigError(f"{where}: `area.bbox` must be [lat_min, lon_min, lat_max, lon_max] in degrees")
+    lat_min, lon_min, lat_max, lon_max = (float(v) for v in bbox)
+    if not (-85.0511 <= lat_min < lat_max <= 85.0511):
+        raise ConfigError(f"{where}: `area.bbox` latitudes {lat_min}..{lat_max} must rise within "
+                          "-85.0511..85.0511 (Web Mercator); check the order [lat_min, lon_min, lat_max, lon_max]")
+    if not (-180.0 <= lon_min < lon_max <= 180.0):
+        raise ConfigError(f"{where}: `area.bbox` longitudes {lon_min}..{lon_max} must rise within -180..180")
+    zooms = table.get("zooms")
+    if not (isinstance(zooms, list) and zooms and all(_is_int(z) and 0 <= z <= MAX_ZOOM for z in zooms)):
+        raise ConfigError(f"{where}: `area.zooms` must be a non-empty list of integers 0..{MAX_ZOOM}, got {zooms!r}")
+    sector = table.get("sector_class", "stable_rear")
+    if sector not in SECTOR_CLASSES:
+        raise ConfigError(f"{where}: `area.sector_class` = {sector!r}; allowed: {', '.join(SECTOR_CLASSES)}")
+    complete = _typed(table.get("require_complete", False), bool, where, "area.require_complete")
+    return Area((lat_min, lon_min, lat_max, lon_max), tuple(sorted(set(zooms))), sector, complete)
+
+
+def _model(name: str, table: dict, root: Path, where: str) -> Model:
+    prefix = f"models.{name}."
+    fields = {f.name for f in dataclasses.fields(Model)} - {"name"}
+    _check_keys(table, fields, where, prefix)
+    if "path" not in table:
+        raise ConfigError(f"{where}: `{prefix}path` is required (the ONNX file, relative to the cache)")
+    values = dict(table)
+    values["path"] = _path(values["path"], root, where, prefix + "path")
+    if values.get("calibration"):
+        values["calibration"] = _path(values["calibration"], root, where, prefix + "calibration")
+    else:
+        values.pop("calibration", None)
+    if "input_size" in values:
+        values["input_size"] = _input_size(values["input_size"], where, prefix)
+    for key in ("mean", "std"):
+        if key in values:
+            values[key] = _triple(values[key], where, prefix + key)
+    model = Model(name=name, **values)
+    _check_choice(model.role, ROLES, where, prefix + "role")
+    _check_choice(model.precision, PRECISIONS, where, prefix + "precision")
+    _check_choice(model.channel_order, ("rgb", "bgr"), where, prefix + "channel_order")
+    _check_choice(model.resize, RESIZE_MODES, where, prefix + "resize")
+    if not _is_int(model.batch_size) or model.batch_size <= 0:
+        raise ConfigError(f"{where}: `{prefix}batch_size` must be a positive integer")
+    return model
+
+
+def _input_size(value: Any, where: str, prefix: str) -> tuple[int, int] | None:
+    if value in (None, [], 0):
+        return None
+    if _is_int(value):
+        value = [value, value]
+    if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value)):
+        raise ConfigError(f"{where}: `{prefix}input_size` must be N or [H, W], got {value!r}")
+    return (value[0], value[1])
+
+
+def _triple(value: Any, where: str, key: str) -> tuple[float, float, float]:
+    if not (isinstance(value, list) and len(value) == 3 and all(_is_num(v) for v in value)):
+        raise ConfigError(f"{where}: `{key}` must be three numbers (R, G, B)")
+    return tuple(float(v) for v in value)
+
+
+def _signing(table: dict, root: Path, where: str) -> Signing:
+    _check_keys(table, {f.name for f in dataclasses.fields(Signing)}, where, "signing.")
+    values = dict(table)
+    for key in ("key", "passphrase_file"):
+        if values.get(key):
+            values[key] = _path(values[key], root, where, f"signing.{key}")
+        else:
+            values.pop(key, None)
+    for key in ("allowed_keyids", "trusted_keys"):
+        if key in values:
+            values[key] = tuple(_typed(v, str, where, f"signing.{key}") for v in values[key])
+    if "validity_days" in values and not (_is_int(values["validity_days"]) and values["validity_days"] > 0):
+        raise ConfigError(f"{where}: `signing.validity_days` must be a positive integer")
+    return Signing(**values)
+
+
+def _path(value: Any, root: Path, where: str, key: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: `{key}` must be a path string")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def _check_choice(value: Any, allowed: tuple[str, ...], where: str, key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: `{key}` = {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

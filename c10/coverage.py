@@ -1,0 +1,58 @@
+"""The coverage gate: every file under the cache is declared by the graph or is a control file."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from c10.atomic import is_temp_name
+from c10.manifest import is_control
+
+# Wholly owned by the graph: an undeclared file here is a dead output and is removed by the build.
+OWNED_DIRS = ("shards", "index")
+# Derived dirs where a killed writer may have left an atomic-write temp file.
+DERIVED_DIRS = ("engines", "shards", "index")
+
+
+def walk_files(root: Path) -> Iterator[str]:
+    """Every non-directory entry under root as a relative posix path, never following symlinks."""
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        with os.scandir(root / rel_dir if rel_dir else root) as it:
+            for entry in it:
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    if not is_control(rel + "/"):
+                        stack.append(rel)
+                else:
+                    yield rel
+
+
+def find_orphans(root: Path, declared: set[str]) -> list[str]:
+    """Files that are neither declared nor control files, sorted."""
+    return sorted(rel for rel in walk_files(root) if rel not in declared and not is_control(rel))
+
+
+def remove_dead(root: Path, declared: set[str]) -> list[str]:
+    """Delete undeclared files in graph-owned dirs and writers' temp files in derived dirs."""
+    removed = []
+    for top in DERIVED_DIRS:
+        if not (root / top).is_dir():
+            continue
+        for rel in list(walk_files(root / top)):
+            full = f"{top}/{rel}"
+            dead = is_temp_name(Path(rel).name) or (top in OWNED_DIRS and full not in declared)
+            if dead and not (root / full).is_symlink():
+                (root / full).unlink()
+                removed.append(full)
+        _prune_empty_dirs(root / top)
+    return removed
+
+
+def _prune_empty_dirs(top: Path) -> None:
+    for dirpath, _, _ in os.walk(top, topdown=False):
+        if dirpath != str(top):
+            with contextlib.suppress(OSError):  # not empty: keep it
+                os.rmdir(dirpath)

@@ -1,0 +1,92 @@
+"""blake3 content hashes with a stat fast path and a persistent cache, so unchanged bytes are hashed once."""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import threading
+from pathlib import Path
+
+import blake3
+
+from c10 import atomic
+
+# Two files: the big one for tiles is loaded only when a tile's stat changed; the small one
+# (models, engines, shards...) is read on every graph load to key engines.
+HASH_CACHES = {"tiles": ".c10/hashes-tiles.json", "other": ".c10/hashes.json"}
+# Below this a plain read beats mmap + threads (measured: mmap setup dominates small files).
+MMAP_THRESHOLD = 4 << 20
+
+
+def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What must not change for a cached hash to stay valid (ctime catches a same-mtime rewrite)."""
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def blake3_file(path: str | os.PathLike, size: int | None = None) -> str:
+    """blake3 hex digest of a file: mmap + threads for big files, one read for small ones."""
+    size = os.path.getsize(path) if size is None else size
+    with open(path, "rb") as fh:
+        if size < MMAP_THRESHOLD:
+            return blake3.blake3(fh.read()).hexdigest()
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return blake3.blake3(mm, max_threads=blake3.blake3.AUTO).hexdigest()
+
+
+class HashCache:
+    """Maps a relative path to (stat key, blake3); consulted only when a stat does not match."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._buckets: dict[str, dict[str, list]] = {}
+        self._dirty: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _bucket(self, rel: str) -> tuple[str, dict[str, list]]:
+        name = "tiles" if rel.startswith("tiles/") else "other"
+        if name not in self._buckets:
+            try:
+                self._buckets[name] = json.loads((self.root / HASH_CACHES[name]).read_bytes())
+            except (FileNotFoundError, ValueError):
+                # A torn or missing cache only costs re-hashing; it is never trusted partially.
+                self._buckets[name] = {}
+        return name, self._buckets[name]
+
+    def lookup(self, rel: str, st: os.stat_result) -> str | None:
+        """The cached hash of `rel` if its stat key still matches."""
+        entry = self._bucket(rel)[1].get(rel)
+        if entry is not None and tuple(entry[:4]) == stat_key(st):
+            return entry[4]
+        return None
+
+    def hash(self, rel: str, st: os.stat_result | None = None) -> tuple[str, os.stat_result]:
+        """(blake3, stat) of `rel`, from the cache when its stat key matches, else computed and cached."""
+        st = os.stat(self.root / rel) if st is None else st
+        digest = self.lookup(rel, st)
+        if digest is None:
+            digest = blake3_file(self.root / rel, st.st_size)
+            self.remember(rel, st, digest)
+        return digest, st
+
+    def remember(self, rel: str, st: os.stat_result, digest: str) -> None:
+        with self._lock:
+            name, bucket = self._bucket(rel)
+            bucket[rel] = [*stat_key(st), digest]
+            self._dirty.add(name)
+
+    def forget_missing(self) -> None:
+        """Drop entries of files that no longer exist, so the cache does not grow forever."""
+        for name, bucket in self._buckets.items():
+            gone = [rel for rel in bucket if not (self.root / rel).exists()]
+            for rel in gone:
+                del bucket[rel]
+            if gone:
+                self._dirty.add(name)
+
+    def save(self) -> None:
+        """Write the changed cache files atomically."""
+        with self._lock:
+            for name in sorted(self._dirty):
+                data = json.dumps(self._buckets[name], separators=(",", ":"), sort_keys=True).encode()
+                atomic.write_bytes(self.root / HASH_CACHES[name], data)
+            self._dirty.clear()

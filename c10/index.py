@@ -1,0 +1,91 @@
+"""The FAISS index of a model: all its shards in canonical order, one add(), deterministic bytes."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from c10 import atomic
+from c10.errors import IndexBuildError
+from c10.shards import read_shard
+
+INDEX_DIR = "index"
+IDS_DTYPE = np.dtype([("z", "<u1"), ("x", "<u4"), ("y", "<u4")])
+
+
+def index_relpaths(model: str) -> tuple[str, str]:
+    """(FAISS index, row -> tile id array) paths of a model, relative to the cache root."""
+    return f"{INDEX_DIR}/{model}.faiss", f"{INDEX_DIR}/{model}.ids.npy"
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    factory: str = "Flat"
+    metric: str = "ip"
+    ef_construction: int = 40
+    ef_search: int = 64
+
+
+def load_descriptors(shard_paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors and tile ids of all shards, sorted by (z, x, y)."""
+    parts = [read_shard(p) for p in shard_paths]
+    if not parts or not sum(len(p) for p in parts):
+        raise IndexBuildError("no descriptors to index: no tiles in scope; fetch tiles into tiles/ first")
+    rows = np.concatenate(parts)
+    rows = rows[np.lexsort((rows["y"], rows["x"], rows["z"]))]
+    ids = np.zeros(len(rows), IDS_DTYPE)
+    for name in IDS_DTYPE.names:
+        ids[name] = rows[name]
+    return np.ascontiguousarray(rows["desc"], dtype=np.float32), ids
+
+
+def make_index(desc: np.ndarray, params: IndexParams):
+    """A FAISS index over `desc` built single-threaded so the same input gives the same bytes."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    metric = faiss.METRIC_INNER_PRODUCT if params.metric == "ip" else faiss.METRIC_L2
+    try:
+        index = faiss.index_factory(desc.shape[1], params.factory, metric)
+    except RuntimeError as exc:
+        raise IndexBuildError(f"index.factory = {params.factory!r} is not a FAISS index_factory string "
+                              f"({str(exc).splitlines()[0]}); fix c10.toml") from None
+    _set_hnsw(index, params, faiss)
+    if not index.is_trained:
+        index.train(desc)
+    index.add(desc)
+    return index
+
+
+def _set_hnsw(index, params: IndexParams, faiss) -> None:
+    # efSearch is saved with the index, so queries on the aircraft use the configured value.
+    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    if hnsw is not None:
+        hnsw.efConstruction = params.ef_construction
+        hnsw.efSearch = params.ef_search
+
+
+def build_index(root: Path, model: str, shard_relpaths: Sequence[str], params: IndexParams) -> int:
+    """Write the model's index and id map atomically; returns the number of rows."""
+    import faiss
+
+    desc, ids = load_descriptors([root / p for p in shard_relpaths])
+    index = make_index(desc, params)
+    index_rel, ids_rel = index_relpaths(model)
+    atomic.write_bytes(root / index_rel, faiss.serialize_index(index).tobytes())
+    buf = io.BytesIO()
+    np.save(buf, ids, allow_pickle=False)
+    atomic.write_bytes(root / ids_rel, buf.getvalue())
+    return len(ids)
+
+
+def load_index(root: Path, model: str):
+    """(index, ids) of a built cache, for queries."""
+    import faiss
+
+    index_rel, ids_rel = index_relpaths(model)
+    index = faiss.read_index(str(root / index_rel), faiss.IO_FLAG_MMAP_IFC)
+    return index, np.load(root / ids_rel, allow_pickle=False)

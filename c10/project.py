@@ -1,0 +1,92 @@
+"""A cache directory's control files: the dodo.py and commented c10.toml that `c10 init` writes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from c10 import atomic
+from c10.lock import require_cache_root
+
+DODO_PY = '''"""The c10 build graph of this cache directory (written by `c10 init`): `doit list` shows the tasks."""
+from rules import DOIT_CONFIG  # noqa: F401
+from rules.tasks import (  # noqa: F401
+    task_build_cache, task_coverage, task_engines, task_index, task_manifest, task_shards)
+'''
+
+CONFIG_TOML = '''# c10.toml: the build request of this takeoff cache. `doit build_cache` reads it.
+
+[area]
+# Sector to cover, in degrees: [lat_min, lon_min, lat_max, lon_max] (WGS84).
+bbox = {bbox}
+# XYZ zoom levels whose tiles are embedded; tiles live in tiles/{{z}}/{{x}}/{{y}}.jpg|png|webp.
+zooms = {zooms}
+# "stable_rear" or "active_conflict".
+sector_class = "stable_rear"
+# true: a build with tiles missing inside bbox/zooms is a FAILURE.
+require_complete = false
+
+[engines]
+# "auto" picks tensorrt, then openvino, then onnxruntime (whichever is installed and usable).
+backend = "{backend}"
+workspace_mb = 1024
+
+# One table per network. role: "global" (tile descriptor, indexed), "local", "matcher".
+[models.global]
+path = "models/global.onnx"
+role = "global"
+input_size = [{size}, {size}]
+precision = "fp32"          # fp32, fp16, bf16, int8 (int8 needs calibration = "path")
+mean = [0.485, 0.456, 0.406]
+std = [0.229, 0.224, 0.225]
+channel_order = "rgb"
+resize = "bilinear"
+batch_size = 32
+
+[models.local]
+path = "models/local.onnx"
+role = "local"
+input_size = [256, 256]
+
+[models.matcher]
+path = "models/matcher.onnx"
+role = "matcher"
+input_size = []
+
+[shards]
+# A shard holds block x block tiles of one zoom; a new tile re-embeds only its block.
+block = 16
+
+[index]
+# Any faiss.index_factory string: "Flat" is exact (fine below ~50k tiles), "HNSW32,Flat" scales.
+factory = "Flat"
+metric = "ip"
+ef_construction = 40
+ef_search = 64
+
+[signing]
+# The operator's Ed25519 key, OUTSIDE this directory (`c10 keygen PATH` makes one).
+key = "{key}"
+# passphrase_file = "/path/to/passphrase"   # for an encrypted key; never on the command line
+# Key ids allowed to sign this cache (empty: any key). `c10 keygen` prints the id.
+allowed_keyids = {allowed}
+# Keys `c10 verify` trusts: PEM public key files or hex public keys.
+trusted_keys = {trusted}
+# Days until the Manifest expires; the aircraft refuses an expired cache.
+validity_days = 30
+'''
+
+DEFAULTS = {"bbox": "[50.40, 30.45, 50.48, 30.60]", "zooms": "[15]", "backend": "auto", "size": 224,
+            "key": "~/.config/c10/operator.pem", "allowed": "[]", "trusted": "[]"}
+
+
+def init_cache(root: Path, **values) -> list[str]:
+    """Write dodo.py and c10.toml into an existing directory; never overwrite. Returns what was skipped."""
+    root = require_cache_root(root)
+    skipped = []
+    texts = {"dodo.py": DODO_PY, "c10.toml": CONFIG_TOML.format(**(DEFAULTS | values))}
+    for name, text in texts.items():
+        if (root / name).exists():
+            skipped.append(name)
+        else:
+            atomic.write_text(root / name, text)
+    (root / ".c10").mkdir(exist_ok=True)
+    return skipped

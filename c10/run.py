@@ -1,0 +1,43 @@
+"""Run the cache's doit graph in this process (doit's DoitMain with a module task loader)."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from c10.lock import require_cache_root
+
+
+@contextlib.contextmanager
+def _in_dir(root: Path) -> Iterator[None]:
+    """doit resolves every path against the cwd, as when it runs the cache's own dodo.py."""
+    before = os.getcwd()
+    os.chdir(root)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def run_build(root: Path, doit_args: Sequence[str] = ("build_cache",)) -> int:
+    """`doit ARGS` in `root` through the same graph as its dodo.py; returns doit's exit code."""
+    from doit.cmd_base import ModuleTaskLoader
+    from doit.doit_cmd import DoitMain
+
+    root = require_cache_root(root)
+    (root / ".c10").mkdir(exist_ok=True)
+    with _in_dir(root):
+        import rules
+        import rules.tasks as tasks
+        from rules import graph, session
+
+        graph.reset()
+        session.clear_error()
+        namespace = {n: getattr(tasks, n) for n in dir(tasks) if n.startswith("task_")}
+        namespace["DOIT_CONFIG"] = rules.DOIT_CONFIG
+        try:
+            return DoitMain(ModuleTaskLoader(namespace)).run(list(doit_args))
+        finally:
+            session.end()
+            graph.reset()

@@ -1,0 +1,151 @@
+"""The XYZ tile store: scanning tiles/{z}/{x}/{y}.{ext}, scope by bbox and zoom, blocks of tiles."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import mercantile
+
+TILES_DIR = "tiles"
+TILE_EXTS = frozenset({"jpg", "jpeg", "png", "webp"})
+# mercantile.tiles() nudges the east/south edges inward by this much so a bbox edge
+# that falls exactly on a tile boundary does not pull in the neighbouring tile.
+EDGE_EPSILON = 1e-9
+
+
+class TileId(NamedTuple):
+    z: int
+    x: int
+    y: int
+
+
+@dataclass(frozen=True)
+class Tile:
+    z: int
+    x: int
+    y: int
+    path: str  # relative to the cache root, e.g. "tiles/15/19160/11066.jpg"
+
+    @property
+    def id(self) -> TileId:
+        return TileId(self.z, self.x, self.y)
+
+
+@dataclass(frozen=True)
+class Scan:
+    tiles: list[Tile]      # valid tiles in canonical (z, x, y) order
+    strays: list[str]      # files under tiles/ that are not z/x/y.ext (relative paths)
+
+
+def scan_tiles(root: Path) -> Scan:
+    """List every file under root/tiles, sorting z/x/y tiles from anything else (no stat calls)."""
+    base = Path(root) / TILES_DIR
+    tiles: list[Tile] = []
+    strays: list[str] = []
+    if not base.is_dir():
+        return Scan(tiles, strays)
+    for z_entry in _entries(base):
+        if not _is_dir(z_entry) or not _is_index(z_entry.name):
+            strays.extend(_walk_all(z_entry, TILES_DIR))
+            continue
+        for x_entry in _entries(z_entry.path):
+            prefix = f"{TILES_DIR}/{z_entry.name}"
+            if not _is_dir(x_entry) or not _is_index(x_entry.name):
+                strays.extend(_walk_all(x_entry, prefix))
+                continue
+            _scan_column(int(z_entry.name), x_entry, f"{prefix}/{x_entry.name}", tiles, strays)
+    tiles.sort(key=lambda t: (t.z, t.x, t.y))
+    return Scan(tiles, sorted(strays))
+
+
+def _scan_column(z: int, x_entry: os.DirEntry, prefix: str, tiles: list, strays: list) -> None:
+    seen: set[int] = set()
+    for entry in _entries(x_entry.path):
+        rel = f"{prefix}/{entry.name}"
+        stem, _, ext = entry.name.partition(".")
+        if not entry.is_file(follow_symlinks=False) or not _is_index(stem) or ext.lower() not in TILE_EXTS \
+                or int(stem) in seen or not _valid(z, int(x_entry.name), int(stem)):
+            strays.extend(_walk_all(entry, prefix))
+            continue
+        seen.add(int(stem))
+        tiles.append(Tile(z, int(x_entry.name), int(stem), rel))
+
+
+def _entries(path) -> list[os.DirEntry]:
+    with os.scandir(path) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    return entry.is_dir(follow_symlinks=False)
+
+
+def _is_index(name: str) -> bool:
+    return name.isascii() and name.isdigit() and (name == "0" or not name.startswith("0"))
+
+
+def _valid(z: int, x: int, y: int) -> bool:
+    return z <= 30 and x < 2 ** z and y < 2 ** z
+
+
+def _walk_all(entry: os.DirEntry, prefix: str) -> list[str]:
+    """Every file at or below `entry`, relative to the cache root (a stray subtree)."""
+    rel = f"{prefix}/{entry.name}"
+    if not _is_dir(entry):
+        return [rel]
+    out = []
+    for child in _entries(entry.path):
+        out.extend(_walk_all(child, rel))
+    return out or [rel + "/"]
+
+
+def tile_ranges(bbox: tuple[float, float, float, float], z: int) -> tuple[int, int, int, int]:
+    """Inclusive (x_min, x_max, y_min, y_max) of the zoom-z tiles that intersect bbox, as mercantile.tiles()."""
+    lat_min, lon_min, lat_max, lon_max = bbox
+    ul = mercantile.tile(lon_min, lat_max, z)
+    lr = mercantile.tile(lon_max - EDGE_EPSILON, lat_min + EDGE_EPSILON, z)
+    return ul.x, lr.x, ul.y, lr.y
+
+
+class Scope:
+    """Which tiles a request wants: zooms and, per zoom, the x/y ranges covering the bbox."""
+
+    def __init__(self, bbox: tuple[float, float, float, float], zooms: Iterable[int]):
+        self.bbox = bbox
+        self.ranges = {z: tile_ranges(bbox, z) for z in zooms}
+
+    def __contains__(self, tile: Tile | TileId) -> bool:
+        r = self.ranges.get(tile.z)
+        return r is not None and r[0] <= tile.x <= r[1] and r[2] <= tile.y <= r[3]
+
+    def expected_count(self) -> int:
+        return sum((r[1] - r[0] + 1) * (r[3] - r[2] + 1) for r in self.ranges.values())
+
+    def expected(self, z: int) -> Iterable[TileId]:
+        x0, x1, y0, y1 = self.ranges[z]
+        return (TileId(z, x, y) for x in range(x0, x1 + 1) for y in range(y0, y1 + 1))
+
+
+def block_of(tile: Tile | TileId, block: int) -> tuple[int, int, int]:
+    """The (z, bx, by) block holding a tile: `block` x `block` tiles at one zoom."""
+    return tile.z, tile.x // block, tile.y // block
+
+
+def group_blocks(tiles: Iterable[Tile], block: int) -> dict[tuple[int, int, int], list[Tile]]:
+    """Tiles grouped by block, keys and members in canonical order."""
+    blocks: dict[tuple[int, int, int], list[Tile]] = {}
+    for tile in tiles:
+        blocks.setdefault(block_of(tile, block), []).append(tile)
+    return dict(sorted(blocks.items()))
+
+
+def center_latlon(tile: Tile | TileId) -> tuple[float, float]:
+    """The (lat, lon) of a tile's centre."""
+    # mercantile.ul() with fractional x/y works but warns about Mercantile 2.0; same formula here.
+    n = 2.0 ** tile.z
+    lon = (tile.x + 0.5) / n * 360.0 - 180.0
+    lat = math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * (tile.y + 0.5) / n))))
+    return lat, lon

@@ -1,0 +1,247 @@
+"""What each task runs: thin calls from the loaded graph into the doit-free domain code."""
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import os
+import platform
+import sys
+from pathlib import Path
+
+from c10 import __version__
+from c10.errors import ManifestCoverageError, SigningKeyError
+from c10.index import IndexParams
+from c10.shards import TileRecord
+from rules import session
+from rules.graph import ENGINES_DIR, Graph, hash_cache, load_graph
+
+_RUNNERS: dict[str, object] = {}
+
+
+def build_engine(name: str) -> dict:
+    from c10 import engines
+
+    graph = _begin()
+    plan = graph.plans[name]
+    _, built = engines.build_engine(plan.spec, plan.backend, graph.root / ENGINES_DIR)
+    return {"built": built}
+
+
+def _runner(graph: Graph, name: str):
+    """The model's loaded engine, kept for the whole process (loading is slower than a small shard)."""
+    from c10 import engines
+
+    plan = graph.plans[name]
+    path = graph.root / plan.engine_rel
+    if path not in _RUNNERS:
+        _RUNNERS[path] = engines.load_engine(path, plan.spec, plan.backend)
+    return _RUNNERS[path]
+
+
+def build_shard(name: str, rel: str) -> dict:
+    from c10.preprocess import Preprocessing
+    from c10.shards import build_shard as build, embed_tiles
+
+    graph = _begin()
+    plan = graph.plans[name]
+    hashes = hash_cache()
+    records = [TileRecord(t, *_size_hash(hashes, t.path)) for t in plan.shards[rel]]
+    prep = Preprocessing.from_model(plan.model)
+    runner = _runner(graph, name)
+    stats = build(graph.root, rel, records,
+                  lambda paths: embed_tiles(runner, paths, prep, plan.model.batch_size), plan.ident)
+    hashes.save()
+    return {"embedded": stats.embedded, "reused": stats.reused}
+
+
+def _size_hash(hashes, rel: str) -> tuple[int, str]:
+    digest, st = hashes.hash(rel)
+    return st.st_size, digest
+
+
+def index_params(graph: Graph) -> dict:
+    cfg = graph.config.index
+    return {"factory": cfg.factory, "metric": cfg.metric,
+            "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search}
+
+
+def build_index(name: str) -> dict:
+    from c10.index import build_index as build
+
+    graph = _begin()
+    rows = build(graph.root, name, sorted(graph.plans[name].shards), IndexParams(**index_params(graph)))
+    return {"rows": rows}
+
+
+def check_coverage() -> None:
+    """Remove dead graph-owned files (ninja's cleandead), then fail on any undeclared file."""
+    from c10.coverage import find_orphans, remove_dead
+
+    graph = load_graph()
+    session.ensure_locked(graph.root)
+    if not graph.tiles:
+        raise ManifestCoverageError(
+            f"{graph.root}: no tiles in scope (bbox {list(graph.config.area.bbox)}, zooms "
+            f"{list(graph.config.area.zooms)}); fetch tiles into tiles/{{z}}/{{x}}/{{y}}.jpg first "
+            f"(or `c10 import {graph.root} SOURCE`), then re-run `doit build_cache`")
+    declared = graph.declared()
+    removed = remove_dead(graph.root, declared)
+    orphans = find_orphans(graph.root, declared)
+    if orphans:
+        raise ManifestCoverageError(_orphan_message(graph, orphans))
+    for rel in removed:
+        print(f"removed dead {rel}")
+
+
+def _orphan_message(graph: Graph, orphans: list[str]) -> str:
+    shown = ", ".join(orphans[:5]) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+    hints = []
+    if any(o.startswith(ENGINES_DIR + "/") for o in orphans):
+        hints.append("`doit prune` lists stale engines and `doit prune --apply` removes them")
+    if any(o.startswith("tiles/") for o in orphans):
+        hints.append("tiles outside area.bbox/zooms or not named tiles/{z}/{x}/{y}.{jpg,png,webp} "
+                      "must be moved out of the cache or the area widened in c10.toml")
+    hints.append("move any other file out of the cache")
+    return (f"{len(orphans)} file(s) under {graph.root} are declared by no task: {shown}; "
+            + "; ".join(hints) + "; the previous Manifest stays in force")
+
+
+def manifest_deps(graph: Graph) -> list[str]:
+    """Every shipped file but the tiles, whose sizes and hashes the shards carry."""
+    deps = [str(Path(graph.root / rel)) for rel in graph.shipped_inputs()]
+    for plan in graph.plans.values():
+        deps += [plan.engine_rel, plan.sidecar_rel, *plan.shards]
+        deps += list(plan.index_rels) if plan.shards else []
+    return deps
+
+
+def manifest_settings(graph: Graph) -> dict:
+    cfg = graph.config
+    return {"request": cfg.request(), "key": str(cfg.signing.key), "tiles": len(graph.tiles)}
+
+
+def write_manifest() -> dict:
+    """Assemble every shipped file's entry, sign, and commit (envelope, then Manifest.json)."""
+    from c10 import manifest as mf
+
+    graph = _begin()
+    files = _file_entries(graph)
+    tiles_hash = mf.tiles_aggregate_hash(files)
+    issued = now()
+    body = mf.build_manifest(
+        version=mf.next_version(graph.root), issued_at=issued,
+        expires=issued + dt.timedelta(days=graph.config.signing.validity_days),
+        build_identity=build_identity(graph, tiles_hash), request=graph.config.request(),
+        host=host_info(graph), tools=tool_versions(), tiles_hash=tiles_hash, files=files,
+        cache_id=_cache_id(graph.root), engines=_engine_entries(graph))
+    data = mf.dumps_manifest(body)
+    try:
+        mf.write_signed_manifest(graph.root, data, session.signing_key(lambda: load_key(graph)))
+    finally:
+        session.drop_key()
+    hash_cache().save()
+    return {"version": body["version"], "files": len(files)}
+
+
+def _file_entries(graph: Graph) -> list:
+    from c10.manifest import FileEntry
+    from c10.shards import tile_facts
+
+    hashes = hash_cache()
+    paths = {t.id: t.path for t in graph.tiles}
+    entries = {}
+    for plan in graph.embedding_plans():
+        for rel in plan.shards:
+            for tid, (size, digest) in tile_facts(graph.root / rel).items():
+                entries[paths[tid]] = FileEntry(paths[tid], size, digest, "tile")
+    for rel, kind in _derived_files(graph):
+        digest, st = hashes.hash(rel)
+        entries[rel] = FileEntry(rel, st.st_size, digest, kind)
+    return list(entries.values())
+
+
+def _derived_files(graph: Graph) -> list[tuple[str, str]]:
+    out = [(rel, "model") for rel in graph.shipped_inputs()]
+    for plan in graph.plans.values():
+        out += [(plan.engine_rel, "engine"), (plan.sidecar_rel, "engine-meta")]
+        out += [(rel, "shard") for rel in plan.shards]
+        out += [(rel, "index") for rel in (plan.index_rels if plan.shards else ())]
+    return out
+
+
+def _engine_entries(graph: Graph) -> list[dict]:
+    return [{"path": p.engine_rel, "model": p.model.name, "backend": p.backend.name,
+             "key": p.engine_key, "fingerprint": p.backend.host_fingerprint()}
+            for p in graph.plans.values()]
+
+
+def build_identity(graph: Graph, tiles_hash: str) -> str:
+    """What the cache is a function of: the request, every engine key, every tile."""
+    import hashlib
+    import json
+
+    data = {"request": graph.config.request(), "tiles": tiles_hash,
+            "engines": {n: p.engine_key for n, p in sorted(graph.plans.items())}}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_id(root: Path) -> str:
+    """The previous Manifest's cache id (the verifier's anti-rollback state is kept per id), or a new one."""
+    import json
+    import uuid
+
+    try:
+        return json.loads((root / "Manifest.json").read_bytes())["cache_id"]
+    except (OSError, ValueError, KeyError):
+        return uuid.uuid4().hex
+
+
+def _begin() -> Graph:
+    """Every writing action first checks the key (nothing written if it is refused), then locks."""
+    graph = load_graph()
+    session.signing_key(lambda: load_key(graph))
+    session.ensure_locked(graph.root)
+    return graph
+
+
+def load_key(graph: Graph):
+    """Load and check the operator key before any file is written (seed CP-TC-7, CP-INV-7)."""
+    from c10.manifest import check_key_allowed
+    from c10.signing import load_signing_key
+
+    signing = graph.config.signing
+    if signing.key is None:
+        raise SigningKeyError(f"{graph.root / 'c10.toml'}: `signing.key` is not set; create a key outside "
+                              "the cache with `c10 keygen ~/.config/c10/operator.pem` and set its path")
+    key = load_signing_key(signing.key, passphrase=_passphrase(signing), cache_root=graph.root)
+    check_key_allowed(key, list(signing.allowed_keyids) or None)
+    return key
+
+
+def _passphrase(signing) -> bytes | None:
+    """From signing.passphrase_file, $C10_KEY_PASSPHRASE_FILE, or a prompt on a terminal; never argv."""
+    source = signing.passphrase_file or os.environ.get("C10_KEY_PASSPHRASE_FILE")
+    if source:
+        try:
+            return Path(source).read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise SigningKeyError(f"{source}: cannot read the key passphrase file ({exc.strerror})") from None
+    if os.environ.get("C10_KEY_PROMPT") and sys.stdin.isatty():
+        return getpass.getpass(f"passphrase for {signing.key}: ").encode()
+    return None
+
+
+def host_info(graph: Graph) -> dict:
+    plans = graph.plans.values()
+    return {"os": platform.system(), "arch": platform.machine(), "python": platform.python_version(),
+            "backends": {p.backend.name: p.backend.host_metadata() for p in plans}}
+
+
+def tool_versions() -> dict:
+    import doit
+
+    return {"c10": __version__, "doit": ".".join(map(str, doit.__version__))}
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)

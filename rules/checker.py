@@ -1,0 +1,28 @@
+"""doit's file check by blake3 content hash, with a stat fast path and c10's persistent hash cache."""
+from __future__ import annotations
+
+import os
+
+from doit.dependency import FileChangedChecker
+
+from c10.hashcache import stat_key
+from rules.graph import hash_cache
+
+
+class Blake3Checker(FileChangedChecker):
+    """State is [size, mtime_ns, inode, ctime_ns, blake3]: a matching stat trusts the hash, else it is
+    looked up or computed once through the shared hash cache (a mass `touch` costs one re-hash, ever)."""
+
+    def check_modified(self, file_path, file_stat, state):
+        if not isinstance(state, list) or len(state) != 5:
+            return True  # a state from another checker: decide again by content
+        if tuple(state[:4]) == stat_key(file_stat):
+            return False
+        return hash_cache().hash(file_path, file_stat)[0] != state[4]
+
+    def get_state(self, dep, current_state):
+        st = os.stat(dep)
+        if isinstance(current_state, list) and len(current_state) == 5 \
+                and tuple(current_state[:4]) == stat_key(st):
+            return None
+        return [*stat_key(st), hash_cache().hash(dep, st)[0]]

@@ -1,0 +1,161 @@
+"""Everything decided when the graph loads: config, tile scan, blocks, engine keys, declared files."""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from c10.config import Config, Model, load_config
+from c10.errors import C10Error
+from c10.index import index_relpaths
+from c10.shards import shard_relpath
+from c10.tiles import Scope, Tile, group_blocks, scan_tiles
+
+ENGINES_DIR = "engines"
+
+
+@dataclass
+class ModelPlan:
+    """One model's engine and, for embedding roles, its shards and index."""
+
+    model: Model
+    backend: object
+    spec: object
+    engine_key: str
+    engine_rel: str
+    sidecar_rel: str
+    shards: dict[str, list[Tile]] = field(default_factory=dict)  # shard relpath -> its tiles
+
+    @property
+    def index_rels(self) -> tuple[str, str]:
+        return index_relpaths(self.model.name)
+
+    @cached_property
+    def ident(self) -> str:
+        """Embedding identity: engine key + preprocessing; a change re-embeds every shard of the model."""
+        data = {"engine": self.engine_key, "prep": self.model.preprocessing()}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Graph:
+    root: Path
+    config: Config
+    tiles: list[Tile]          # in scope, canonical order
+    out_of_scope: list[Tile]
+    strays: list[str]
+    plans: dict[str, ModelPlan]
+
+    def embedding_plans(self) -> list[ModelPlan]:
+        return [p for p in self.plans.values() if p.model.role == "global"]
+
+    def declared(self) -> set[str]:
+        """Every non-control file the graph reads or writes, relative to the root."""
+        files = {t.path for t in self.tiles}
+        for plan in self.plans.values():
+            files |= {plan.engine_rel, plan.sidecar_rel, *plan.shards, *(plan.index_rels if plan.shards else ())}
+            files |= set(self.inside(plan.model.path) or ())
+        return files
+
+    def shipped_inputs(self) -> list[str]:
+        """Model files that live inside the cache (they ship with it)."""
+        return sorted({rel for p in self.plans.values() for rel in (self.inside(p.model.path),) if rel})
+
+    def inside(self, path: Path) -> str | None:
+        """`path` relative to the root if it lies inside the cache, else None."""
+        try:
+            return Path(path).resolve().relative_to(self.root).as_posix()
+        except ValueError:
+            return None
+
+
+_CACHE: dict[Path, Graph | C10Error] = {}
+
+
+def load_graph(root: Path | None = None) -> Graph:
+    """The graph of the cache at `root` (default: cwd, where doit runs dodo.py); memoized per process."""
+    root = Path.cwd().resolve() if root is None else Path(root).resolve()
+    if root not in _CACHE:
+        gc.disable()  # tens of thousands of small objects: the collector would dominate a no-op
+        try:
+            _CACHE[root] = _load(root)
+        except C10Error as exc:
+            _CACHE[root] = exc
+        finally:
+            gc.enable()
+    graph = _CACHE[root]
+    if isinstance(graph, C10Error):
+        raise graph
+    return graph
+
+
+def reset() -> None:
+    """Forget loaded graphs and hash caches (the in-process API builds several times in one process)."""
+    for hashes in _HASHES.values():
+        hashes.save()
+    _CACHE.clear()
+    _HASHES.clear()
+
+
+def _load(root: Path) -> Graph:
+    from c10 import engines
+
+    config = load_config(root)
+    scope = Scope(config.area.bbox, config.area.zooms)
+    scan = scan_tiles(root)
+    tiles = [t for t in scan.tiles if t in scope]
+    out = [t for t in scan.tiles if t not in scope]
+    plans = {name: _plan(root, config, model, engines) for name, model in config.models.items()}
+    for plan in plans.values():
+        if plan.model.role == "global":
+            plan.shards = {shard_relpath(plan.model.name, b): ts
+                           for b, ts in group_blocks(tiles, config.shards.block).items()}
+    return Graph(root, config, tiles, out, scan.strays, plans)
+
+
+def _plan(root: Path, config: Config, model: Model, engines) -> ModelPlan:
+    from c10.hashcache import HashCache
+    from c10.errors import ModelError
+
+    backend = engines.get_backend(config.engines.backend)
+    if not model.path.is_file():
+        raise ModelError(f"{model.path}: ONNX file of model `{model.name}` not found "
+                         f"(c10.toml `models.{model.name}.path`); put the file there or fix the path")
+    hashes = _hash_cache(root)
+    spec = engines.EngineSpec(
+        model=model.name, onnx_path=model.path, onnx_hash=_hash_abs(hashes, model.path),
+        input_shape=(3, *model.input_size) if model.input_size and model.role != "matcher" else None,
+        precision=model.precision, workspace_mb=config.engines.workspace_mb,
+        # only the global model embeds batches; local and matcher run one image or pair at a time
+        batch=(1, model.batch_size, max(model.batch_size, 64)) if model.role == "global" else (1, 1, 1),
+        calibration_path=model.calibration,
+        calibration_hash=_hash_abs(hashes, model.calibration) if model.calibration and model.calibration.is_file() else None,
+    )
+    engine = engines.engine_path(root / ENGINES_DIR, spec, backend)
+    return ModelPlan(model, backend, spec, engines.engine_key(spec, backend),
+                     engine.relative_to(root).as_posix(),
+                     engines.sidecar_path(engine).relative_to(root).as_posix())
+
+
+_HASHES: dict[Path, object] = {}
+
+
+def _hash_cache(root: Path):
+    """The process's shared hash cache of `root` (the doit checker and the Manifest use the same one)."""
+    from c10.hashcache import HashCache
+
+    if root not in _HASHES:
+        _HASHES[root] = HashCache(root)
+    return _HASHES[root]
+
+
+def hash_cache(root: Path | None = None):
+    return _hash_cache(Path.cwd().resolve() if root is None else Path(root).resolve())
+
+
+def _hash_abs(hashes, path: Path) -> str:
+    """blake3 of a file anywhere (models may live outside the cache): cached by its absolute path."""
+    return hashes.hash(str(Path(path).resolve()))[0]

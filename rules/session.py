@@ -1,0 +1,68 @@
+"""One build per process: the lock and the operator key, taken by the first action that needs them."""
+from __future__ import annotations
+
+import functools
+import threading
+from pathlib import Path
+from typing import Callable
+
+from doit.exceptions import TaskFailed
+
+from c10.errors import C10Error
+from c10.lock import BuildLock
+
+_state: dict = {"lock": None, "key": None, "error": None}
+_mutex = threading.Lock()
+
+
+def ensure_locked(root: Path) -> None:
+    """Take the build lock once per process (a second build fails here, before writing anything)."""
+    with _mutex:
+        if _state["lock"] is None:
+            lock = BuildLock(root)
+            lock.acquire()
+            _state["lock"] = lock
+
+
+def signing_key(loader: Callable[[], object]):
+    """The operator key, loaded once per build by `loader` (the file is opened exactly once)."""
+    with _mutex:
+        if _state["key"] is None:
+            _state["key"] = loader()
+        return _state["key"]
+
+
+def drop_key() -> None:
+    """Forget the key as soon as the Manifest is signed (seed CP-INV-7)."""
+    _state["key"] = None
+
+
+def last_error() -> C10Error | None:
+    return _state["error"]
+
+
+def end() -> None:
+    """Release the lock and forget the key (the in-process API calls this after each build)."""
+    with _mutex:
+        if _state["lock"] is not None:
+            _state["lock"].release()
+        _state.update(lock=None, key=None)
+
+
+def clear_error() -> None:
+    _state["error"] = None
+
+
+def action(fn: Callable) -> Callable:
+    """Adapt a domain call to doit: a C10Error becomes a TaskFailed that prints one clean line."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            result = fn(*args, **kwargs)
+        except C10Error as exc:
+            _state["error"] = exc
+            return TaskFailed(f"{type(exc).__name__}: {exc}")
+        return result if isinstance(result, (dict, str, TaskFailed)) else None
+
+    return run

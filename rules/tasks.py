@@ -1,0 +1,102 @@
+"""The build graph's task generators: engines, shards, index, coverage gate, manifest, build_cache."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from doit.tools import config_changed
+
+from c10.errors import C10Error
+from rules import actions
+from rules.graph import load_graph
+from rules.session import action
+
+
+def _graph():
+    """The loaded graph, or None when the request is invalid (build_cache then reports why)."""
+    try:
+        return load_graph()
+    except C10Error:
+        return None
+
+
+def task_engines():
+    """Compile each model into an engine for this host, named by its identity key."""
+    graph = _graph()
+    for name, plan in (graph.plans.items() if graph else ()):
+        deps = [str(plan.model.path.resolve())]
+        if plan.spec.calibration_path is not None:
+            deps.append(str(Path(plan.spec.calibration_path).resolve()))
+        yield {
+            "name": name,
+            "doc": f"engine of model {name} ({plan.backend.name})",
+            "file_dep": deps,
+            "targets": [plan.engine_rel, plan.sidecar_rel],
+            "uptodate": [config_changed({"engine_key": plan.engine_key})],
+            "actions": [(action(actions.build_engine), [name])],
+            "clean": True,
+        }
+
+
+def task_shards():
+    """Embed each block of tiles into a descriptor shard."""
+    graph = _graph()
+    for plan in graph.embedding_plans() if graph else ():
+        for rel, tiles in plan.shards.items():
+            yield {
+                "name": rel.removeprefix("shards/").removesuffix(".npy"),
+                "doc": f"{len(tiles)} tiles of {rel}",
+                "file_dep": [t.path for t in tiles],
+                "targets": [rel],
+                "task_dep": [f"engines:{plan.model.name}"],
+                # the tile list is in the key: a removed tile must rebuild its shard
+                "uptodate": [config_changed({"ident": plan.ident, "tiles": [t.path for t in tiles]})],
+                "actions": [(action(actions.build_shard), [plan.model.name, rel])],
+            }
+
+
+def task_index():
+    """Build each global model's FAISS index from all its shards."""
+    graph = _graph()
+    for plan in graph.embedding_plans() if graph else ():
+        if not plan.shards:
+            continue
+        yield {
+            "name": plan.model.name,
+            "doc": f"FAISS {graph.config.index.factory} index over {len(graph.tiles)} tiles",
+            "file_dep": list(plan.shards),
+            "targets": list(plan.index_rels),
+            "uptodate": [config_changed(actions.index_params(graph))],
+            "actions": [(action(actions.build_index), [plan.model.name])],
+        }
+
+
+def task_coverage():
+    """Gate: fail if any file under the cache is declared by no task (always runs)."""
+    if _graph() is None:
+        return {"actions": None}
+    return {
+        "actions": [action(actions.check_coverage)],
+        "task_dep": ["engines", "shards", "index"],
+        "verbosity": 2,
+    }
+
+
+def task_manifest():
+    """Write Manifest.json and its signed DSSE envelope: the build's single commit point."""
+    graph = _graph()
+    if graph is None:
+        return {"actions": None}
+    return {
+        "file_dep": actions.manifest_deps(graph),
+        "targets": ["Manifest.json", "Manifest.json.dsse"],
+        "task_dep": ["coverage"],
+        "uptodate": [config_changed(actions.manifest_settings(graph))],
+        "actions": [action(actions.write_manifest)],
+    }
+
+
+def task_build_cache():
+    """Build the whole takeoff cache (the default task)."""
+    if _graph() is None:
+        return {"actions": [action(load_graph)], "verbosity": 2}  # fails with the request's error
+    return {"actions": None, "task_dep": ["manifest"]}
