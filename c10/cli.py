@@ -96,7 +96,7 @@ def cmd_verify(args) -> int:
         return verify_to_json(err)["exit_code"]
     print(json.dumps(verify_to_json(result)) if args.json else
           f"c10 verify: OK {root}: Manifest v{result.version}, {result.files} files, "
-          f"{result.bytes / 1e6:.1f} MB checked in {result.elapsed_s:.2f} s")
+          f"{result.bytes / 1e6:.1f} MB checked in {result.elapsed:.2f} s")
     return 0
 
 

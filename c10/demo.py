@@ -98,6 +98,6 @@ def _verify_and_report(root: Path, pub: Path, key: Path, prep_s: float, build_s:
         files = [p for p in (root / sub).rglob("*") if p.is_file()]
         print(f"  {sub + '/':9} {len(files):4d} files, {sum(p.stat().st_size for p in files) / 1e6:7.2f} MB")
     print(f"c10 verify: OK: Manifest v{result.version}, {result.files} files, "
-          f"{result.bytes / 1e6:.1f} MB checked in {result.elapsed_s:.2f} s")
+          f"{result.bytes / 1e6:.1f} MB checked in {result.elapsed:.2f} s")
     print(f"next: cd {root} && doit build_cache   # a no-op now; add tiles and it redoes only their blocks")
     return 0

@@ -10,15 +10,10 @@ import numpy as np
 
 from c10 import atomic
 from c10.errors import IndexBuildError
+from c10.paths import index_relpaths
 from c10.shards import read_shard
 
-INDEX_DIR = "index"
 IDS_DTYPE = np.dtype([("z", "<u1"), ("x", "<u4"), ("y", "<u4")])
-
-
-def index_relpaths(model: str) -> tuple[str, str]:
-    """(FAISS index, row -> tile id array) paths of a model, relative to the cache root."""
-    return f"{INDEX_DIR}/{model}.faiss", f"{INDEX_DIR}/{model}.ids.npy"
 
 
 @dataclass(frozen=True)

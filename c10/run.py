@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -35,7 +36,8 @@ def run_build(root: Path, doit_args: Sequence[str] = ("build_cache",)) -> int:
         graph.reset()
         session.clear_error()
         namespace = {n: getattr(tasks, n) for n in dir(tasks) if n.startswith("task_")}
-        namespace["DOIT_CONFIG"] = rules.DOIT_CONFIG
+        # doit binds its default output stream at import; bind the current one instead
+        namespace["DOIT_CONFIG"] = {**rules.DOIT_CONFIG, "outfile": sys.stdout}
         try:
             return DoitMain(ModuleTaskLoader(namespace)).run(list(doit_args))
         finally:

@@ -14,19 +14,11 @@ from c10.errors import DescriptorBatchError
 from c10.preprocess import Preprocessing, load_tensor
 from c10.tiles import Tile
 
-SHARDS_DIR = "shards"
-
-
 def shard_dtype(dim: int) -> np.dtype:
     # `ident` is a prefix of the embedding identity (engine key + preprocessing): rows of
     # another identity are never reused when a block is re-embedded incrementally.
     return np.dtype([("z", "<u1"), ("x", "<u4"), ("y", "<u4"), ("size", "<u8"),
                      ("blake3", "u1", (32,)), ("ident", "u1", (8,)), ("desc", "<f4", (dim,))])
-
-
-def shard_relpath(model: str, block: tuple[int, int, int]) -> str:
-    z, bx, by = block
-    return f"{SHARDS_DIR}/{model}/{z}/{bx}-{by}.npy"
 
 
 @dataclass(frozen=True)

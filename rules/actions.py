@@ -10,10 +10,9 @@ from pathlib import Path
 
 from c10 import __version__
 from c10.errors import ManifestCoverageError, SigningKeyError
-from c10.index import IndexParams
-from c10.shards import TileRecord
 from rules import session
-from rules.graph import ENGINES_DIR, Graph, hash_cache, load_graph
+from c10.paths import ENGINES_DIR
+from rules.graph import Graph, hash_cache, load_graph
 
 _RUNNERS: dict[str, object] = {}
 
@@ -40,7 +39,7 @@ def _runner(graph: Graph, name: str):
 
 def build_shard(name: str, rel: str) -> dict:
     from c10.preprocess import Preprocessing
-    from c10.shards import build_shard as build, embed_tiles
+    from c10.shards import TileRecord, build_shard as build, embed_tiles
 
     graph = _begin()
     plan = graph.plans[name]
@@ -66,7 +65,7 @@ def index_params(graph: Graph) -> dict:
 
 
 def build_index(name: str) -> dict:
-    from c10.index import build_index as build
+    from c10.index import IndexParams, build_index as build
 
     graph = _begin()
     rows = build(graph.root, name, sorted(graph.plans[name].shards), IndexParams(**index_params(graph)))

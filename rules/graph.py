@@ -10,11 +10,8 @@ from pathlib import Path
 
 from c10.config import Config, Model, load_config
 from c10.errors import C10Error
-from c10.index import index_relpaths
-from c10.shards import shard_relpath
+from c10.paths import ENGINES_DIR, index_relpaths, shard_relpath
 from c10.tiles import Scope, Tile, group_blocks, scan_tiles
-
-ENGINES_DIR = "engines"
 
 
 @dataclass
@@ -57,8 +54,7 @@ class Graph:
         files = {t.path for t in self.tiles}
         for plan in self.plans.values():
             files |= {plan.engine_rel, plan.sidecar_rel, *plan.shards, *(plan.index_rels if plan.shards else ())}
-            files |= set(self.inside(plan.model.path) or ())
-        return files
+        return files | set(self.shipped_inputs())
 
     def shipped_inputs(self) -> list[str]:
         """Model files that live inside the cache (they ship with it)."""

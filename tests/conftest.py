@@ -1,0 +1,62 @@
+"""Shared fixtures: a small real cache (synthetic tiles, generated ONNX, real key) built by real doit runs."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from c10 import netgen, synth
+from c10.project import init_cache
+from c10.signing import generate_key, keyid, load_signing_key, public_key_pem
+
+# ~40 tiles at zoom 15 near Kyiv, 4x4-tile blocks: several shards, fast to embed.
+BBOX = (50.43, 30.49, 50.47, 30.56)
+ZOOMS = (15,)
+
+
+@pytest.fixture(scope="session")
+def operator_key(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(private key, public key PEM, keyid), outside every cache."""
+    d = tmp_path_factory.mktemp("keys")
+    key = d / "operator.pem"
+    generate_key(key)
+    signer = load_signing_key(key, passphrase=None, cache_root=None)
+    pub = d / "operator.pub.pem"
+    pub.write_bytes(public_key_pem(signer))
+    return key, pub, keyid(signer)
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory) -> Path:
+    """Tiles and a small global model, made once and copied into each cache."""
+    d = tmp_path_factory.mktemp("inputs")
+    synth.make_tiles(d / "tiles", BBOX, ZOOMS, size=128)
+    netgen.write_global_model(d / "models" / "global.onnx", input_size=64, dim=64)
+    return d
+
+
+def make_cache(root: Path, inputs: Path, key: tuple, *, block: int = 4, backend: str = "onnxruntime",
+               factory: str = "Flat") -> Path:
+    """A cache dir with tiles, one global model and a c10.toml pointing at `key`."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(inputs / "tiles", root / "tiles")
+    shutil.copytree(inputs / "models", root / "models")
+    init_cache(root, bbox=str(list(BBOX)), zooms=str(list(ZOOMS)), backend=backend, size=64,
+               key=str(key[0]), allowed=f'["{key[2]}"]', trusted=f'["{key[1]}"]')
+    text = (root / "c10.toml").read_text()
+    text = re.sub(r"\[models\.local\].*?(?=\[shards\])", "", text, flags=re.S)
+    text = text.replace("block = 16", f"block = {block}").replace('factory = "Flat"', f'factory = "{factory}"')
+    (root / "c10.toml").write_text(text)
+    return root
+
+
+@pytest.fixture
+def cache(tmp_path, inputs, operator_key) -> Path:
+    return make_cache(tmp_path / "cache", inputs, operator_key)
+
+
+def executed(output: str) -> list[str]:
+    """Task names doit executed (". name"), in order, from its output."""
+    return [m.group(1) for m in re.finditer(r"^\.  (\S+)", output, re.M)]
