@@ -120,23 +120,49 @@ def default_state() -> Path:
 
 
 def _fingerprints() -> dict:
-    from c10.backends import all_backends
+    """This host's fingerprint per available backend (what airborne mode compares engines with)."""
+    from c10.backends import AUTO_ORDER, get_backend
 
-    return {b.name: b.host_fingerprint() for b in all_backends() if b.available()}
+    out = {}
+    for name in AUTO_ORDER:
+        try:
+            out[name] = get_backend(name).host_fingerprint()
+        except C10Error:
+            continue  # not installed here: an engine of that backend cannot run on this host
+    return out
 
 
 def cmd_keygen(args) -> int:
-    from c10.signing import generate_key, load_trusted_keys, public_key_pem, ssh_fingerprint
+    """Write PATH (private, 0600) and PATH.pub (public PEM for signing.trusted_keys / the aircraft)."""
+    from c10 import atomic
+    from c10.signing import generate_key, load_signing_key, public_key_pem, ssh_fingerprint
 
-    passphrase = None
-    if args.passphrase_file:
-        passphrase = args.passphrase_file.read_bytes().rstrip(b"\r\n")
-    elif args.prompt:
-        import getpass
-        passphrase = getpass.getpass("passphrase: ").encode()
+    passphrase = _read_passphrase(args)
     kid = generate_key(args.path, passphrase)
-    print(f"wrote {args.path} (mode 0600)\nkeyid {kid}")
+    key = load_signing_key(args.path, passphrase=passphrase, cache_root=None)
+    pub = args.path.with_name(args.path.name + ".pub")
+    atomic.write_bytes(pub, public_key_pem(key))
+    print(f"wrote {args.path} (private, mode 0600) and {pub} (public)")
+    print(f"keyid {kid}\nfingerprint {ssh_fingerprint(key)}")
+    print(f"put `key = \"{args.path}\"` and `allowed_keyids = [\"{kid}\"]` under [signing] in c10.toml")
     return 0
+
+
+def _read_passphrase(args) -> bytes | None:
+    """From --passphrase-file or a terminal prompt (twice); never from argv."""
+    if args.passphrase_file:
+        try:
+            return args.passphrase_file.read_bytes().rstrip(b"\r\n") or None
+        except OSError as exc:
+            raise ConfigError(f"{args.passphrase_file}: cannot read the passphrase file ({exc.strerror})") from None
+    if not args.prompt:
+        return None
+    import getpass
+
+    first = getpass.getpass("passphrase: ")
+    if first != getpass.getpass("again: "):
+        raise ConfigError("the two passphrases differ; run `c10 keygen` again")
+    return first.encode() or None
 
 
 if __name__ == "__main__":

@@ -105,6 +105,23 @@ def _orphan_message(graph: Graph, orphans: list[str]) -> str:
             + "; ".join(hints) + "; the previous Manifest stays in force")
 
 
+def prune(apply: bool) -> None:
+    """List (and with --apply remove) stale derived files; never inputs or unrecognised files."""
+    from c10.prune import remove_files, stale_files
+
+    graph = load_graph()
+    stale, unknown = stale_files(graph.root, graph.declared())
+    for rel in stale:
+        print(f"{'removing' if apply else 'stale'} {rel}")
+    for rel in unknown:
+        print(f"not c10's, left alone: {rel} (move it out of the cache yourself)")
+    if apply and stale:
+        session.ensure_locked(graph.root)
+        print(f"freed {remove_files(graph.root, stale) / 1e6:.1f} MB; run `doit build_cache` to re-sign")
+    elif stale:
+        print(f"{len(stale)} stale file(s); `doit prune --apply` removes them")
+
+
 def manifest_deps(graph: Graph) -> list[str]:
     """Every shipped file but the tiles, whose sizes and hashes the shards carry."""
     deps = [str(Path(graph.root / rel)) for rel in graph.shipped_inputs()]

@@ -100,3 +100,16 @@ def task_build_cache():
     if _graph() is None:
         return {"actions": [action(load_graph)], "verbosity": 2}  # fails with the request's error
     return {"actions": None, "task_dep": ["manifest"]}
+
+
+def task_prune():
+    """List stale engines and leftovers (engines of other keys); `doit prune --apply` removes them."""
+    if _graph() is None:
+        return {"actions": None}
+    return {
+        "actions": [action(actions.prune)],
+        "params": [{"name": "apply", "long": "apply", "type": bool, "default": False,
+                    "help": "remove the listed files (default: only list them)"}],
+        "uptodate": [False],
+        "verbosity": 2,
+    }

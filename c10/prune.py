@@ -1,0 +1,37 @@
+"""Stale derived files: engines of other keys and writers' leftovers, listed and removed only on request."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from c10.atomic import is_temp_name
+from c10.coverage import walk_files
+from c10.paths import ENGINES_DIR
+
+# What c10 itself writes into engines/: {model}-{64-hex key}.{onnx,blob,plan} and its .json sidecar.
+ENGINE_NAME = re.compile(r"^[A-Za-z0-9_.-]+-[0-9a-f]{64}\.(onnx|blob|plan|json)$")
+
+
+def stale_files(root: Path, declared: set[str]) -> tuple[list[str], list[str]]:
+    """(stale, unknown): derived files c10 recognises but no task declares, and files it does not recognise."""
+    stale, unknown = [], []
+    if not (root / ENGINES_DIR).is_dir():
+        return stale, unknown
+    for rel in walk_files(root / ENGINES_DIR):
+        full = f"{ENGINES_DIR}/{rel}"
+        if full in declared:
+            continue
+        name = Path(rel).name
+        ours = "/" not in rel and (ENGINE_NAME.match(name) or is_temp_name(name))
+        (stale if ours and not (root / full).is_symlink() else unknown).append(full)
+    return sorted(stale), sorted(unknown)
+
+
+def remove_files(root: Path, rels: list[str]) -> int:
+    """Delete the given cache-relative files; returns bytes freed."""
+    freed = 0
+    for rel in rels:
+        path = root / rel
+        freed += path.stat().st_size
+        path.unlink()
+    return freed
