@@ -1,0 +1,68 @@
+"""The c10 command on a real built cache: verify (exit codes, --json, airborne), keygen, init."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from c10.cli import main
+from c10.run import run_build
+from c10.verify import EXIT_CODES
+
+
+@pytest.fixture
+def built(cache, capsys):
+    assert run_build(cache) == 0
+    capsys.readouterr()
+    return cache
+
+
+def verify(root, capsys, tmp_path, *extra):
+    code = main(["verify", str(root), "--json", "--state", str(tmp_path / "state.json"), *extra])
+    return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_verify_accepts_with_keys_from_c10_toml(built, capsys, tmp_path):
+    code, out = verify(built, capsys, tmp_path)
+    assert code == 0 and out["ok"] and out["version"] == 1 and out["files"] > 40
+
+
+def test_verify_airborne_on_the_build_host(built, capsys, tmp_path):
+    assert verify(built, capsys, tmp_path, "--airborne")[0] == 0
+
+
+def test_verify_rejects_a_flipped_byte_with_its_exit_code(built, capsys, tmp_path):
+    shard = next((built / "shards").rglob("*.npy"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    code, out = verify(built, capsys, tmp_path)
+    assert out["reason"] == "hash-mismatch" and code == EXIT_CODES["hash-mismatch"] != 0
+    assert out["path"] == shard.relative_to(built).as_posix()
+
+
+def test_verify_rejects_expired(built, capsys, tmp_path):
+    code, out = verify(built, capsys, tmp_path, "--now", "2099-01-01T00:00:00+00:00")
+    assert out["reason"] == "expired" and code == EXIT_CODES["expired"]
+
+
+def test_verify_with_an_unknown_key(built, capsys, tmp_path):
+    main(["keygen", str(tmp_path / "other.pem")])
+    capsys.readouterr()
+    code, out = verify(built, capsys, tmp_path, "--trusted-keys", str(tmp_path / "other.pem.pub"))
+    assert code != 0 and out["reason"] in ("unknown-key", "bad-signature")
+
+
+def test_keygen_mode_and_refusal(tmp_path, capsys):
+    key = tmp_path / "op.pem"
+    assert main(["keygen", str(key)]) == 0
+    assert os.stat(key).st_mode & 0o777 == 0o600 and "SHA256:" in capsys.readouterr().out
+    assert main(["keygen", str(key)]) != 0
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_init_refuses_a_missing_directory(tmp_path, capsys):
+    assert main(["init", str(tmp_path / "nope")]) != 0
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "nope").exists()
