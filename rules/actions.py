@@ -156,7 +156,19 @@ def write_manifest() -> dict:
     finally:
         session.drop_key()
     hash_cache().save()
-    return {"version": body["version"], "files": len(files)}
+    return {"version": body["version"], "files": len(files), "expires": body["expires"]}
+
+
+# A no-op build re-signs a Manifest that would expire within this margin (else it stays untouched).
+RESIGN_MARGIN = dt.timedelta(days=1)
+
+
+def manifest_fresh(task, values) -> bool:
+    """doit uptodate: False when the last Manifest expires within RESIGN_MARGIN (frozen caches)."""
+    expires = values.get("expires")
+    if not expires:
+        return False
+    return dt.datetime.fromisoformat(expires.replace("Z", "+00:00")) - now() > RESIGN_MARGIN
 
 
 def _file_entries(graph: Graph) -> list:

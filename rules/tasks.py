@@ -90,7 +90,7 @@ def task_manifest():
         "file_dep": actions.manifest_deps(graph),
         "targets": ["Manifest.json", "Manifest.json.dsse"],
         "task_dep": ["coverage"],
-        "uptodate": [config_changed(actions.manifest_settings(graph))],
+        "uptodate": [config_changed(actions.manifest_settings(graph)), actions.manifest_fresh],
         "actions": [action(actions.write_manifest)],
     }
 

@@ -181,3 +181,14 @@ def test_doit_list_and_info(cache, capsys):
     shard = next(line.split()[0] for line in out.splitlines() if line.startswith("shards:"))
     code, out = build(cache, capsys, "info", shard)
     assert code == 0 and "up-to-date" in out and "file_dep" in out and "tiles/15/" in out
+
+
+def test_nearly_expired_manifest_is_resigned_by_a_noop_build(cache, capsys, monkeypatch):
+    import rules.actions
+
+    built(cache, capsys)
+    later = rules.actions.now() + dt.timedelta(days=29, hours=12)  # validity_days = 30
+    monkeypatch.setattr(rules.actions, "now", lambda: later)
+    code, out = build(cache, capsys)
+    assert code == 0 and executed(out) == ["coverage", "manifest"]
+    assert b'"version":2' in (cache / "Manifest.json").read_bytes()
