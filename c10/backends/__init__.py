@@ -189,12 +189,13 @@ def package_dir(module: str) -> Path | None:
 
 @functools.cache
 def package_version(module: str, dists: tuple[str, ...] = ()) -> str | None:
-    """Version of `module` from a `*.dist-info` beside it (first of `dists` found) or its `__version__` line."""
+    """Version of `module` from a `*.dist-info` beside it (first of `dists`), else its `__version__` line."""
     pkg = package_dir(module)
     if pkg is None:
         return None
     try:
-        names = {p.split("-", 1)[0].lower(): p for p in os.listdir(pkg.parent) if p.endswith(".dist-info")}
+        names = {p.split("-", 1)[0].lower(): p
+                 for p in os.listdir(pkg.parent) if p.endswith(".dist-info")}
     except OSError:
         names = {}
     for dist in dists or (module,):

@@ -17,10 +17,13 @@ if TYPE_CHECKING:
 _ISA = re.compile(r"^(sse4_[12]|avx|avx2|fma|f16c|avx512.*|amx.*|avx_vnni.*|avxvnni.*|avx_ne_convert"
                   r"|asimd.*|fphp|sve.*|bf16|i8mm)$")
 _PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-# Measured in bench/engines.py on the 2-core build machine: LATENCY (one stream using every
-# core) gave ~3x the batch-32 throughput of THROUGHPUT, whose streams sit idle in a
-# synchronous call. The hint is applied again on import, so it is not part of the key.
-DEFAULT_HINT = "LATENCY"
+# Measured on the shared 2-core build machine (bench/engines.py, demo global model, batch 32,
+# interleaved windows): in quiet windows a batch split over THROUGHPUT's 2 streams and one
+# LATENCY request on both cores tie (~420 img/s); with other jobs on the machine (the
+# median window, and the real case while tiles decode beside inference) the split was
+# ~1.3x faster. Batch 1 is slower with it (one stream), which tile embedding never uses.
+# The hint is applied again on import, so it is not part of the engine key.
+DEFAULT_HINT = "THROUGHPUT"
 
 
 class OpenVinoBackend(Backend):
@@ -80,9 +83,12 @@ class OpenVinoBackend(Backend):
 
 
 class OvRunner(Runner):
+    """Splits each batch over the compiled model's optimal number of requests (one per stream)."""
+
     def __init__(self, compiled, max_batch: int | None) -> None:
         self.compiled = compiled
-        self.request = compiled.create_infer_request()
+        streams = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") or 1)
+        self.requests = [compiled.create_infer_request() for _ in range(max(1, streams))]
         self.input_names = [i.get_any_name() for i in compiled.inputs]
         self.output_names = [o.get_any_name() for o in compiled.outputs]
         self.max_batch = max_batch
@@ -93,7 +99,18 @@ class OvRunner(Runner):
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import numpy as np
 
-        results = self.request.infer(feeds)
-        # The request reuses its output buffers: copy before the next call overwrites them.
-        return [np.array(results[i], copy=True) for i in range(len(self.output_names))]
-
+        # Split along the batch only when every input shares it (a matcher's may not).
+        lengths = {len(v) for v in feeds.values()}
+        n = next(iter(lengths)) if len(lengths) == 1 else 0
+        parts = max(1, min(len(self.requests), n))
+        bounds = np.linspace(0, n, parts + 1).astype(int)
+        used = self.requests[:parts]
+        for request, lo, hi in zip(used, bounds[:-1], bounds[1:]):
+            chunk = feeds if parts == 1 else {k: v[lo:hi] for k, v in feeds.items()}
+            request.start_async(chunk, share_inputs=False)
+        for request in used:
+            request.wait()
+        # Requests reuse their output buffers: copy before the next call overwrites them.
+        outs = [[np.array(r.get_output_tensor(i).data, copy=True) for r in used]
+                for i in range(len(self.output_names))]
+        return [o[0] if parts == 1 else np.concatenate(o) for o in outs]

@@ -211,7 +211,8 @@ class TrtRunner(Runner):
 
         rt = self.cudart
         for name in self.input_names:
-            array = np.ascontiguousarray(feeds[name], dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))
+            dtype = self.trt.nptype(self.engine.get_tensor_dtype(name))
+            array = np.ascontiguousarray(feeds[name], dtype=dtype)
             self.context.set_input_shape(name, array.shape)
             ptr = self._buffer(name, array.nbytes)
             _cuda(rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes,
