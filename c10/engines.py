@@ -39,8 +39,7 @@ class EngineSpec:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"c10.toml models.{self.model}.precision = {self.precision!r} is "
                               f"unknown; allowed: {', '.join(PRECISIONS)}")
-        lo, opt, hi = self.batch
-        if not 1 <= lo <= opt <= hi:
+        if len(self.batch) != 3 or not 1 <= self.batch[0] <= self.batch[1] <= self.batch[2]:
             raise ConfigError(f"engine batch profile {self.batch} for model {self.model!r} must "
                               "satisfy 1 <= min <= opt <= max")
 

@@ -96,8 +96,9 @@ def test_engine_and_sidecar_paths(tmp_path, onnx_file):
 def test_spec_rejects_unknown_precision_and_bad_batch(onnx_file):
     with pytest.raises(ConfigError, match="models.global.precision"):
         spec_for(onnx_file, precision="fp8")
-    with pytest.raises(ConfigError, match="min <= opt <= max"):
-        spec_for(onnx_file, batch=(8, 4, 16))
+    for bad in ((8, 4, 16), (0, 1, 2), (1, 2)):
+        with pytest.raises(ConfigError, match="min <= opt <= max"):
+            spec_for(onnx_file, batch=bad)
 
 
 # --- build, reuse, load --------------------------------------------------------------------
