@@ -119,7 +119,8 @@ def test_graph_load_path_imports_no_heavy_library():
             " 'importlib.metadata', 'pynvml') if m in sys.modules]; print(heavy, dt)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     heavy, seconds = out.stdout.rsplit(" ", 1)
-    assert heavy == "[]" and float(seconds) < 0.3, out.stdout
+    # ~0.04 s on a quiet machine; the bound only catches a heavy import sneaking in under load.
+    assert heavy == "[]" and float(seconds) < 1.0, out.stdout
 
 
 # --- cheap probing -------------------------------------------------------------------------
