@@ -73,3 +73,17 @@ class VerifyError(C10Error):
         super().__init__(message)
         self.reason = reason
         self.path = path
+
+
+class MissingTilesError(C10Error):
+    """Tiles of the requested area are missing (none at all, or some with area.require_complete).
+
+    A soft failure: the Python API returns outcome FAILURE with this message instead of raising.
+    """
+
+
+class StorageError(C10Error, OSError):
+    """A file could not be written durably (disk full, I/O error, read-only); never retried.
+
+    Also an OSError, so code that handles a failed write keeps handling this one.
+    """

@@ -34,7 +34,7 @@ def run_build(root: Path, doit_args: Sequence[str] = ("build_cache",)) -> int:
         from rules import graph, session
 
         graph.reset()
-        session.clear_error()
+        session.new_run()
         namespace = {n: getattr(tasks, n) for n in dir(tasks) if n.startswith("task_")}
         # doit binds its default output stream at import; bind the current one instead
         namespace["DOIT_CONFIG"] = {**rules.DOIT_CONFIG, "outfile": sys.stdout}

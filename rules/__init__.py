@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from rules.checker import Blake3Checker
+from rules.reporter import C10Reporter
 
 DEP_FILE = ".c10/doit.sqlite"
 
@@ -14,6 +15,7 @@ DOIT_CONFIG = {
     "backend": "sqlite3",
     "dep_file": DEP_FILE,
     "check_file_uptodate": Blake3Checker,
+    "reporter": C10Reporter,  # doit's console output, then the BuildReport (.c10/report.json)
 }
 
 if os.path.isfile("c10.toml"):

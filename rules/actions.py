@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from c10 import __version__
-from c10.errors import ManifestCoverageError, SigningKeyError
+from c10.errors import ManifestCoverageError, MissingTilesError, SigningKeyError
 from rules import session
 from c10.paths import ENGINES_DIR
 from rules.graph import Graph, hash_cache, load_graph
@@ -79,7 +79,7 @@ def check_coverage() -> None:
     graph = load_graph()
     session.ensure_locked(graph.root)
     if not graph.tiles:
-        raise ManifestCoverageError(
+        raise MissingTilesError(
             f"{graph.root}: no tiles in scope (bbox {list(graph.config.area.bbox)}, zooms "
             f"{list(graph.config.area.zooms)}); fetch tiles into tiles/{{z}}/{{x}}/{{y}}.jpg first "
             f"(or `c10 import {graph.root} SOURCE`), then re-run `doit build_cache`")
@@ -90,6 +90,21 @@ def check_coverage() -> None:
         raise ManifestCoverageError(_orphan_message(graph, orphans))
     for rel in removed:
         print(f"removed dead {rel}")
+    _check_complete(graph)
+
+
+def _check_complete(graph: Graph) -> None:
+    """area.require_complete: the Manifest is signed only over the whole requested area."""
+    from c10.tiles import Scope
+
+    area = graph.config.area
+    expected = Scope(area.bbox, area.zooms).expected_count()
+    if area.require_complete and len(graph.tiles) < expected:
+        raise MissingTilesError(
+            f"{graph.root}: {expected - len(graph.tiles)} of {expected} tiles of area.bbox/zooms are missing "
+            f"and area.require_complete = true; fetch them (or `c10 import {graph.root} SOURCE`), see which "
+            f"with `c10 map {graph.root} -o map.png`, then re-run `doit build_cache`; the previous Manifest "
+            "stays in force")
 
 
 def _orphan_message(graph: Graph, orphans: list[str]) -> str:

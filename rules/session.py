@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -11,7 +12,7 @@ from doit.exceptions import TaskFailed
 from c10.errors import C10Error
 from c10.lock import BuildLock
 
-_state: dict = {"lock": None, "key": None, "error": None}
+_state: dict = {"lock": None, "key": None, "error": None, "report": None, "start": None}
 _mutex = threading.Lock()
 
 
@@ -51,6 +52,30 @@ def end() -> None:
 
 def clear_error() -> None:
     _state["error"] = None
+
+
+def new_run() -> None:
+    """Forget the previous in-process run's error, report and start time."""
+    _state.update(error=None, report=None, start=None)
+
+
+def mark_start() -> None:
+    """The build's clock starts when its graph first loads (the report's elapsed_s and load stage)."""
+    if _state["start"] is None:
+        _state["start"] = time.perf_counter()
+
+
+def elapsed() -> float:
+    return 0.0 if _state["start"] is None else time.perf_counter() - _state["start"]
+
+
+def set_report(report) -> None:
+    _state["report"] = report
+
+
+def last_report():
+    """The BuildReport of this process's last `build_cache` run (the Python API returns it)."""
+    return _state["report"]
 
 
 def action(fn: Callable) -> Callable:

@@ -6,13 +6,14 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from c10.errors import C10Error
-from rules import actions
+from rules import actions, session
 from rules.graph import load_graph
 from rules.session import action
 
 
 def _graph():
     """The loaded graph, or None when the request is invalid (build_cache then reports why)."""
+    session.mark_start()
     try:
         return load_graph()
     except C10Error:
