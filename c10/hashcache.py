@@ -5,6 +5,7 @@ import json
 import mmap
 import os
 import threading
+import time
 from pathlib import Path
 
 import blake3
@@ -41,6 +42,7 @@ class HashCache:
         self._buckets: dict[str, dict[str, list]] = {}
         self._dirty: set[str] = set()
         self._lock = threading.Lock()
+        self._saved = time.monotonic()
 
     def _bucket(self, rel: str) -> tuple[str, dict[str, list]]:
         name = "tiles" if rel.startswith("tiles/") else "other"
@@ -83,10 +85,13 @@ class HashCache:
             if gone:
                 self._dirty.add(name)
 
-    def save(self) -> None:
-        """Write the changed cache files atomically."""
+    def save(self, min_interval: float = 0.0) -> None:
+        """Write the changed cache files atomically (not again within `min_interval` seconds)."""
         with self._lock:
+            if self._dirty and time.monotonic() - self._saved < min_interval:
+                return
             for name in sorted(self._dirty):
                 data = json.dumps(self._buckets[name], separators=(",", ":"), sort_keys=True).encode()
                 atomic.write_bytes(self.root / HASH_CACHES[name], data)
             self._dirty.clear()
+            self._saved = time.monotonic()

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import io
-from concurrent.futures import ThreadPoolExecutor
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -13,6 +18,13 @@ from c10 import atomic
 from c10.errors import DescriptorBatchError
 from c10.preprocess import Preprocessing, load_tensor
 from c10.tiles import Tile
+
+# Decoding threads: Pillow and numpy drop the GIL, so on 2 cores two threads decode batch
+# i+1 while the engine runs batch i. They run at a lower priority: the engine's own threads
+# win the cores and decoding fills their idle gaps (bench/embed.py measures the difference).
+DECODE_THREADS = min(4, os.cpu_count() or 1)
+DECODE_NICE = 5
+
 
 def shard_dtype(dim: int) -> np.dtype:
     # `ident` is a prefix of the embedding identity (engine key + preprocessing): rows of
@@ -36,26 +48,55 @@ class ShardStats:
 
 
 Embedder = Callable[[Sequence[Path]], np.ndarray]
+Runner = Callable[[np.ndarray], np.ndarray]
 
 
-def embed_tiles(runner: Callable[[np.ndarray], np.ndarray], paths: Sequence[Path], prep: Preprocessing,
-                batch_size: int = 32, threads: int = 2) -> np.ndarray:
-    """Descriptors of `paths`: decoding of batch i+1 overlaps inference of batch i."""
-    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    if not batches:
+def embed_tiles(runner: Runner, paths: Sequence[Path], prep: Preprocessing, batch_size: int = 32,
+                threads: int = DECODE_THREADS, nice: int = DECODE_NICE,
+                progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """L2-normalised descriptors of `paths`, in order: batch i+1 is decoded into one of two
+    preallocated buffers while the engine runs on the other (no per-batch stack or copy)."""
+    n = len(paths)
+    if not n:
         return np.zeros((0, 0), np.float32)
+    size = min(batch_size, n)
+    buffers = [np.empty((size, *prep.shape), np.float32) for _ in range(1 if n <= size else 2)]
+    starts = range(0, n, size)
     out = []
-    with ThreadPoolExecutor(threads) as pool:
-        pending = _submit(pool, batches[0], prep)
-        for nxt in batches[1:] + [None]:
-            tensors = [f.result() for f in pending]
-            pending = _submit(pool, nxt, prep) if nxt is not None else []
-            out.append(np.asarray(runner(np.stack(tensors)), dtype=np.float32))
+    with ThreadPoolExecutor(threads, "c10-decode", initializer=_lower_priority, initargs=(nice,)) as pool:
+        pending = _fill(pool, buffers[0], paths[:size], prep)
+        for i, start in enumerate(starts):
+            count = _collect(pending)
+            if start + size < n:
+                pending = _fill(pool, buffers[(i + 1) % 2], paths[start + size:start + 2 * size], prep)
+            desc = np.asarray(runner(buffers[i % 2][:count]), dtype=np.float32)
+            out.append(desc.reshape(count, -1))
+            if progress is not None:
+                progress(count)
     return l2_normalize(np.concatenate(out))
 
 
-def _submit(pool: ThreadPoolExecutor, batch, prep):
-    return [pool.submit(load_tensor, p, prep) for p in batch]
+def _lower_priority(nice: int) -> None:
+    if nice and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)  # Linux: this thread only
+        except OSError:
+            pass  # not allowed here: decode at normal priority
+
+
+def _fill(pool: ThreadPoolExecutor, buffer: np.ndarray, batch: Sequence[Path], prep: Preprocessing) -> list:
+    return [pool.submit(load_tensor, path, prep, buffer[j]) for j, path in enumerate(batch)]
+
+
+def _collect(futures: list) -> int:
+    """Wait for a batch; the first failing tile's DescriptorBatchError is raised, the rest cancelled."""
+    for future in futures:
+        if future.exception() is not None:
+            for other in futures:
+                other.cancel()
+            wait(futures)
+            raise future.exception()
+    return len(futures)
 
 
 def l2_normalize(desc: np.ndarray) -> np.ndarray:
@@ -71,10 +112,13 @@ def read_shard(path: str | Path) -> np.ndarray:
 def pack_shard(records: Sequence[TileRecord], desc: np.ndarray, ident: str) -> bytes:
     """The shard file's bytes: .npy of rows in canonical (z, x, y) order."""
     rows = np.zeros(len(records), shard_dtype(desc.shape[1]))
-    tag = bytes.fromhex(ident)[:8]
-    for i, rec in enumerate(records):
-        rows[i] = (rec.tile.z, rec.tile.x, rec.tile.y, rec.size,
-                   np.frombuffer(bytes.fromhex(rec.blake3), np.uint8), np.frombuffer(tag, np.uint8), desc[i])
+    rows["z"] = [r.tile.z for r in records]
+    rows["x"] = [r.tile.x for r in records]
+    rows["y"] = [r.tile.y for r in records]
+    rows["size"] = [r.size for r in records]
+    rows["blake3"] = np.frombuffer(bytes.fromhex("".join(r.blake3 for r in records)), np.uint8).reshape(-1, 32)
+    rows["ident"] = np.frombuffer(bytes.fromhex(ident)[:8], np.uint8)
+    rows["desc"] = desc
     buf = io.BytesIO()
     np.save(buf, rows, allow_pickle=False)
     return buf.getvalue()
@@ -89,10 +133,13 @@ def build_shard(root: Path, out_rel: str, records: Sequence[TileRecord], embed: 
     fresh = embed([root / records[i].tile.path for i in todo]) if todo else None
     for j, i in enumerate(todo):
         reuse[i] = fresh[j]
+    if len({len(v) for v in reuse}) != 1:
+        raise DescriptorBatchError(f"{out_rel}: the engine's descriptor size differs from the previous "
+                                   f"shard's; delete {out_rel} and run `doit build_cache` again")
     desc = np.stack(reuse).astype(np.float32)
     if not np.all(np.isfinite(desc)):
         raise DescriptorBatchError(f"{out_rel}: the engine produced NaN/inf descriptors; "
-                                   "check the model, then re-run `doit build_cache`")
+                                   "check the model, then run `doit build_cache` again")
     atomic.write_bytes(root / out_rel, pack_shard(records, desc, ident))
     return ShardStats(len(records), len(todo), len(records) - len(todo))
 
@@ -101,15 +148,43 @@ def _previous_rows(path: Path, tag: bytes) -> dict:
     """(tile id, blake3) -> descriptor of an existing shard of the same identity; empty if none."""
     try:
         rows = read_shard(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         return {}
-    if rows.dtype.names is None or "ident" not in rows.dtype.names:
+    if rows.dtype.names is None or not {"ident", "desc", "blake3"} <= set(rows.dtype.names):
         return {}
-    return {((int(r["z"]), int(r["x"]), int(r["y"])), r["blake3"].tobytes().hex()): r["desc"]
-            for r in rows if r["ident"].tobytes() == tag}
+    rows = rows[(rows["ident"] == np.frombuffer(tag, np.uint8)).all(axis=1)]
+    ids = zip(rows["z"].tolist(), rows["x"].tolist(), rows["y"].tolist())
+    digests = rows["blake3"].tobytes().hex()
+    return {((z, x, y), digests[64 * i:64 * (i + 1)]): rows["desc"][i] for i, (z, x, y) in enumerate(ids)}
 
 
 def tile_facts(path: str | Path) -> dict[tuple[int, int, int], tuple[int, str]]:
     """(z, x, y) -> (size, blake3) of the tiles a shard was built from (the Manifest's tile entries)."""
-    return {(int(r["z"]), int(r["x"]), int(r["y"])): (int(r["size"]), r["blake3"].tobytes().hex())
-            for r in read_shard(path)}
+    rows = read_shard(path)
+    digests = rows["blake3"].tobytes().hex()
+    ids = zip(rows["z"].tolist(), rows["x"].tolist(), rows["y"].tolist(), rows["size"].tolist())
+    return {(z, x, y): (size, digests[64 * i:64 * (i + 1)]) for i, (z, x, y, size) in enumerate(ids)}
+
+
+@contextmanager
+def progress_bar(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """advance(n) for a transient tiles/s bar on a terminal's stderr; does nothing otherwise."""
+    stream = sys.__stderr__
+    if stream is None or not stream.isatty() or os.environ.get("C10_NO_PROGRESS"):
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    started = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]:.0f} tiles/s"), TimeElapsedColumn(),
+                  console=Console(file=stream), transient=True,
+                  redirect_stdout=False, redirect_stderr=False) as bar:
+        task = bar.add_task(label, total=total, rate=0.0)
+
+        def advance(n: int) -> None:
+            done = bar.tasks[0].completed + n
+            bar.update(task, advance=n, rate=done / max(time.perf_counter() - started, 1e-6))
+
+        yield advance

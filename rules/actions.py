@@ -39,7 +39,7 @@ def _runner(graph: Graph, name: str):
 
 def build_shard(name: str, rel: str) -> dict:
     from c10.preprocess import Preprocessing
-    from c10.shards import TileRecord, build_shard as build, embed_tiles
+    from c10.shards import TileRecord, build_shard as build, embed_tiles, progress_bar
 
     graph = _begin()
     plan = graph.plans[name]
@@ -47,9 +47,13 @@ def build_shard(name: str, rel: str) -> dict:
     records = [TileRecord(t, *_size_hash(hashes, t.path)) for t in plan.shards[rel]]
     prep = Preprocessing.from_model(plan.model)
     runner = _runner(graph, name)
-    stats = build(graph.root, rel, records,
-                  lambda paths: embed_tiles(runner, paths, prep, plan.model.batch_size), plan.ident)
-    hashes.save()
+
+    def embed(paths):
+        with progress_bar(rel.removeprefix("shards/"), len(paths)) as advance:
+            return embed_tiles(runner, paths, prep, plan.model.batch_size, progress=advance)
+
+    stats = build(graph.root, rel, records, embed, plan.ident)
+    hashes.save(min_interval=30.0)  # rewriting every tile's hash after each small shard costs more than it saves
     return {"embedded": stats.embedded, "reused": stats.reused}
 
 

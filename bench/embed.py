@@ -1,0 +1,127 @@
+"""Embedding throughput: tiles/s of the real shard action vs the same engine's images/s on pre-made
+tensors, interleaved in one run; prints JSON. Run as `env -u PYTHONDONTWRITEBYTECODE python bench/embed.py`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from c10 import demo, netgen, synth
+from c10.project import init_cache
+from c10.signing import generate_key
+
+
+def make_cache(root: Path, tiles: int, backend: str, key: Path, input_size: int, block: int) -> None:
+    """A cache with ~`tiles` demo-like 256 px JPEG tiles at one zoom and the demo's global model."""
+    root.mkdir(parents=True)
+    bbox = demo.demo_bbox(tiles, (16,))
+    synth.make_tiles(root / "tiles", bbox, (16,))
+    netgen.write_global_model(root / "models" / "global.onnx", input_size=input_size)
+    init_cache(root, bbox=str(list(bbox)), zooms="[16]", backend=backend, size=input_size, key=str(key))
+    text = (root / "c10.toml").read_text()
+    text = text.split("[models.local]")[0] + "[shards]" + text.split("[shards]")[1]
+    (root / "c10.toml").write_text(text.replace("block = 16", f"block = {block}"))
+
+
+def engine_rate(runner, images: int, batch: int, shape: tuple) -> float:
+    """images/s of the loaded engine on one pre-made random batch, `images` images in all."""
+    data = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
+    start, done = time.perf_counter(), 0
+    while done < images:
+        runner(data[:min(batch, images - done)])
+        done += min(batch, images - done)
+    return done / (time.perf_counter() - start)
+
+
+def shard_rate(root: Path, name: str) -> tuple[float, int]:
+    """tiles/s of every shard action of `name`, from no shards and no hash cache (a cold stage)."""
+    from rules import actions, graph as graph_mod
+
+    graph = graph_mod.load_graph(root)
+    for rel in graph.plans[name].shards:
+        (root / rel).unlink(missing_ok=True)
+    (root / ".c10" / "hashes-tiles.json").unlink(missing_ok=True)
+    graph_mod._HASHES.pop(root, None)
+    start = time.perf_counter()
+    embedded = sum(actions.build_shard(name, rel)["embedded"] for rel in graph.plans[name].shards)
+    return embedded / (time.perf_counter() - start), embedded
+
+
+def preprocess_cost(root: Path, prep, count: int = 64) -> float:
+    """Single-thread ms per tile of decode + resize + normalise (what the decode threads add)."""
+    from c10.preprocess import load_tensor
+
+    paths = sorted((root / "tiles").rglob("*.jpg"))[:count]
+    out = np.empty(prep.shape, np.float32)
+    start = time.perf_counter()
+    for path in paths:
+        load_tensor(path, prep, out)
+    return (time.perf_counter() - start) / len(paths) * 1e3
+
+
+def bench_backend(workdir: Path, backend: str, args) -> dict:
+    from c10.preprocess import Preprocessing
+    from c10.run import run_build
+    from rules import actions, graph as graph_mod, session
+
+    root = workdir / f"cache-{backend}"
+    make_cache(root, args.tiles, backend, workdir / "key.pem", args.input, args.block)
+    os.environ["C10_NO_PROGRESS"] = "1"
+    if run_build(root, ["engines"]) != 0:
+        raise SystemExit(f"engine build failed for {backend}")
+    before = os.getcwd()
+    os.chdir(root)
+    try:
+        graph = graph_mod.load_graph(root)
+        plan = graph.plans["global"]
+        t0 = time.perf_counter()
+        runner = actions._runner(graph, "global")
+        load_s = time.perf_counter() - t0
+        prep = Preprocessing.from_model(plan.model)
+        engine_rate(runner, plan.model.batch_size, plan.model.batch_size, prep.shape)  # warm-up
+        engine, shard = [], []
+        for _ in range(args.rounds):
+            rate, tiles = shard_rate(root, "global")
+            shard.append(rate)
+            engine.append(engine_rate(runner, tiles, plan.model.batch_size, prep.shape))
+        pre_ms = preprocess_cost(root, prep)
+    finally:
+        session.end()
+        graph_mod.reset()
+        os.chdir(before)
+    e, s = statistics.median(engine), statistics.median(shard)
+    return {"backend": graph.plans["global"].backend.name, "tiles": tiles, "batch": plan.model.batch_size,
+            "input": args.input, "engine_load_s": round(load_s, 3),
+            "engine_images_per_s": round(e, 1), "shard_tiles_per_s": round(s, 1), "ratio": round(s / e, 3),
+            "rounds_engine": [round(v, 1) for v in engine], "rounds_shard": [round(v, 1) for v in shard],
+            "preprocess_ms_per_tile_1_thread": round(pre_ms, 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tiles", type=int, default=512)
+    parser.add_argument("--input", type=int, default=224)
+    parser.add_argument("--block", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backends", default="onnxruntime,openvino")
+    args = parser.parse_args()
+    from c10.shards import DECODE_NICE, DECODE_THREADS
+
+    with tempfile.TemporaryDirectory(prefix="c10-bench-embed-") as tmp:
+        workdir = Path(tmp)
+        generate_key(workdir / "key.pem")
+        results = [bench_backend(workdir, b, args) for b in args.backends.split(",")]
+    print(json.dumps({"bench": "embed", "cpus": os.cpu_count(), "loadavg": [round(v, 2) for v in os.getloadavg()],
+                      "decode_threads": DECODE_THREADS, "decode_nice": DECODE_NICE,
+                      "python": sys.version.split()[0], "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

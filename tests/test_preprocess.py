@@ -1,0 +1,84 @@
+"""Per-model preprocessing: the configured resize, mean/std and channel order, and unreadable tiles."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from c10.config import Model
+from c10.errors import ConfigError, DescriptorBatchError
+from c10.preprocess import Preprocessing, load_tensor, open_tile, to_tensor
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def image(h=40, w=56, seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8), "RGB")
+
+
+def reference(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """The textbook formula, written out independently of the fast path."""
+    h, w = prep.input_size
+    filt = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST, "area": Image.BOX}
+    arr = np.asarray(img.resize((w, h), filt[prep.resize]), np.float64) / 255.0
+    arr = (arr - np.array(prep.mean)) / np.array(prep.std)
+    if prep.channel_order == "bgr":
+        arr = arr[..., ::-1]
+    return arr.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("order", ["rgb", "bgr"])
+@pytest.mark.parametrize("resize", ["bilinear", "bicubic", "nearest", "area"])
+def test_tensor_matches_the_formula(order, resize):
+    prep = Preprocessing((24, 32), MEAN, STD, order, resize)
+    out = to_tensor(image(), prep)
+    assert out.shape == (3, 24, 32) and out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_allclose(out, reference(image(), prep), atol=1e-5)
+
+
+def test_bgr_is_rgb_with_channels_reversed():
+    rgb = to_tensor(image(), Preprocessing((16, 16), MEAN, STD, "rgb"))
+    bgr = to_tensor(image(), Preprocessing((16, 16), MEAN, STD, "bgr"))
+    np.testing.assert_array_equal(bgr, rgb[::-1])
+
+
+def test_every_setting_changes_the_tensor():
+    base = Preprocessing((16, 16), MEAN, STD)
+    variants = [Preprocessing((16, 16), (0.5, 0.5, 0.5), STD), Preprocessing((16, 16), MEAN, (0.5, 0.5, 0.5)),
+                Preprocessing((16, 16), MEAN, STD, "bgr"), Preprocessing((16, 16), MEAN, STD, "rgb", "nearest")]
+    ref = to_tensor(image(), base)
+    assert all(not np.array_equal(to_tensor(image(), v), ref) for v in variants)
+
+
+def test_writes_into_a_given_buffer_and_keeps_exact_size_images():
+    prep = Preprocessing((40, 56), MEAN, STD)
+    buf = np.zeros((2, *prep.shape), np.float32)
+    out = to_tensor(image(), prep, buf[1])
+    assert out.base is buf and np.array_equal(buf[1], to_tensor(image(), prep)) and not buf[0].any()
+
+
+def test_from_model_takes_the_toml_settings(tmp_path):
+    model = Model("g", tmp_path / "g.onnx", input_size=(48, 64), mean=(0.1, 0.2, 0.3), std=(1.0, 2.0, 3.0),
+                  channel_order="bgr", resize="area")
+    assert Preprocessing.from_model(model) == Preprocessing((48, 64), (0.1, 0.2, 0.3), (1.0, 2.0, 3.0), "bgr", "area")
+    with pytest.raises(ConfigError, match="models.g.input_size"):
+        Preprocessing.from_model(Model("g", tmp_path / "g.onnx", input_size=None))
+
+
+def test_grey_and_palette_images_become_rgb(tmp_path):
+    Image.new("L", (8, 8), 77).save(tmp_path / "grey.png")
+    Image.new("RGBA", (8, 8), (1, 2, 3, 4)).save(tmp_path / "alpha.png")
+    assert open_tile(tmp_path / "grey.png").mode == "RGB"
+    assert open_tile(tmp_path / "alpha.png").getpixel((0, 0)) == (1, 2, 3)
+
+
+@pytest.mark.parametrize("content", [b"", b"<html>404 not found</html>", "truncated"])
+def test_unreadable_tile_names_the_file_and_the_next_step(tmp_path, content):
+    path = tmp_path / "tiles" / "15" / "1" / "2.jpg"
+    path.parent.mkdir(parents=True)
+    image(64, 64).save(path, "JPEG")
+    path.write_bytes(path.read_bytes()[:300] if content == "truncated" else content)
+    with pytest.raises(DescriptorBatchError) as err:
+        load_tensor(path, Preprocessing((16, 16), MEAN, STD))
+    assert str(path) in str(err.value) and "re-download or delete" in str(err.value)
+    assert "doit build_cache" in str(err.value)
