@@ -1,4 +1,4 @@
-"""The `c10` command: init, build, demo, verify, keygen."""
+"""The `c10` command: init, build, demo, verify, keygen, status, map, import."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--passphrase-file", type=Path, help="encrypt with the passphrase in this file")
     cmd.add_argument("--prompt", action="store_true", help="ask for a passphrase on the terminal")
     cmd.set_defaults(func=cmd_keygen)
+    _operator_commands(sub)
     return p
 
 
@@ -163,6 +164,53 @@ def _read_passphrase(args) -> bytes | None:
     if first != getpass.getpass("again: "):
         raise ConfigError("the two passphrases differ; run `c10 keygen` again")
     return first.encode() or None
+
+
+def _operator_commands(sub) -> None:
+    """status, map, import: the operator's questions before a flight."""
+    cmd = sub.add_parser("status", help="what `doit build_cache` would redo in DIR and why (writes nothing)")
+    cmd.add_argument("dir", type=Path)
+    cmd.add_argument("--json", action="store_true", help="the raw status as JSON for tools")
+    cmd.set_defaults(func=cmd_status)
+    cmd = sub.add_parser("map", help="draw the requested area per zoom: tiles present, missing, rebuilt")
+    cmd.add_argument("dir", type=Path)
+    cmd.add_argument("-o", "--output", type=Path, default=Path("map.png"), help="PNG to write (default map.png)")
+    cmd.set_defaults(func=cmd_map)
+    cmd = sub.add_parser("import", help="copy tiles inside the request from an MBTiles file or a tile folder")
+    cmd.add_argument("dir", type=Path)
+    cmd.add_argument("source", type=Path, help="a .mbtiles file (TMS rows) or a {z}/{x}/{y}.ext folder")
+    cmd.add_argument("--tms", action="store_true", help="the folder counts y from the south (TMS)")
+    cmd.add_argument("--replace", action="store_true", help="overwrite cache tiles that differ from the source's")
+    cmd.set_defaults(func=cmd_import)
+
+
+def cmd_status(args) -> int:
+    """Exit 0 when a build would change nothing, 1 when it would redo work."""
+    from c10.run import build_status
+    from c10.status import render, would_change
+
+    status = build_status(args.dir)
+    print(json.dumps(status, indent=1) if args.json else render(status))
+    return 1 if would_change(status) else 0
+
+
+def cmd_map(args) -> int:
+    from c10.coverage_map import LABELS, save_map
+
+    result = save_map(args.dir, args.output)
+    counts = {LABELS[c]: sum(p.counts[c] for p in result.panels.values()) for c in LABELS}
+    print(f"wrote {args.output} ({result.image.width}x{result.image.height}): "
+          + ", ".join(f"{n} {label}" for label, n in counts.items()))
+    return 0
+
+
+def cmd_import(args) -> int:
+    """Exit 1 when tiles that differ were kept or could not be read (never silently)."""
+    from c10.importer import import_tiles, summary
+
+    result = import_tiles(args.dir, args.source, tms=args.tms, replace=args.replace)
+    print(summary(result, args.dir))
+    return 1 if result.conflicts or result.invalid else 0
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def summary(report: BuildReport) -> str:
     for stage in STAGES:
         st = report.stages.get(stage)
         if st is not None:
-            ran = "" if stage == "load" else st.get("ran", 0)
+            ran = "" if stage == "load" else st.get("ran", 0) + st.get("failed", 0)
             current = "" if stage in ("load", "coverage") else st.get("up_to_date", 0)
             lines.append(f"  {stage:<9} {ran:>5} {current:>7} {st.get('seconds', 0.0):>7.2f} s  "
                          f"{_detail(report, stage)}".rstrip())
@@ -125,6 +125,11 @@ def summary(report: BuildReport) -> str:
 
 
 def _detail(report: BuildReport, stage: str) -> str:
+    st = report.stages[stage]
+    if st.get("failed"):
+        return f"FAILED ({st['failed']} task(s))"
+    if stage in ("engines", "shards") and not st.get("ran"):
+        return ""
     if stage == "engines":
         return f"{report.engines_built} built, {report.engines_reused} reused from disk"
     if stage == "shards":

@@ -43,3 +43,22 @@ def run_build(root: Path, doit_args: Sequence[str] = ("build_cache",)) -> int:
         finally:
             session.end()
             graph.reset()
+
+
+def build_status(root: Path) -> dict:
+    """What `doit build_cache` in `root` would run and why, without the lock and without writing."""
+    root = require_cache_root(root)
+    import rules
+    import rules.tasks as tasks
+    from rules import graph, session, status
+
+    with _in_dir(root):
+        graph.reset()
+        session.new_run()
+        try:
+            loaded = graph.load_graph(root)  # an invalid request is the answer: raise it
+            namespace = {n: getattr(tasks, n) for n in dir(tasks) if n.startswith("task_")}
+            states = status.task_states(namespace, rules.DEP_FILE, rules.DOIT_CONFIG["check_file_uptodate"])
+            return {**status.area_facts(loaded), "tasks": states}
+        finally:
+            graph.reset(save=False)  # hashes computed while checking stay unsaved: nothing is written

@@ -88,9 +88,11 @@ def load_graph(root: Path | None = None) -> Graph:
     return graph
 
 
-def reset() -> None:
-    """Forget loaded graphs and hash caches (the in-process API builds several times in one process)."""
-    for hashes in _HASHES.values():
+def reset(save: bool = True) -> None:
+    """Forget loaded graphs and hash caches (the in-process API builds several times in one process).
+
+    save=False drops newly computed hashes unsaved (`c10 status` writes nothing)."""
+    for hashes in _HASHES.values() if save else ():
         hashes.save()
     _CACHE.clear()
     _HASHES.clear()

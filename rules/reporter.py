@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 
+from doit.globals import Globals
 from doit.reporter import ConsoleReporter
 
 from c10.errors import C10Error
@@ -26,8 +27,9 @@ class C10Reporter(ConsoleReporter):
         self._report_run = False
         self._started: dict[str, float] = {}
         self._stages = {s: {"ran": 0, "up_to_date": 0, "failed": 0, "seconds": 0.0} for s in STAGES}
-        self._values: list[tuple[str, dict]] = []
+        self._values: list[tuple[str, dict, list]] = []  # (task, its values, file_dep doit saw changed)
         self._fail_msg: str | None = None
+        self._changed: dict[str, list[str]] = {}  # shard task -> tiles changed or added since its last run
 
     def initialize(self, tasks, selected_tasks):
         self._report_run = "build_cache" in (selected_tasks or ())
@@ -36,6 +38,8 @@ class C10Reporter(ConsoleReporter):
     def execute_task(self, task):
         super().execute_task(task)
         self._started[task.name] = time.perf_counter()
+        if _stage(task.name) == "shards":
+            self._changed[task.name] = _changed_deps(task)
 
     def skip_uptodate(self, task):
         super().skip_uptodate(task)
@@ -45,7 +49,7 @@ class C10Reporter(ConsoleReporter):
     def add_success(self, task):
         super().add_success(task)
         if self._count(task, "ran"):
-            self._values.append((task.name, dict(task.values or {})))
+            self._values.append((task.name, dict(task.values or {}), self._changed.pop(task.name, [])))
 
     def add_failure(self, task, fail):
         super().add_failure(task, fail)
@@ -107,6 +111,19 @@ class C10Reporter(ConsoleReporter):
             cache_root=root, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 
+def _changed_deps(task) -> list[str]:
+    """file_dep changed or added since the task's last success, asked before it runs.
+
+    The runner's own check stops at the first reason (a shard's key holds its tile list), so
+    task.dep_changed is often empty; doit's full check (get_log=True) lists every changed file.
+    """
+    dep = Globals.dep_manager
+    if dep is None:
+        return []
+    reasons = dep.get_status(task, {}, get_log=True).reasons
+    return sorted(set(reasons.get("changed_file_dep", ())) | set(reasons.get("added_file_dep", ())))
+
+
 def _stage(task_name: str) -> str:
     return task_name.split(":", 1)[0]
 
@@ -116,9 +133,9 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-def _sum_values(values: list[tuple[str, dict]]):
+def _sum_values(values: list[tuple[str, dict, list]]):
     totals = {"engines_built": 0, "engines_reused": 0, "embedded": 0, "reused": 0}
-    for name, vals in values:
+    for name, vals, _ in values:
         if _stage(name) == "engines" and "built" in vals:
             totals["engines_built" if vals["built"] else "engines_reused"] += 1
         elif _stage(name) == "shards":
@@ -134,20 +151,21 @@ def _tile_counts(graph) -> dict:
             "tiles_missing": expected - len(graph.tiles), "require_complete": area.require_complete}
 
 
-def _rebuilt(graph, values: list[tuple[str, dict]]) -> set[tuple[int, int, int]]:
-    """(z, x, y) of every tile embedded in this run: a shard says "all" or lists its new tiles."""
+def _rebuilt(graph, values: list[tuple[str, dict, list]]) -> set[tuple[int, int, int]]:
+    """(z, x, y) of every tile embedded in this run.
+
+    A shard embeds all its tiles, or (same embedding identity) exactly the tiles it lacks with
+    their bytes: those doit saw as changed or added file_dep.
+    """
     out: set[tuple[int, int, int]] = set()
-    for name, vals in values:
-        new = vals.get("new") if _stage(name) == "shards" else None
-        if new == "all":
-            rel = f"shards/{name.split(':', 1)[1]}.npy"
-            for plan in graph.embedding_plans():
-                out.update((t.z, t.x, t.y) for t in plan.shards.get(rel, ()))
-        elif new:
-            out.update(_tile_id(p) for p in new)
+    for name, vals, changed in values:
+        embedded = int(vals.get("embedded", 0)) if _stage(name) == "shards" else 0
+        if not embedded:
+            continue
+        rel = f"shards/{name.split(':', 1)[1]}.npy"
+        tiles = [t for plan in graph.embedding_plans() for t in plan.shards.get(rel, ())]
+        if embedded < len(tiles):
+            fresh = set(changed)
+            tiles = [t for t in tiles if t.path in fresh]
+        out.update((t.z, t.x, t.y) for t in tiles)
     return out
-
-
-def _tile_id(rel: str) -> tuple[int, int, int]:
-    z, x, y = rel.split("/")[-3:]
-    return int(z), int(x), int(y.split(".")[0])
