@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 import fnmatch
 import json
-import posixpath
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,19 +49,30 @@ class FileEntry:
         return {"path": self.path, "size": self.size, "blake3": self.blake3, "kind": self.kind}
 
 
+_BAD_CHARS = re.compile(r"[\x00-\x1f\\]")  # control characters and backslash
+# One component: no '/', control character or backslash, and not '.' or '..'.
+_COMPONENT = r"(?!\.\.?(?:/|$))[^/\x00-\x1f\\]+"
+_SAFE_PATH = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+
+
+def is_safe_path(relpath: object) -> bool:
+    """Relative, normalized, no '..', no control characters: one regex (the verifier's hot path)."""
+    return isinstance(relpath, str) and _SAFE_PATH.fullmatch(relpath) is not None
+
+
 def path_problem(relpath: object) -> str | None:
     """Why `relpath` is not a safe cache-relative path, or None when it is."""
+    if is_safe_path(relpath):
+        return None
     if not isinstance(relpath, str) or not relpath:
         return "empty or not a string"
     if relpath.startswith("/"):
         return "absolute"
-    if any(ord(c) < 0x20 or c == "\\" for c in relpath):
+    if _BAD_CHARS.search(relpath):
         return "control character or backslash"
     if ".." in relpath.split("/"):
         return "contains '..'"
-    if posixpath.normpath(relpath) != relpath:
-        return "not normalized"
-    return None
+    return "not normalized"
 
 
 # ---------------------------------------------------------------- build
@@ -196,22 +207,37 @@ def _check_fields(manifest: dict) -> None:
         parse_time(manifest["issued_at"]), parse_time(manifest["expires"])
     except ValueError:
         raise _bad_manifest("issued_at/expires are not YYYY-MM-DDTHH:MM:SSZ") from None
-    paths = [_check_entry(f) for f in manifest["files"]]
-    if len(set(paths)) != len(paths):
-        raise _bad_manifest("a file path is listed twice")
+    paths = _entry_paths(manifest["files"])
     for eng in manifest["engines"]:
-        if not isinstance(eng, dict) or eng.get("path") not in set(paths):
+        if not isinstance(eng, dict) or eng.get("path") not in paths:
             raise _bad_manifest(f"engine entry {eng!r} is not a listed file")
 
 
-def _check_entry(entry: object) -> str:
-    ok = (isinstance(entry, dict) and isinstance(entry.get("path"), str)
-          and isinstance(entry.get("size"), int) and not isinstance(entry.get("size"), bool)
-          and entry["size"] >= 0 and isinstance(entry.get("blake3"), str)
-          and isinstance(entry.get("kind"), str))
-    if not ok:
-        raise _bad_manifest(f"file entry {entry!r} needs path, size >= 0, blake3 and kind")
-    return entry["path"]
+def _entry_paths(files: list) -> set[str]:
+    """Type-check every entry in one tight pass (100k entries); explain only on failure."""
+    try:
+        paths = {f["path"] for f in files if _entry_ok(f)}
+    except (TypeError, KeyError):
+        paths = set()
+    if len(paths) == len(files):
+        return paths
+    bad = next((f for f in files if not _safe_entry_ok(f)), None)
+    if bad is not None:
+        raise _bad_manifest(f"file entry {bad!r} needs path, size >= 0, blake3 and kind")
+    raise _bad_manifest("a file path is listed twice")
+
+
+def _entry_ok(f: dict) -> bool:
+    # type() is, not isinstance: a JSON bool must not pass as a size
+    return (type(f["path"]) is str and type(f["size"]) is int and f["size"] >= 0
+            and type(f["blake3"]) is str and type(f["kind"]) is str)
+
+
+def _safe_entry_ok(f: object) -> bool:
+    try:
+        return _entry_ok(f)
+    except (TypeError, KeyError):
+        return False
 
 
 def _bad_manifest(what: str) -> VerifyError:
@@ -247,6 +273,7 @@ def write_signed_manifest(cache_root: Path, manifest_bytes: bytes, key: Ed25519P
     envelope, where next_version() reads it, so a version number is never signed twice
     with different bytes. (Manifest first would leave an unsigned new Manifest.json beside
     the old envelope: also rejected, but the newest version would then be unsigned.)
+    The next build completes such a cut commit first thing under its lock (roll_forward).
     """
     loads_manifest(manifest_bytes)  # never sign bytes the verifier would refuse to parse
     envelope = sign_envelope(manifest_bytes, PAYLOAD_TYPE, key)
@@ -288,3 +315,45 @@ def _unreadable_previous(path: Path, why: str) -> ManifestWriteError:
         f"aircraft would reject a lower one as a rollback; restore it from the copy on the "
         f"aircraft or a backup, or, to deliberately restart versioning, move it away "
         f"(`mv {path} {path}.bad`) and clear the aircraft's trusted state, then `doit build_cache`")
+
+
+def roll_forward(cache_root: Path) -> int | None:
+    """Finish a commit that a kill cut between its two renames; the version written, or None.
+
+    write_signed_manifest renames the envelope first, then Manifest.json: a kill (or a failed
+    write) in between leaves a newer signed payload beside an older or missing Manifest.json,
+    a pair the verifier rejects (envelope-mismatch). Every file that payload lists was written
+    before it was signed, so writing Manifest.json from it completes the commit the build
+    meant. Call under the build lock. The signature is left to the verifier, as for any
+    Manifest: this only copies signed bytes, it never makes an unsigned state acceptable.
+    """
+    root = Path(cache_root)
+    payload, newer = _envelope_payload(root / ENVELOPE_NAME)
+    if payload is None:
+        return None
+    try:
+        current = (root / MANIFEST_NAME).read_bytes()
+    except FileNotFoundError:
+        current = None
+    if current is not None:
+        if current == payload:
+            return None
+        try:
+            old = loads_manifest(current)
+        except VerifyError:
+            return None  # not a commit we cut short: next_version() names the problem
+        if old["version"] >= newer["version"] or old["cache_id"] != newer["cache_id"]:
+            return None
+    atomic.write_bytes(root / MANIFEST_NAME, payload)
+    return newer["version"]
+
+
+def _envelope_payload(path: Path) -> tuple[bytes | None, dict]:
+    try:
+        envelope = json.loads(path.read_bytes())
+        if envelope.get("payloadType") != PAYLOAD_TYPE:
+            return None, {}
+        payload = base64.b64decode(envelope["payload"], validate=True)
+        return payload, loads_manifest(payload)
+    except (OSError, VerifyError, ValueError, KeyError, TypeError, AttributeError):
+        return None, {}

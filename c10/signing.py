@@ -352,8 +352,8 @@ def _b64(text: str, field: str) -> bytes:
     try:
         if "-" in text or "_" in text:
             return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
+        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, ValueError):  # UnicodeEncodeError is a ValueError
         raise _bad_envelope(f"{field} is not valid base64") from None
 
 

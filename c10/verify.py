@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from c10 import atomic
 from c10.errors import VerifyError
-from c10.manifest import (CONTROL_DIR, ENVELOPE_NAME, MANIFEST_NAME, is_control, loads_manifest,
-                          parse_time, path_problem)
+from c10.manifest import (CONTROL_DIR, CONTROL_FILES, ENVELOPE_NAME, MANIFEST_NAME, is_control, is_safe_path,
+                          loads_manifest, parse_time, path_problem)
 from c10.signing import verify_envelope_signers
 
 # Stable: scripts and the aircraft's arming logic branch on these. Never renumber.
@@ -36,7 +36,12 @@ EXIT_CODES: dict[str, int] = {
 }
 MMAP_MIN = 1 << 20  # below this one read() beats mmap setup; above, mmap + threads win
 _CONTROL_MAX = 1 << 30  # a 1M-file Manifest is ~200 MB; refuse to slurp anything larger
+HASH_THREADS = min(2, os.cpu_count() or 1)
 _CHUNK = 256  # files per worker task: amortizes executor overhead, keeps failures local
+# Never follow a planted symlink; never block on a FIFO planted in a file's place.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# Every control path is one of these or starts with one (a cheap pre-filter for is_control).
+_MAYBE_CONTROL = tuple(CONTROL_FILES) + (CONTROL_DIR + "/", "__pycache__/")
 _REBUILD = "rebuild on the build host with `doit build_cache` and copy the cache again"
 
 
@@ -91,8 +96,7 @@ def _verify(root, trusted, now, state_path, airborne, threshold, start) -> Verif
     manifest = loads_manifest(payload)
     state = _check_rollback(manifest, payload, state_path)
     _check_expiry(manifest, now)
-    tree = _walk(root)
-    total = _check_files(root, manifest["files"], tree)
+    total, tree = _check_files(root, manifest["files"])
     _check_coverage(tree, {f["path"] for f in manifest["files"]})
     if airborne is not None:
         _check_platform(manifest["engines"], airborne)
@@ -126,7 +130,7 @@ def _check_payload_matches(root: Path, payload: bytes) -> None:
 def _read_control(root: Path, name: str) -> bytes:
     """Read a root control file without following a symlink planted in its place."""
     try:
-        fd = os.open(root / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(root / name, _OPEN_FLAGS)
     except OSError as exc:
         raise _open_failure(name, exc) from None
     try:
@@ -140,7 +144,7 @@ def _read_control(root: Path, name: str) -> bytes:
 
 
 def _open_failure(rel: str, exc: OSError) -> VerifyError:
-    if exc.errno == errno.ENOENT:
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         reason = "missing-manifest" if rel in (MANIFEST_NAME, ENVELOPE_NAME) else "missing-file"
         return VerifyError(reason, f"{rel} is missing; {_REBUILD}", rel)
     if exc.errno == errno.ELOOP:
@@ -223,91 +227,93 @@ def _record_state(state_path, state, manifest, payload, signers) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- 5: listed files
+# ---------------------------------------------------------------- 5-6: files and tree
 
 def _walk(root: Path) -> _Tree:
-    """Iterative os.scandir walk that never follows a symlink (d_type: no stat per entry)."""
+    """Iterative os.scandir walk that never follows a symlink (d_type: no stat per entry).
+
+    Control files are kept out of `files`, so `files - listed` is exactly the extra files.
+    """
     tree, stack = _Tree(), [("", str(root))]
     while stack:
         prefix, directory = stack.pop()
         try:
-            entries = list(os.scandir(directory))
+            with os.scandir(directory) as it:
+                entries = list(it)
         except OSError as exc:
             raise _open_failure(prefix.rstrip("/") or ".", exc) from None
-        for entry in entries:
-            _classify(tree, stack, prefix + entry.name, entry)
+        _classify(tree, stack, prefix, entries)
     return tree
 
 
-def _classify(tree: _Tree, stack: list, rel: str, entry: os.DirEntry) -> None:
-    if entry.is_symlink():
-        tree.symlinks.append(rel)
-    elif entry.is_dir(follow_symlinks=False):
-        if rel != CONTROL_DIR:  # the build's private dir is never shipped nor read here
-            stack.append((rel + "/", entry.path))
-    elif entry.is_file(follow_symlinks=False):
-        tree.files.add(rel)
-    else:
-        tree.specials.append(rel)
+def _classify(tree: _Tree, stack: list, prefix: str, entries: list[os.DirEntry]) -> None:
+    files = tree.files
+    # Control files live only at the top level, in .c10/ and in __pycache__/.
+    controls_here = prefix in ("", "__pycache__/")
+    for entry in entries:
+        rel = prefix + entry.name
+        if entry.is_file(follow_symlinks=False):  # most entries: one d_type test
+            if not (controls_here and is_control(rel)):
+                files.add(rel)
+        elif entry.is_dir(follow_symlinks=False):
+            if rel != CONTROL_DIR:  # the build's private dir is never shipped nor read here
+                stack.append((rel + "/", entry.path))
+        elif entry.is_symlink():
+            tree.symlinks.append(rel)
+        else:
+            tree.specials.append(rel)
 
 
-def _check_files(root: Path, files: list[dict], tree: _Tree) -> int:
-    """Metadata of every entry first (cheap, in path order), then size+hash on two threads."""
-    linked_dirs = {s + "/" for s in tree.symlinks}
+def _check_files(root: Path, files: list[dict]) -> tuple[int, _Tree]:
+    """Step 5: every path is checked before any file is opened; then two threads open, stat
+    and hash in path-ordered chunks while this thread walks the tree for step 6 (the walk
+    overlaps the hashing). The first failure in path order is raised."""
     for entry in files:
-        _check_listed(entry["path"], tree, linked_dirs)
+        rel = entry["path"]
+        if not is_safe_path(rel) or (rel.startswith(_MAYBE_CONTROL) and is_control(rel)):
+            raise VerifyError("bad-path", f"Manifest lists unsafe path {rel!r} "
+                              f"({path_problem(rel) or 'control file'}); the Manifest is "
+                              f"refused: {_REBUILD}", str(rel))
+    base = str(root) + os.sep
     chunks = [files[i:i + _CHUNK] for i in range(0, len(files), _CHUNK)]
-    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(lambda chunk: _hash_chunk(str(root), chunk), chunks))
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+        pending = pool.map(lambda chunk: _hash_chunk(base, chunk), chunks)
+        tree = _walk(root)
+        results = list(pending)
     for failure, _ in results:
         if failure is not None:
             raise failure
-    return sum(size for _, size in results)
+    return sum(size for _, size in results), tree
 
 
-def _check_listed(rel: str, tree: _Tree, linked_dirs: set[str]) -> None:
-    problem = path_problem(rel) or ("control file" if is_control(rel) else None)
-    if problem:
-        raise VerifyError("bad-path", f"Manifest lists unsafe path {rel!r} ({problem}); the "
-                          f"Manifest is refused: {_REBUILD}", rel)
-    if rel in tree.files:
-        return
-    if rel in tree.symlinks or _parents(rel) & linked_dirs:
-        raise VerifyError("symlink", f"{rel} is (or lies under) a symlink; caches hold only "
-                          f"regular files and directories: {_REBUILD}", rel)
-    if rel in tree.specials:
-        raise VerifyError("special-file", f"{rel} is not a regular file (FIFO, device or "
-                          f"socket): {_REBUILD}", rel)
-    raise VerifyError("missing-file", f"{rel} is listed in the Manifest but missing; {_REBUILD}",
-                      rel)
-
-
-def _parents(rel: str) -> set[str]:
-    parts = rel.split("/")[:-1]
-    return {"/".join(parts[:i]) + "/" for i in range(1, len(parts) + 1)}
-
-
-def _hash_chunk(root: str, chunk: list[dict]) -> tuple[VerifyError | None, int]:
+def _hash_chunk(base: str, chunk: list[dict]) -> tuple[VerifyError | None, int]:
     """Runs on a worker thread: returns the chunk's first failure instead of raising."""
     total = 0
     for entry in chunk:
         try:
-            total += _check_content(root, entry)
+            total += _check_content(base, entry)
         except VerifyError as err:
             return err, total
     return None, total
 
 
-def _check_content(root: str, entry: dict) -> int:
-    rel = entry["path"]
+def _check_content(base: str, entry: dict) -> int:
+    """The hot loop (100k files): one open, one fstat, one read, one hash per file."""
+    rel, size = entry["path"], entry["size"]
     try:
-        fd = os.open(os.path.join(root, rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(base + rel, _OPEN_FLAGS)
     except OSError as exc:
         raise _open_failure(rel, exc) from None
     try:
         st = os.fstat(fd)  # of the very file we hash: a swap after the walk cannot slip past
-        _check_stat(rel, st, entry["size"])
-        digest = hash_fd(fd, st.st_size)
+        if st.st_nlink != 1 or st.st_size != size or not stat.S_ISREG(st.st_mode):
+            _check_stat(rel, st, size)
+        if size < MMAP_MIN:  # hash_fd inlined: this line runs 100k times
+            data = os.read(fd, size + 1)
+            digest = (blake3.blake3(data).hexdigest() if len(data) == size
+                      else hash_fd(fd, size, data))
+        else:
+            digest = hash_fd(fd, size)
     except OSError as exc:
         raise _open_failure(rel, exc) from None
     finally:
@@ -315,7 +321,7 @@ def _check_content(root: str, entry: dict) -> int:
     if digest != entry["blake3"]:
         raise VerifyError("hash-mismatch", f"{rel}: blake3 differs from the Manifest (corrupted "
                           f"or replaced); {_REBUILD}", rel)
-    return st.st_size
+    return size
 
 
 def _check_stat(rel: str, st: os.stat_result, size: int) -> None:
@@ -330,12 +336,16 @@ def _check_stat(rel: str, st: os.stat_result, size: int) -> None:
                           f"{size} (truncated or extended); {_REBUILD}", rel)
 
 
-def hash_fd(fd: int, size: int) -> str:
-    """blake3 hex of an open regular file: one read when small, mmap + all cores when big."""
+def hash_fd(fd: int, size: int, head: bytes = b"") -> str:
+    """blake3 hex of an open regular file of `size` bytes (`head` already read from it): one
+    read when small, mmap + all cores when big. Reading size+1 bytes makes EOF one syscall."""
     if size >= MMAP_MIN:
         with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
             return blake3.blake3(mapped, max_threads=blake3.blake3.AUTO).hexdigest()
-    return blake3.blake3(_read_fd(fd, size)).hexdigest()
+    data = head + os.read(fd, size + 1 - len(head))
+    if len(data) < size:  # a short read (signal, network filesystem): finish to EOF
+        data += _read_fd(fd, size - len(data))
+    return blake3.blake3(data).hexdigest()
 
 
 def hash_file(path: str | os.PathLike) -> str:
@@ -371,7 +381,7 @@ def _check_coverage(tree: _Tree, listed: set[str]) -> None:
         rel = sorted(tree.specials)[0]
         raise VerifyError("special-file", f"{rel} is a FIFO, device or socket; remove it "
                           f"(`rm {rel}`)", rel)
-    extra = sorted(rel for rel in tree.files - listed if not is_control(rel))
+    extra = sorted(tree.files - listed)
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise VerifyError("extra-file", f"{extra[0]}{more} not listed in the Manifest; remove "
