@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from c10.atomic import is_temp_name
 from c10.manifest import is_control
@@ -15,24 +15,28 @@ OWNED_DIRS = ("shards", "index")
 DERIVED_DIRS = ("engines", "shards", "index")
 
 
-def walk_files(root: Path) -> Iterator[str]:
-    """Every non-directory entry under root as a relative posix path, never following symlinks."""
-    stack = [""]
+def walk_files(root: Path, skip: Iterable[str] = ()) -> Iterator[str]:
+    """Every non-directory entry under root as a relative posix path, never following symlinks;
+    top-level directories named in `skip` are not entered."""
+    stack, skip = [""], frozenset(skip)
     while stack:
         rel_dir = stack.pop()
         with os.scandir(root / rel_dir if rel_dir else root) as it:
             for entry in it:
                 rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                 if entry.is_dir(follow_symlinks=False):
-                    if not is_control(rel + "/"):
+                    if not is_control(rel + "/") and rel not in skip:
                         stack.append(rel)
                 else:
                     yield rel
 
 
-def find_orphans(root: Path, declared: set[str]) -> list[str]:
-    """Files that are neither declared nor control files, sorted."""
-    return sorted(rel for rel in walk_files(root) if rel not in declared and not is_control(rel))
+def find_orphans(root: Path, declared: set[str], scanned: str | None = None,
+                 scanned_orphans: Iterable[str] = ()) -> list[str]:
+    """Files that are neither declared nor control files, sorted. The top-level dir `scanned` is
+    not walked again: the caller already listed every file in it, and its orphans are `scanned_orphans`."""
+    walked = walk_files(root, (scanned,) if scanned else ())
+    return sorted([rel for rel in walked if rel not in declared and not is_control(rel)] + list(scanned_orphans))
 
 
 def remove_dead(root: Path, declared: set[str]) -> list[str]:

@@ -79,6 +79,7 @@ def build_index(name: str) -> dict:
 def check_coverage() -> None:
     """Remove dead graph-owned files (ninja's cleandead), then fail on any undeclared file."""
     from c10.coverage import find_orphans, remove_dead
+    from c10.tiles import TILES_DIR
 
     graph = load_graph()
     session.ensure_locked(graph.root)
@@ -89,7 +90,8 @@ def check_coverage() -> None:
             f"(or `c10 import {graph.root} SOURCE`), then re-run `doit build_cache`")
     declared = graph.declared()
     removed = remove_dead(graph.root, declared)
-    orphans = find_orphans(graph.root, declared)
+    # tiles/ was listed file by file when the graph loaded: its orphans are known, no second walk
+    orphans = find_orphans(graph.root, declared, TILES_DIR, graph.strays + [t.path for t in graph.out_of_scope])
     if orphans:
         raise ManifestCoverageError(_orphan_message(graph, orphans))
     for rel in removed:

@@ -104,8 +104,7 @@ def _load(root: Path) -> Graph:
     config = load_config(root)
     scope = Scope(config.area.bbox, config.area.zooms)
     scan = scan_tiles(root)
-    tiles = [t for t in scan.tiles if t in scope]
-    out = [t for t in scan.tiles if t not in scope]
+    tiles, out = scope.split(scan.tiles)
     plans = {name: _plan(root, config, model, engines) for name, model in config.models.items()}
     for plan in plans.values():
         if plan.model.role == "global":
