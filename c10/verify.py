@@ -223,7 +223,10 @@ def _record_state(state_path, state, manifest, payload, signers) -> bool:
         "version": manifest["version"], "manifest_blake3": blake3.blake3(payload).hexdigest(),
         "keyid": ",".join(signers), "expires": manifest["expires"]}
     data = json.dumps(state, sort_keys=True, indent=1).encode() + b"\n"
-    atomic.write_bytes(state_path, data, mode=0o600)
+    try:
+        atomic.write_bytes(state_path, data, mode=0o600)
+    except OSError as exc:  # unrecorded, a later rollback to this version would pass: fail
+        raise _bad_state(Path(state_path), f"cannot write it: {exc.strerror}") from None
     return True
 
 

@@ -390,3 +390,8 @@ def test_error_json(cache):
     assert out == {"ok": False, "reason": "missing-file", "message": str(info.value),
                    "path": "tiles/18/2/1.png", "exit_code": EXIT_CODES["missing-file"]}
     assert "doit build_cache" in out["message"]
+
+
+def test_unwritable_state_fails_closed(cache, tmp_path):
+    (tmp_path / "afile").write_bytes(b"x")
+    assert cache.reason(state_path=tmp_path / "afile" / "state.json") == "bad-state"
