@@ -146,7 +146,9 @@ def test_key_outside_allowlist_raises_with_zero_writes(impl, cache, operator_key
     assert snapshot(cache) == before
 
 
-def test_engine_build_error_propagates_after_good_engines(impl, cache, operator_key):  # CP-TC-8
+def test_engine_build_error_propagates_and_manifest_stays(impl, cache, operator_key):  # CP-TC-8
+    impl.build_cache_artifacts(request(cache, operator_key))
+    before = manifest(cache)
     shutil.copy(cache / "models/global.onnx", cache / "models/second.onnx")
     text = (cache / "c10.toml").read_text().replace(
         "[shards]", '[models.second]\npath = "models/second.onnx"\nrole = "local"\n'
@@ -156,7 +158,7 @@ def test_engine_build_error_propagates_after_good_engines(impl, cache, operator_
         impl.build_cache_artifacts(request(cache, operator_key))
     engines = sorted(p.name for p in (cache / "engines").iterdir())
     assert len(engines) == 2 and all(n.startswith("global-") for n in engines)  # engine + sidecar, no temp
-    assert not (cache / "Manifest.json").exists()  # shards of good engines may exist: they are reused
+    assert manifest(cache) == before
     assert read_report(cache).error_type == "EngineBuildError"
 
 
