@@ -92,3 +92,15 @@ def test_report_json_round_trip_and_unknown_outcome():
     assert BuildReport.from_json(data) == report
     assert BuildReport.from_json(data | {"outcome": "partial", "future_field": 1}).outcome is BuildOutcome.FAILURE
     assert "c10 build report: SUCCESS" in summary(report)
+
+
+def test_manifest_facts_read_the_canonical_head_and_tail_or_parse(tmp_path):
+    from c10.report import manifest_facts
+
+    ident = "ab" * 32
+    (tmp_path / "Manifest.json").write_bytes(b'{"build_identity":"%s","files":[],"version":7}\n' % ident.encode())
+    facts = manifest_facts(tmp_path)
+    assert (facts["manifest_version"], facts["build_identity"]) == (7, ident)
+    (tmp_path / "Manifest.json").write_text('{"version": 8, "build_identity": "cd"}')
+    assert (manifest_facts(tmp_path)["manifest_version"], manifest_facts(tmp_path)["build_identity"]) == (8, "cd")
+    assert manifest_facts(tmp_path / "none")["manifest_hash"] is None
