@@ -48,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("verify", help="check a cache as the aircraft does (exit 0 only if it is intact)")
     cmd.add_argument("dir", type=Path)
     cmd.add_argument("--trusted-keys", action="append", default=[], metavar="KEY",
-                     help="PEM public key file or hex public key (default: signing.trusted_keys)")
-    cmd.add_argument("--state", type=Path, help="trusted-state file (default: ~/.local/state/c10/verify.json)")
+                     help="public key file (PEM or ssh-ed25519) or 64-hex raw key; default: every key in "
+                          "~/.config/c10/trusted/ (never the cache's own c10.toml, which is unsigned)")
+    cmd.add_argument("--state", type=Path, help="anti-rollback state file (default: ~/.local/state/c10/verify-state.json)")
     cmd.add_argument("--now", help="ISO time to check expiry against (tests)")
     cmd.add_argument("--airborne", action="store_true", help="also check engines against this host")
     cmd.add_argument("--json", action="store_true", help="one JSON line for tools")
@@ -90,7 +91,7 @@ def cmd_verify(args) -> int:
     from c10.verify import verify_cache, verify_to_json
 
     root = args.dir.resolve()
-    trusted = load_trusted_keys(args.trusted_keys or _configured_trust(root))
+    trusted = load_trusted_keys(args.trusted_keys or trust_store_keys())
     now = dt.datetime.fromisoformat(args.now) if args.now else dt.datetime.now(dt.timezone.utc)
     try:
         result = verify_cache(root, trusted=trusted, now=now, state_path=args.state or default_state(),
@@ -104,18 +105,20 @@ def cmd_verify(args) -> int:
     return 0
 
 
-def _configured_trust(root: Path) -> list[str]:
-    from c10.config import load_config
+def trust_store() -> Path:
+    """Where the aircraft (or an inspecting host) keeps the operator keys it trusts, outside any cache."""
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "c10" / "trusted"
 
-    cfg = load_config(root)
-    keys = list(cfg.signing.trusted_keys)
+
+def trust_store_keys() -> list[str]:
+    """Every public key file in the trust store; a cache can never vouch for itself."""
+    store = trust_store()
+    keys = sorted(str(p) for p in store.glob("*") if p.is_file()) if store.is_dir() else []
     if not keys:
-        raise ConfigError(f"{root / 'c10.toml'}: no trusted keys: set signing.trusted_keys or pass --trusted-keys")
-    return [str((root / k).expanduser()) if not _is_hex(k) else k for k in keys]
-
-
-def _is_hex(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdefABCDEF" for c in text)
+        raise ConfigError(f"no trusted keys: pass --trusted-keys KEY.pub or copy the operator's public key "
+                          f"(`c10 keygen` writes KEY.pub) into {store}/")
+    return keys
 
 
 def default_state() -> Path:
@@ -137,7 +140,7 @@ def _fingerprints() -> dict:
 
 
 def cmd_keygen(args) -> int:
-    """Write PATH (private, 0600) and PATH.pub (public PEM for signing.trusted_keys / the aircraft)."""
+    """Write PATH (private, 0600) and PATH.pub (public PEM for the aircraft's trust store)."""
     from c10 import atomic
     from c10.signing import generate_key, load_signing_key, public_key_pem, ssh_fingerprint
 
@@ -148,7 +151,8 @@ def cmd_keygen(args) -> int:
     atomic.write_bytes(pub, public_key_pem(key))
     print(f"wrote {args.path} (private, mode 0600) and {pub} (public)")
     print(f"keyid {kid}\nfingerprint {ssh_fingerprint(key)}")
-    print(f"put `key = \"{args.path}\"` and `allowed_keyids = [\"{kid}\"]` under [signing] in c10.toml")
+    print(f"put `key = \"{args.path}\"` and `allowed_keyids = [\"{kid}\"]` under [signing] in c10.toml;")
+    print(f"copy {pub} into {trust_store()}/ on the aircraft (or pass it to `c10 verify --trusted-keys`)")
     return 0
 
 

@@ -71,7 +71,6 @@ class Signing:
     key: Path | None = None
     passphrase_file: Path | None = None
     allowed_keyids: tuple[str, ...] = ()
-    trusted_keys: tuple[str, ...] = ()
     validity_days: int = 30
 
 
@@ -242,9 +241,9 @@ def _signing(table: dict, root: Path, where: str) -> Signing:
             values[key] = _path(values[key], root, where, f"signing.{key}")
         else:
             values.pop(key, None)
-    for key in ("allowed_keyids", "trusted_keys"):
-        if key in values:
-            values[key] = tuple(_typed(v, str, where, f"signing.{key}") for v in values[key])
+    if "allowed_keyids" in values:
+        values["allowed_keyids"] = tuple(_typed(v, str, where, "signing.allowed_keyids")
+                                         for v in values["allowed_keyids"])
     if "validity_days" in values and not (_is_int(values["validity_days"]) and values["validity_days"] > 0):
         raise ConfigError(f"{where}: `signing.validity_days` must be a positive integer")
     return Signing(**values)

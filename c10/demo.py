@@ -74,7 +74,7 @@ def _prepare(root: Path, tiles: int, key: Path, backend: str):
     atomic.write_bytes(pub, public_key_pem(signer))
     kid = keyid(signer)
     init_cache(root, bbox=f"[{', '.join(map(str, bbox))}]", zooms=str(list(ZOOMS)), backend=backend,
-               key=str(key), allowed=f'["{kid}"]', trusted=f'["{pub}"]')
+               key=str(key), allowed=f'["{kid}"]')
     models = root / "models"
     if not (models / "global.onnx").exists():
         netgen.write_demo_models(models)
@@ -99,5 +99,6 @@ def _verify_and_report(root: Path, pub: Path, key: Path, prep_s: float, build_s:
         print(f"  {sub + '/':9} {len(files):4d} files, {sum(p.stat().st_size for p in files) / 1e6:7.2f} MB")
     print(f"c10 verify: OK: Manifest v{result.version}, {result.files} files, "
           f"{result.bytes / 1e6:.1f} MB checked in {result.elapsed:.2f} s")
-    print(f"next: cd {root} && doit build_cache   # a no-op now; add tiles and it redoes only their blocks")
+    print(f"next: c10 verify {root} --trusted-keys {pub}   # as the aircraft does")
+    print(f"      cd {root} && doit build_cache   # a no-op now; add tiles and it redoes only their blocks")
     return 0

@@ -67,14 +67,12 @@ key = "{key}"
 # passphrase_file = "/path/to/passphrase"   # for an encrypted key; never on the command line
 # Key ids allowed to sign this cache (empty: any key). `c10 keygen` prints the id.
 allowed_keyids = {allowed}
-# Keys `c10 verify` trusts: PEM public key files or hex public keys.
-trusted_keys = {trusted}
 # Days until the Manifest expires; the aircraft refuses an expired cache.
 validity_days = 30
 '''
 
 DEFAULTS = {"bbox": "[50.40, 30.45, 50.48, 30.60]", "zooms": "[15]", "backend": "auto", "size": 224,
-            "key": "~/.config/c10/operator.pem", "allowed": "[]", "trusted": "[]"}
+            "key": "~/.config/c10/operator.pem", "allowed": "[]"}
 
 
 def init_cache(root: Path, **values) -> list[str]:

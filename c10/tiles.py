@@ -12,8 +12,9 @@ import mercantile
 TILES_DIR = "tiles"
 TILE_EXTS = frozenset({"jpg", "jpeg", "png", "webp"})
 # mercantile.tiles() nudges the east/south edges inward by this much so a bbox edge
-# that falls exactly on a tile boundary does not pull in the neighbouring tile.
-EDGE_EPSILON = 1e-9
+# that falls exactly on a tile boundary does not pull in the neighbouring tile (its own
+# constant: a larger one drops the tile of a bbox that overhangs a boundary by 1e-10 deg).
+EDGE_EPSILON = mercantile.LL_EPSILON
 
 
 class TileId(NamedTuple):

@@ -12,7 +12,7 @@ from c10 import __version__
 from c10.errors import ManifestCoverageError, MissingTilesError, SigningKeyError
 from rules import session
 from c10.paths import ENGINES_DIR
-from rules.graph import Graph, hash_cache, load_graph
+from rules.graph import Graph, collector_back_on, hash_cache, load_graph
 
 _RUNNERS: dict[str, object] = {}
 
@@ -82,6 +82,7 @@ def check_coverage() -> None:
     from c10.tiles import TILES_DIR
 
     graph = load_graph()
+    collector_back_on()
     session.ensure_locked(graph.root)
     if not graph.tiles:
         raise MissingTilesError(
@@ -248,6 +249,7 @@ def _cache_id(root: Path) -> str:
 def _begin() -> Graph:
     """Every writing action first checks the key (nothing written if it is refused), then locks."""
     graph = load_graph()
+    collector_back_on()
     session.signing_key(lambda: load_key(graph))
     session.ensure_locked(graph.root)
     return graph

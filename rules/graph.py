@@ -75,13 +75,15 @@ def load_graph(root: Path | None = None) -> Graph:
     """The graph of the cache at `root` (default: cwd, where doit runs dodo.py); memoized per process."""
     root = Path.cwd().resolve() if root is None else Path(root).resolve()
     if root not in _CACHE:
-        gc.disable()  # tens of thousands of small objects: the collector would dominate a no-op
+        # 100k tiles, then doit's tasks and dep states: the collector would dominate a no-op. It
+        # stays off until the first action runs (collector_back_on) or reset(); the graph lives as
+        # long as the process, so it is frozen out of every later collection.
+        gc.disable()
         try:
             _CACHE[root] = _load(root)
         except C10Error as exc:
             _CACHE[root] = exc
-        finally:
-            gc.enable()
+        gc.freeze()
     graph = _CACHE[root]
     if isinstance(graph, C10Error):
         raise graph
@@ -96,6 +98,13 @@ def reset(save: bool = True) -> None:
         hashes.save()
     _CACHE.clear()
     _HASHES.clear()
+    gc.unfreeze()
+    gc.enable()
+
+
+def collector_back_on() -> None:
+    """Actions allocate freely (decoders, engines): give them the garbage collector back."""
+    gc.enable()
 
 
 def _load(root: Path) -> Graph:

@@ -1,6 +1,7 @@
 """The build graph's task generators: engines, shards, index, coverage gate, manifest, build_cache."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from doit.tools import config_changed
@@ -50,9 +51,17 @@ def task_shards():
                 "targets": [rel],
                 "task_dep": [f"engines:{plan.model.name}"],
                 # the tile list is in the key: a removed tile must rebuild its shard
-                "uptodate": [config_changed({"ident": plan.ident, "tiles": [t.path for t in tiles]})],
+                "uptodate": [config_changed(_shard_key(plan.ident, tiles))],
                 "actions": [(action(actions.build_shard), [plan.model.name, rel])],
             }
+
+
+def _shard_key(ident: str, tiles) -> str:
+    """Embedding identity + the block's tile list, as one digest (a removed tile changes it);
+    a string, so config_changed stores it as is instead of json-dumping 100k paths per load."""
+    digest = hashlib.sha256(ident.encode())
+    digest.update("\n".join([t.path for t in tiles]).encode())
+    return digest.hexdigest()
 
 
 def task_index():

@@ -44,7 +44,7 @@ def make_cache(root: Path, inputs: Path, key: tuple, *, block: int = 4, backend:
     shutil.copytree(inputs / "tiles", root / "tiles")
     shutil.copytree(inputs / "models", root / "models")
     init_cache(root, bbox=str(list(BBOX)), zooms=str(list(ZOOMS)), backend=backend, size=64,
-               key=str(key[0]), allowed=f'["{key[2]}"]', trusted=f'["{key[1]}"]')
+               key=str(key[0]), allowed=f'["{key[2]}"]')
     text = (root / "c10.toml").read_text()
     text = re.sub(r"\[models\.local\].*?(?=\[shards\])", "", text, flags=re.S)
     text = text.replace("block = 16", f"block = {block}").replace('factory = "Flat"', f'factory = "{factory}"')

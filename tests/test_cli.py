@@ -18,39 +18,46 @@ def built(cache, capsys):
     return cache
 
 
-def verify(root, capsys, tmp_path, *extra):
-    code = main(["verify", str(root), "--json", "--state", str(tmp_path / "state.json"), *extra])
+def verify(root, capsys, tmp_path, *extra, trust=None):
+    keys = ["--trusted-keys", str(trust)] if trust else []
+    code = main(["verify", str(root), "--json", "--state", str(tmp_path / "state.json"), *keys, *extra])
     return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_verify_accepts_with_keys_from_c10_toml(built, capsys, tmp_path):
+def test_verify_trusts_only_keys_outside_the_cache(built, capsys, tmp_path, monkeypatch, operator_key):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    assert main(["verify", str(built)]) != 0
+    assert "no trusted keys" in capsys.readouterr().err
+    store = tmp_path / "config" / "c10" / "trusted"
+    store.mkdir(parents=True)
+    (store / "operator.pub").write_bytes(operator_key[1].read_bytes())
     code, out = verify(built, capsys, tmp_path)
     assert code == 0 and out["ok"] and out["version"] == 1 and out["files"] > 40
 
 
-def test_verify_airborne_on_the_build_host(built, capsys, tmp_path):
-    assert verify(built, capsys, tmp_path, "--airborne")[0] == 0
+def test_verify_airborne_on_the_build_host(built, capsys, tmp_path, operator_key):
+    assert verify(built, capsys, tmp_path, "--airborne", trust=operator_key[1])[0] == 0
 
 
-def test_verify_rejects_a_flipped_byte_with_its_exit_code(built, capsys, tmp_path):
+def test_verify_rejects_a_flipped_byte_with_its_exit_code(built, capsys, tmp_path, operator_key):
     shard = next((built / "shards").rglob("*.npy"))
     data = bytearray(shard.read_bytes())
     data[-1] ^= 1
     shard.write_bytes(bytes(data))
-    code, out = verify(built, capsys, tmp_path)
+    code, out = verify(built, capsys, tmp_path, trust=operator_key[1])
     assert out["reason"] == "hash-mismatch" and code == EXIT_CODES["hash-mismatch"] != 0
     assert out["path"] == shard.relative_to(built).as_posix()
 
 
-def test_verify_rejects_expired(built, capsys, tmp_path):
-    code, out = verify(built, capsys, tmp_path, "--now", "2099-01-01T00:00:00+00:00")
+def test_verify_rejects_expired(built, capsys, tmp_path, operator_key):
+    code, out = verify(built, capsys, tmp_path, "--now", "2099-01-01T00:00:00+00:00", trust=operator_key[1])
     assert out["reason"] == "expired" and code == EXIT_CODES["expired"]
 
 
 def test_verify_with_an_unknown_key(built, capsys, tmp_path):
     main(["keygen", str(tmp_path / "other.pem")])
     capsys.readouterr()
-    code, out = verify(built, capsys, tmp_path, "--trusted-keys", str(tmp_path / "other.pem.pub"))
+    code, out = verify(built, capsys, tmp_path, trust=tmp_path / "other.pem.pub")
     assert code != 0 and out["reason"] in ("unknown-key", "bad-signature")
 
 
