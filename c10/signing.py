@@ -11,7 +11,7 @@ import stat
 import struct
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -105,17 +105,20 @@ def _link_new(tmp: str, path: Path) -> None:
 
 
 def load_signing_key(
-    path: Path, *, passphrase: bytes | None, cache_root: Path | None
+    path: Path, *, passphrase: bytes | Callable[[], bytes | None] | None, cache_root: Path | None
 ) -> Ed25519PrivateKey:
     """Load the operator key after refusing unsafe files; the file is opened exactly once.
 
     Seed CP-INV-7: one open, the PEM bytes are zeroed after parsing, and nothing is cached;
-    the caller drops the returned key once it has signed.
+    the caller drops the returned key once it has signed. `passphrase` may be a callable
+    (a prompt), asked only when the PEM turns out to be encrypted.
     """
     path = Path(path)
     _refuse_inside_cache(path, cache_root)
     buf = _read_key_file_once(path)
     try:
+        if callable(passphrase):
+            passphrase = passphrase() if b"ENCRYPTED" in buf[:64] else None
         return _parse_private_key(buf, passphrase, path)
     finally:
         buf[:] = bytes(len(buf))  # zero the PEM (and any unencrypted key) in place

@@ -277,8 +277,8 @@ def _passphrase(signing) -> bytes | None:
             return Path(source).read_bytes().rstrip(b"\r\n")
         except OSError as exc:
             raise SigningKeyError(f"{source}: cannot read the key passphrase file ({exc.strerror})") from None
-    if os.environ.get("C10_KEY_PROMPT") and sys.stdin.isatty():
-        return getpass.getpass(f"passphrase for {signing.key}: ").encode()
+    if sys.stdin.isatty():  # asked only if the key turns out to be encrypted
+        return lambda: getpass.getpass(f"passphrase for {signing.key}: ").encode()
     return None
 
 

@@ -309,3 +309,14 @@ def test_signature_over_other_payload_type_is_rejected():
 def test_malformed_envelopes(env):
     key = Ed25519PrivateKey.generate()
     assert _reason(env, {keyid(key): key.public_key()}) == "bad-envelope"
+
+
+def test_prompt_is_asked_only_for_an_encrypted_key(tmp_path):
+    from c10.signing import generate_key, load_signing_key
+
+    asked = []
+    generate_key(tmp_path / "enc.pem", b"secret")
+    generate_key(tmp_path / "plain.pem")
+    load_signing_key(tmp_path / "enc.pem", passphrase=lambda: asked.append("enc") or b"secret", cache_root=None)
+    load_signing_key(tmp_path / "plain.pem", passphrase=lambda: asked.append("plain") or b"x", cache_root=None)
+    assert asked == ["enc"]
