@@ -20,8 +20,11 @@ _RUNNERS: dict[str, object] = {}
 def build_engine(name: str) -> dict:
     from c10 import engines
 
+    from c10.export import check_backend
+
     graph = _begin()
     plan = graph.plans[name]
+    check_backend(plan.spec.onnx_path, name, plan.backend.name)  # DeformConv vs OpenVINO: say the fix
     _, built = engines.build_engine(plan.spec, plan.backend, graph.root / ENGINES_DIR)
     return {"built": built}
 
@@ -55,6 +58,22 @@ def build_shard(name: str, rel: str) -> dict:
     stats = build(graph.root, rel, records, embed, plan.ident)
     hashes.save(min_interval=30.0)  # rewriting every tile's hash after each small shard costs more than it saves
     return {"embedded": stats.embedded, "reused": stats.reused}
+
+
+def build_local_shard(name: str, rel: str) -> dict:
+    from c10.local_shards import build_local_shard as build, extract_tiles
+    from c10.preprocess import Preprocessing
+    from c10.shards import TileRecord
+
+    graph = _begin()
+    plan = graph.plans[name]
+    hashes = hash_cache()
+    records = [TileRecord(t, *_size_hash(hashes, t.path)) for t in plan.shards[rel]]
+    prep = Preprocessing.from_model(plan.model)
+    runner = _runner(graph, name)
+    stats = build(graph.root, rel, records, lambda paths: extract_tiles(runner, paths, prep), plan.ident)
+    hashes.save(min_interval=30.0)
+    return {"extracted": stats.embedded, "reused": stats.reused}
 
 
 def _size_hash(hashes, rel: str) -> tuple[int, str]:

@@ -13,6 +13,8 @@ from c10.errors import C10Error
 from c10.paths import ENGINES_DIR, index_relpaths, shard_relpath
 from c10.tiles import Scope, Tile, group_blocks, scan_tiles
 
+SHARD_ROLES = ("global", "local")  # a matcher has no per-tile output
+
 
 @dataclass
 class ModelPlan:
@@ -27,8 +29,9 @@ class ModelPlan:
     shards: dict[str, list[Tile]] = field(default_factory=dict)  # shard relpath -> its tiles
 
     @property
-    def index_rels(self) -> tuple[str, str]:
-        return index_relpaths(self.model.name)
+    def index_rels(self) -> tuple[str, ...]:
+        """The FAISS index and its id map; none for local features (they are read per tile)."""
+        return index_relpaths(self.model.name) if self.model.role == "global" else ()
 
     @cached_property
     def ident(self) -> str:
@@ -48,6 +51,10 @@ class Graph:
 
     def embedding_plans(self) -> list[ModelPlan]:
         return [p for p in self.plans.values() if p.model.role == "global"]
+
+    def shard_plans(self) -> list[ModelPlan]:
+        """Models with per-block shards: global descriptors and local features."""
+        return [p for p in self.plans.values() if p.model.role in SHARD_ROLES]
 
     def declared(self) -> set[str]:
         """Every non-control file the graph reads or writes, relative to the root."""
@@ -116,7 +123,7 @@ def _load(root: Path) -> Graph:
     tiles, out = scope.split(scan.tiles)
     plans = {name: _plan(root, config, model, engines) for name, model in config.models.items()}
     for plan in plans.values():
-        if plan.model.role == "global":
+        if plan.model.role in SHARD_ROLES:
             plan.shards = {shard_relpath(plan.model.name, b): ts
                            for b, ts in group_blocks(tiles, config.shards.block).items()}
     return Graph(root, config, tiles, out, scan.strays, plans)

@@ -40,9 +40,10 @@ def task_engines():
 
 
 def task_shards():
-    """Embed each block of tiles into a descriptor shard."""
+    """Embed each block of tiles into a descriptor shard (global) or a local-feature shard (local)."""
     graph = _graph()
-    for plan in graph.embedding_plans() if graph else ():
+    for plan in graph.shard_plans() if graph else ():
+        build = actions.build_shard if plan.model.role == "global" else actions.build_local_shard
         for rel, tiles in plan.shards.items():
             yield {
                 "name": rel.removeprefix("shards/").removesuffix(".npy"),
@@ -52,7 +53,7 @@ def task_shards():
                 "task_dep": [f"engines:{plan.model.name}"],
                 # the tile list is in the key: a removed tile must rebuild its shard
                 "uptodate": [config_changed(_shard_key(plan.ident, tiles))],
-                "actions": [(action(actions.build_shard), [plan.model.name, rel])],
+                "actions": [(action(build), [plan.model.name, rel])],
             }
 
 
