@@ -2,54 +2,102 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from c10.errors import StorageError
+
+# What to do about a failed write, by errno (the rest: check the disk).
+_HINTS = {
+    errno.ENOSPC: "the disk is full: free space",
+    errno.EDQUOT: "the disk quota is exhausted: free space",
+    errno.EROFS: "the file system is read-only: remount it read-write",
+    errno.EACCES: "no permission: fix the ownership of the cache directory",
+    errno.EPERM: "no permission: fix the ownership of the cache directory",
+    errno.EIO: "the disk reported an I/O error: check it (dmesg, smartctl)",
+}
+
 
 def fsync_dir(directory: Path) -> None:
     """Make a rename inside `directory` durable (an fsync error is fatal, never retried)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def storage_error(target: Path, exc: OSError) -> StorageError:
+    """The clean error for a failed write of `target`: what, where, and the next step."""
+    hint = _HINTS.get(exc.errno, "check the disk")
+    err = StorageError(f"{target}: cannot write it ({exc.strerror or exc}); {hint}, then run "
+                       "`doit build_cache` again (the previous Manifest stays in force)")
+    err.errno = exc.errno  # (strerror and filename stay unset: they would replace the message)
+    return err
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
     """Yield a temp path beside `target`; on success fsync it and rename it over `target`.
 
-    For writers that only take a file name (faiss.write_index, onnxruntime, OpenVINO).
-    On any error the temp file is removed and `target` is left as it was.
+    For writers that only take a file name (faiss, onnxruntime, OpenVINO). On any error the
+    temp file is removed, `target` is left as it was, and an OSError becomes a StorageError.
+    A failed fsync is never retried: the kernel may already have dropped the dirty pages
+    and cleared the error, so a second fsync could report success for lost data.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise storage_error(target, exc) from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, mode)
-        fd = os.open(tmp_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_file(tmp_path)
         os.replace(tmp_path, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+            raise storage_error(target, exc) from None
         raise
-    fsync_dir(target.parent)
+    try:
+        fsync_dir(target.parent)
+    except OSError as exc:  # the new bytes are in place but maybe not durable: fail the build
+        raise storage_error(target, exc) from None
 
 
 def write_bytes(target: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
     """Atomically replace `target` with `data`."""
     with atomic_path(target, mode) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
+        _write_all(tmp, data)
+
+
+def _write_all(path: Path, data: bytes) -> None:
+    """os.write until done: short writes are legal, and one syscall path for fault injection."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+    try:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def write_text(target: str | os.PathLike, text: str, mode: int = 0o644) -> None:

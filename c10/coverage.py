@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from c10.atomic import is_temp_name
-from c10.manifest import is_control
+from c10.manifest import CONTROL_DIR, CONTROL_FILES, is_control
 
 # Wholly owned by the graph: an undeclared file here is a dead output and is removed by the build.
 OWNED_DIRS = ("shards", "index")
@@ -52,6 +52,20 @@ def remove_dead(root: Path, declared: set[str]) -> list[str]:
                 (root / full).unlink()
                 removed.append(full)
         _prune_empty_dirs(root / top)
+    return removed + _remove_dead_temps(root)
+
+
+def _remove_dead_temps(root: Path) -> list[str]:
+    """Temp files of killed writers of root control files (the Manifest pair) and in .c10/."""
+    ours = tuple(f".{name}." for name in CONTROL_FILES)
+    removed = []
+    for top in ("", CONTROL_DIR):
+        with contextlib.suppress(FileNotFoundError), os.scandir(root / top) as it:
+            for entry in list(it):
+                if is_temp_name(entry.name) and entry.is_file(follow_symlinks=False) \
+                        and (top or entry.name.startswith(ours)):
+                    os.unlink(entry.path)
+                    removed.append(f"{top}/{entry.name}" if top else entry.name)
     return removed
 
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -16,6 +18,8 @@ LOCK_NAME = ".c10.lock"
 HOLDER = ".c10/lock-holder.json"
 # flock on these is either a no-op or per-client, so two hosts could both "hold" the lock.
 NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "afs", "ceph", "glusterfs"})
+# A new holder writes its name just after taking the lock: a loser waits this long to read it.
+HOLDER_WAIT_S = 0.5
 
 
 def require_cache_root(root: Path) -> Path:
@@ -26,11 +30,11 @@ def require_cache_root(root: Path) -> Path:
     return root.resolve()
 
 
-def filesystem_type(path: Path) -> str:
+def filesystem_type(path: Path, mounts: str | None = None) -> str:
     """The type of the file system holding `path`, from /proc/mounts (longest mount-point prefix)."""
     best, kind = "", "unknown"
     try:
-        lines = Path("/proc/mounts").read_text().splitlines()
+        lines = (Path("/proc/mounts").read_text() if mounts is None else mounts).splitlines()
     except OSError:
         return kind
     target = str(Path(path).resolve())
@@ -43,27 +47,50 @@ def filesystem_type(path: Path) -> str:
     return kind
 
 
+def refuse_network_fs(root: Path, mounts: str | None = None) -> str:
+    """The file system type of `root`; ConfigError if it is one where flock cannot be trusted."""
+    fs = filesystem_type(root, mounts)
+    if fs in NETWORK_FS and not os.environ.get("C10_ALLOW_NETWORK_FS"):
+        raise ConfigError(f"{root}: cache is on a network file system ({fs}) where the build lock "
+                          "cannot be trusted; build on a local disk and copy the cache, "
+                          "or set C10_ALLOW_NETWORK_FS=1 if only one host ever builds here")
+    return fs
+
+
 class BuildLock:
-    """Hold .c10.lock for one build; `acquire` fails at once if another process holds it."""
+    """Hold .c10.lock for one build; `acquire` fails at once if another process holds it.
+
+    flock(2) on an open file: the kernel drops it the moment the holder exits or is killed,
+    so a stale lock file never blocks the next build. Process-wide (not per thread), never
+    degraded to a lock-by-existence on a file system without flock.
+    """
 
     def __init__(self, root: Path):
         self.root = require_cache_root(root)
-        self._lock = FileLock(self.root / LOCK_NAME, timeout=0, preserve_lock_file=True)
+        self._lock = FileLock(self.root / LOCK_NAME, timeout=0, preserve_lock_file=True,
+                              thread_local=False, fallback_to_soft=False)
 
     def acquire(self) -> None:
-        fs = filesystem_type(self.root)
-        if fs in NETWORK_FS and not os.environ.get("C10_ALLOW_NETWORK_FS"):
-            raise ConfigError(f"{self.root}: cache is on a network file system ({fs}) where the build lock "
-                              "cannot be trusted; build on a local disk and copy the cache, "
-                              "or set C10_ALLOW_NETWORK_FS=1 if only one host ever builds here")
+        fs = refuse_network_fs(self.root)
         try:
             self._lock.acquire()
         except Timeout:
-            raise BuildLockHeldError(f"{self.root}: another build holds {LOCK_NAME} ({self.holder()}); "
+            raise BuildLockHeldError(f"{self.root}: another build holds {LOCK_NAME} ({self._wait_holder()}); "
                                      "wait for it to finish or stop it, then re-run") from None
-        atomic.write_text(self.root / HOLDER, json.dumps(
-            {"pid": os.getpid(), "host": socket.gethostname(),
-             "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}))
+        except OSError as exc:
+            raise self._no_flock(fs, exc) from None
+        try:
+            atomic.write_text(self.root / HOLDER, json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(),
+                 "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}))
+        except BaseException:
+            self.release()  # a lock we cannot name the holder of is not kept
+            raise
+
+    def _no_flock(self, fs: str, exc: OSError) -> ConfigError:
+        why = "does not support flock" if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP) else exc.strerror
+        return ConfigError(f"{self.root / LOCK_NAME}: cannot take the build lock ({why}, file system "
+                           f"{fs}); build on a local disk (ext4, xfs, btrfs, tmpfs) and copy the cache")
 
     def release(self) -> None:
         if self._lock.is_locked:
@@ -74,11 +101,27 @@ class BuildLock:
         return self._lock.is_locked
 
     def holder(self) -> str:
+        info = self._holder_info()
+        if info is None:
+            return "holder unknown"
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+
+    def _holder_info(self) -> dict | None:
         try:
             info = json.loads((self.root / HOLDER).read_text())
-            return f"pid {info['pid']} on {info['host']}, started {info['started']}"
-        except (OSError, ValueError, KeyError):
-            return "holder unknown"
+            return info if {"pid", "host", "started"} <= set(info) else None
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _wait_holder(self) -> str:
+        """The holder, once it has written its name (a live pid on this host; briefly polled)."""
+        deadline = time.monotonic() + HOLDER_WAIT_S
+        while time.monotonic() < deadline:
+            info = self._holder_info()
+            if info is not None and (info["host"] != socket.gethostname() or _alive(info["pid"])):
+                break
+            time.sleep(0.02)
+        return self.holder()
 
     def __enter__(self) -> "BuildLock":
         self.acquire()
@@ -86,3 +129,15 @@ class BuildLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -31,8 +31,9 @@ def run_build(root: Path, doit_args: Sequence[str] = ("build_cache",)) -> int:
     with _in_dir(root):
         import rules
         import rules.tasks as tasks
-        from rules import graph, session
+        from rules import depdb, graph, session
 
+        depdb.recover(rules.DEP_FILE)
         graph.reset()
         session.new_run()
         namespace = {n: getattr(tasks, n) for n in dir(tasks) if n.startswith("task_")}

@@ -20,3 +20,6 @@ DOIT_CONFIG = {
 
 if os.path.isfile("c10.toml"):
     os.makedirs(".c10", exist_ok=True)  # doit opens its dep DB before any task runs
+    from rules.depdb import recover
+
+    recover(DEP_FILE)  # a corrupt DB is moved aside with a warning instead of stopping doit

@@ -103,6 +103,7 @@ def check_coverage() -> None:
     graph = load_graph()
     collector_back_on()
     session.ensure_locked(graph.root)
+    _roll_forward(graph.root)
     if not graph.tiles:
         raise MissingTilesError(
             f"{graph.root}: no tiles in scope (bbox {list(graph.config.area.bbox)}, zooms "
@@ -131,6 +132,16 @@ def _check_complete(graph: Graph) -> None:
             f"and area.require_complete = true; fetch them (or `c10 import {graph.root} SOURCE`), see which "
             f"with `c10 map {graph.root} -o map.png`, then re-run `doit build_cache`; the previous Manifest "
             "stays in force")
+
+
+def _roll_forward(root: Path) -> None:
+    """A build killed between the Manifest's two renames left a torn commit: complete it first."""
+    from c10.manifest import roll_forward
+
+    version = roll_forward(root)
+    if version is not None:
+        print(f"warning: a build was cut between writing Manifest.json.dsse and Manifest.json; "
+              f"rolled Manifest.json forward to the signed version {version}")
 
 
 def _orphan_message(graph: Graph, orphans: list[str]) -> str:

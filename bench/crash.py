@@ -1,0 +1,396 @@
+"""Crash bench: SIGKILL `doit build_cache` at random moments; the commit survives, a re-run converges. Prints JSON.
+
+    python bench/crash.py [--kills 300] [--seed 1] [--workdir DIR] [--keep]
+
+Episodes alternate between cold builds (a fresh cache holding only inputs) and incremental
+builds (a built cache whose tiles changed: one removed, one rewritten, or the reverse). In an
+episode, 1-3 builds are killed after a delay drawn uniformly from [0, T] for every other kill and
+from [S, T] for the rest, where T is an uncut first attempt's time and S the time until doit started
+its first task (interpreter and graph load; both re-measured every 8 episodes); then one build runs
+to completion. After every kill:
+
+- the inputs (tiles, models, c10.toml, dodo.py) are byte-identical;
+- no file under engines/, shards/, index/ is torn (each parses; temp files may be left);
+- the committed Manifest is checked with `c10.verify.verify_cache` and the trusted key:
+  `verified`     it verifies, or differs only in the tiles the operator changed before the build;
+  `in-progress`  signature, payload, expiry pass; besides the operator's tiles, only derived
+                 files differ, each a complete output of the killed build or its temp file:
+                 the Manifest stays in force and a completed build re-commits (CP-INV-2);
+  `torn-commit`  the kill fell between the envelope's and Manifest.json's renames: the pair
+                 disagrees until the next build rolls Manifest.json forward (counted apart);
+  `no-manifest`  a cold build killed before its first commit;
+  anything else is a failure.
+After each episode's completed build: exit 0, the whole cache verifies, no temp file is left,
+and shards/ and index/ are byte-identical to a clean build of the same inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import random
+import re
+import statistics
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import blake3
+
+from c10 import netgen, synth
+from c10.atomic import is_temp_name
+from c10.errors import VerifyError
+from c10.project import init_cache
+from c10.signing import generate_key, keyid, load_signing_key, load_trusted_keys, public_key_pem
+from c10.verify import verify_cache
+
+BBOX = (50.43, 30.49, 50.47, 30.56)  # ~42 tiles at zoom 15 near Kyiv, as the test fixture
+ZOOMS = (15,)
+DERIVED = ("engines", "shards", "index")
+FILE_REASONS = {"hash-mismatch", "size-mismatch", "missing-file", "extra-file"}
+ROLLED = "rolled Manifest.json forward"
+
+
+class CrashFailure(Exception):
+    """An invariant broke after a kill or a re-run."""
+
+
+# ---------------------------------------------------------------- fixture
+
+def make_inputs(work: Path) -> dict:
+    """Key pair outside every cache, synthetic tiles and a small global model."""
+    key = work / "operator.pem"
+    generate_key(key)
+    signer = load_signing_key(key, passphrase=None, cache_root=None)
+    pub = work / "operator.pub.pem"
+    pub.write_bytes(public_key_pem(signer))
+    synth.make_tiles(work / "inputs" / "tiles", BBOX, ZOOMS, size=128)
+    netgen.write_global_model(work / "inputs" / "models" / "global.onnx", input_size=64, dim=64)
+    return {"key": key, "pub": pub, "keyid": keyid(signer), "inputs": work / "inputs",
+            "trusted": load_trusted_keys([pub])}
+
+
+def new_cache(root: Path, fx: dict, block: int = 4) -> Path:
+    """A cache holding only inputs (tiles, the model, c10.toml, dodo.py)."""
+    root.mkdir(parents=True)
+    shutil.copytree(fx["inputs"] / "tiles", root / "tiles")
+    shutil.copytree(fx["inputs"] / "models", root / "models")
+    init_cache(root, bbox=str(list(BBOX)), zooms=str(list(ZOOMS)), backend="onnxruntime", size=64,
+               key=str(fx["key"]), allowed=f'["{fx["keyid"]}"]', trusted=f'["{fx["pub"]}"]')
+    text = (root / "c10.toml").read_text()
+    start, end = text.find("[models.local]"), text.find("[shards]")
+    if start >= 0 and end > start:
+        text = text[:start] + text[end:]
+    (root / "c10.toml").write_text(text.replace("block = 16", f"block = {block}"))
+    return root
+
+
+def set_state(root: Path, fx: dict, state: str) -> None:
+    """A: every tile as made. B: tile 5 removed, tile 9 rewritten with tile 0's bytes. C: only the latter."""
+    source = sorted((fx["inputs"] / "tiles").rglob("*.jpg"))
+    rel = [p.relative_to(fx["inputs"]).as_posix() for p in source]
+    for i in (5, 9):
+        (root / rel[i]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source[i], root / rel[i])
+    if state == "B":
+        (root / rel[5]).unlink()
+    if state in "BC":
+        shutil.copyfile(source[0], root / rel[9])
+
+
+# ---------------------------------------------------------------- builds
+
+def doit_build(root: Path) -> subprocess.Popen:
+    """`doit build_cache` in `root` as its own process group (bytecode cached for speed)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["C10_NO_PROGRESS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"  # a killed build's output up to the kill says where it was
+    return subprocess.Popen([sys.executable, "-m", "doit", "build_cache"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def complete_build(root: Path) -> tuple[float, str]:
+    seconds, _, out = timed_build(root)
+    return seconds, out
+
+
+def timed_build(root: Path) -> tuple[float, float, str]:
+    """Run a build to completion: (seconds, seconds until doit started its first task, output)."""
+    started, first = time.perf_counter(), None
+    proc = doit_build(root)
+    lines = []
+    for line in proc.stdout:
+        if first is None and re.match(r"^[.-]  ", line):
+            first = time.perf_counter() - started
+        lines.append(line)
+    proc.wait()
+    out = "".join(lines)
+    if proc.returncode != 0:
+        raise CrashFailure(f"{root}: the re-run failed (exit {proc.returncode}): {out[-1500:]}")
+    total = time.perf_counter() - started
+    return total, first if first is not None else total, out
+
+
+def killed_build(root: Path, delay: float) -> tuple[bool, str, float]:
+    """Start a build and SIGKILL it after `delay`: (killed, output, seconds it ran)."""
+    started = time.perf_counter()
+    proc = doit_build(root)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return True, out, delay
+    return False, proc.communicate()[0], time.perf_counter() - started
+
+
+def stage_at_kill(out: str) -> str:
+    """The stage of the last task doit started before the kill ("startup": none yet)."""
+    started = re.findall(r"^[.-]  ([a-z_]+)", out, re.M)
+    return started[-1] if started else "startup"
+
+
+def clean_reference(root: Path, fx: dict, state: str) -> dict[str, str]:
+    """shards/ and index/ bytes of an uninterrupted build of `state` from nothing (in-process)."""
+    from c10.run import run_build
+
+    new_cache(root, fx)
+    set_state(root, fx, state)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        if run_build(root) != 0:
+            raise CrashFailure(f"clean build of state {state} failed: {out.getvalue()[-1500:]}")
+    return outputs(root)
+
+
+# ---------------------------------------------------------------- checks
+
+def digests(root: Path, tops: tuple[str, ...], names: tuple[str, ...] = ()) -> dict[str, str]:
+    out = {}
+    for top in tops:
+        for path in sorted((root / top).rglob("*")):
+            if path.is_file():
+                out[path.relative_to(root).as_posix()] = blake3.blake3(path.read_bytes()).hexdigest()
+    for name in names:
+        out[name] = blake3.blake3((root / name).read_bytes()).hexdigest()
+    return out
+
+
+def inputs_of(root: Path) -> dict[str, str]:
+    return digests(root, ("tiles", "models"), ("c10.toml", "dodo.py"))
+
+
+def outputs(root: Path) -> dict[str, str]:
+    return digests(root, ("shards", "index"))
+
+
+def temp_files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if is_temp_name(p.name))
+
+
+def torn_files(root: Path) -> list[str]:
+    """Derived files that do not parse (temp files excluded): an atomic writer never leaves one."""
+    import faiss
+    import numpy as np
+    import onnx
+
+    from c10.shards import read_shard
+
+    bad = []
+    for top in DERIVED:
+        for path in sorted((root / top).rglob("*")):
+            if not path.is_file() or is_temp_name(path.name):
+                continue
+            try:
+                if top == "shards":
+                    assert len(read_shard(path)) > 0
+                elif path.suffix == ".faiss":
+                    faiss.read_index(str(path))
+                elif path.suffix == ".npy":
+                    np.load(path, allow_pickle=False)
+                elif path.suffix == ".json":
+                    assert json.loads(path.read_text())["key"]
+                elif path.suffix == ".onnx":
+                    onnx.load(str(path))
+            except Exception:  # noqa: BLE001 - any parse failure is a torn file
+                bad.append(path.relative_to(root).as_posix())
+    return bad
+
+
+def classify(root: Path, fx: dict, had_manifest: bool) -> str:
+    """What a kill left: verified, in-progress, torn-commit or no-manifest (else CrashFailure)."""
+    manifest, envelope = (root / "Manifest.json").exists(), (root / "Manifest.json.dsse").exists()
+    if not manifest and not envelope:
+        if had_manifest:
+            raise CrashFailure(f"{root}: the committed Manifest disappeared")
+        return "no-manifest"
+    try:
+        verify_cache(root, trusted=fx["trusted"], now=dt.datetime.now(dt.timezone.utc), state_path=None)
+        return "verified"
+    except VerifyError as exc:
+        if exc.reason == "envelope-mismatch" or (exc.reason == "missing-manifest" and envelope):
+            return "torn-commit"
+        if exc.reason not in FILE_REASONS:  # signature, payload, rollback or expiry: the commit itself
+            raise CrashFailure(f"{root}: the committed Manifest does not verify: {exc.reason}: {exc}") from None
+    # Signature, payload and expiry passed; account for every file that differs from the listing.
+    differ = differing_files(root)
+    builds = [rel for rel in differ if rel.split("/")[0] not in ("tiles", "models")]
+    wrong = [rel for rel in builds if rel.split("/")[0] not in DERIVED and not is_temp_name(rel)]
+    if wrong:
+        raise CrashFailure(f"{root}: files differ from the committed Manifest: {wrong[:3]}")
+    # Differing inputs are the operator's own change (check_kill compares them to before the build).
+    return "in-progress" if builds else "verified"
+
+
+def differing_files(root: Path) -> list[str]:
+    """Paths listed with other bytes (or missing), and unlisted non-control files."""
+    from c10.manifest import is_control
+
+    listed = {f["path"]: f["blake3"] for f in json.loads((root / "Manifest.json").read_bytes())["files"]}
+    differ = []
+    for rel, digest in listed.items():
+        path = root / rel
+        if not path.is_file() or blake3.blake3(path.read_bytes()).hexdigest() != digest:
+            differ.append(rel)
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    return sorted(differ + [rel for rel in present - set(listed) if not is_control(rel)])
+
+
+def check_kill(root: Path, fx: dict, inputs: dict, had_manifest: bool) -> str:
+    if inputs_of(root) != inputs:
+        raise CrashFailure(f"{root}: an input file changed")
+    torn = torn_files(root)
+    if torn:
+        raise CrashFailure(f"{root}: torn derived files {torn[:3]}")
+    return classify(root, fx, had_manifest)
+
+
+def check_converged(root: Path, fx: dict, reference: dict) -> None:
+    verify_cache(root, trusted=fx["trusted"], now=dt.datetime.now(dt.timezone.utc), state_path=None)
+    left = temp_files(root)
+    if left:
+        raise CrashFailure(f"{root}: temp files left after a completed build: {left[:3]}")
+    got = outputs(root)
+    if got != reference:
+        diff = sorted(k for k in set(got) | set(reference) if got.get(k) != reference.get(k))
+        raise CrashFailure(f"{root}: shards/index differ from a clean build's: {diff[:5]}")
+
+
+# ---------------------------------------------------------------- the run
+
+def run(kills: int, seed: int, work: Path, per_episode: tuple[int, int] = (1, 3)) -> dict:
+    rng = random.Random(seed)
+    started = time.perf_counter()
+    fx = make_inputs(work)
+    refs = {s: clean_reference(work / f"ref-{s}", fx, s) for s in "AB"}
+    base = new_cache(work / "base", fx)
+    cold = timed_build(base)[:2]
+    check_converged(base, fx, refs["A"])
+    set_state(base, fx, "B")
+    inc = timed_build(base)[:2]
+    check_converged(base, fx, refs["B"])
+    stats = {"kills": 0, "failures": 0, "failure_details": [], "outcomes": {}, "stages": {}, "windows": {},
+             "roll_forwards": 0, "finished_before_kill": 0, "episodes": {"cold": 0, "incremental": 0},
+             "converged": 0}
+    # A first attempt's (seconds, seconds until its first task), re-measured as the host's load changes.
+    spans = {"cold": [cold], "incremental": [inc]}
+    state, n = "B", 0
+    while stats["kills"] < kills:
+        n += 1
+        try:
+            state = _episode(rng, work, fx, refs, base, state, n, stats, spans, kills, per_episode)
+        except CrashFailure as exc:
+            stats["failures"] += 1
+            stats["failure_details"].append(str(exc)[:600])
+            base = new_cache(work / f"base-{n}", fx)  # start over from a fresh, consistent cache
+            set_state(base, fx, state)
+            complete_build(base)
+    stats["build_s"] = {k: [round(statistics.median(t[i] for t in v[-5:]), 2) for i in (0, 1)]
+                        for k, v in spans.items()}
+    stats["time_s"] = round(time.perf_counter() - started, 1)
+    return stats
+
+
+def _episode(rng, work, fx, refs, base, state, n, stats, spans, target, per_episode) -> str:
+    kind = "cold" if rng.random() < 0.4 else "incremental"
+    if kind == "cold":
+        state = rng.choice("AB")
+        root = new_cache(work / f"cold-{n}", fx)
+        had_manifest = False
+    else:
+        state = "A" if state == "B" else "B"
+        root, had_manifest = base, True
+    set_state(root, fx, state)
+    stats["episodes"][kind] += 1
+    inputs = inputs_of(root)
+    if stats["episodes"][kind] % 8 == 0:  # re-measure an uncut first attempt as the load changes
+        spans[kind].append(_measure(kind, work / f"measure-{n}", fx, state, base))
+    for _ in range(rng.randint(*per_episode)):
+        if stats["kills"] >= target:
+            break
+        total, startup = (statistics.median(t[i] for t in spans[kind][-5:]) for i in (0, 1))
+        # Every other kill falls anywhere, the rest after the interpreter and graph have loaded.
+        window = "whole" if stats["kills"] % 2 == 0 else "tasks"
+        killed, out, _ = killed_build(root, rng.uniform(0.0 if window == "whole" else startup, total))
+        stats["roll_forwards"] += ROLLED in out
+        if not killed:
+            stats["finished_before_kill"] += 1
+            continue
+        stats["kills"] += 1
+        stats["windows"][window] = stats["windows"].get(window, 0) + 1
+        stage = stage_at_kill(out)
+        stats["stages"][stage] = stats["stages"].get(stage, 0) + 1
+        outcome = check_kill(root, fx, inputs, had_manifest)
+        stats["outcomes"][outcome] = stats["outcomes"].get(outcome, 0) + 1
+        had_manifest = had_manifest or outcome != "no-manifest"
+    _, out = complete_build(root)
+    stats["roll_forwards"] += ROLLED in out
+    check_converged(root, fx, refs[state])
+    stats["converged"] += 1
+    if kind == "cold":
+        shutil.rmtree(root)
+    return state
+
+
+def _measure(kind: str, scratch: Path, fx: dict, state: str, base: Path) -> tuple[float, float]:
+    """(seconds, seconds to the first task) of an uncut first attempt of this kind (base is left as it was)."""
+    if kind == "cold":
+        root = new_cache(scratch, fx)
+        set_state(root, fx, state)
+        span = timed_build(root)[:2]
+        shutil.rmtree(root)
+        return span
+    span = timed_build(base)[:2]  # base already holds the episode's new state
+    set_state(base, fx, "A" if state == "B" else "B")
+    complete_build(base)
+    set_state(base, fx, state)
+    return span
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, help="default: a temp dir, removed afterwards")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    args = parser.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="c10-crash-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        stats = run(args.kills, args.seed, work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps({"bench": "crash", "seed": args.seed, **stats}, indent=1))
+    return 0 if stats["failures"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
