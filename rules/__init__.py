@@ -16,6 +16,9 @@ DOIT_CONFIG = {
     "dep_file": DEP_FILE,
     "check_file_uptodate": Blake3Checker,
     "reporter": C10Reporter,  # doit's console output, then the BuildReport (.c10/report.json)
+    # `doit -n N` runs tasks in threads of this one process: the build lock and the operator key
+    # are held once per build (forked workers would each try to take them).
+    "par_type": "thread",
 }
 
 if os.path.isfile("c10.toml"):

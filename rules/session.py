@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
 from pathlib import Path
@@ -9,11 +10,25 @@ from typing import Callable
 
 from doit.exceptions import TaskFailed
 
-from c10.errors import C10Error
+from c10.errors import BuildLockHeldError, C10Error
 from c10.lock import BuildLock
 
-_state: dict = {"lock": None, "key": None, "error": None, "report": None, "start": None}
+_state: dict = {"lock": None, "key": None, "error": None, "report": None, "start": None, "thread": None}
 _mutex = threading.Lock()
+
+
+def claim(root: Path) -> None:
+    """Make this thread the process's one builder until `end()` (doit's state, the cwd and this
+    session are per process): a build another thread starts meanwhile fails at once, as a second
+    process would. Called where builds start (run_build, the API), not by actions: `doit -n N`
+    runs those in worker threads of the one build."""
+    with _mutex:
+        me = threading.get_ident()
+        if _state["thread"] not in (None, me):
+            raise BuildLockHeldError(f"{root}: another build is running in this process (pid "
+                                     f"{os.getpid()}, another thread); one process builds one cache at "
+                                     "a time: wait for it to finish, then re-run")
+        _state["thread"] = me
 
 
 def ensure_locked(root: Path) -> None:
@@ -45,9 +60,11 @@ def last_error() -> C10Error | None:
 def end() -> None:
     """Release the lock and forget the key (the in-process API calls this after each build)."""
     with _mutex:
+        if _state["thread"] not in (None, threading.get_ident()):
+            return  # a refused thread's cleanup: the running build keeps its lock and key
         if _state["lock"] is not None:
             _state["lock"].release()
-        _state.update(lock=None, key=None)
+        _state.update(lock=None, key=None, thread=None)
 
 
 def clear_error() -> None:

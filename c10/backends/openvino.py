@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,9 +96,13 @@ class OvRunner(Runner):
         self.input_names = [i.get_any_name() for i in compiled.inputs]
         self.output_names = [o.get_any_name() for o in compiled.outputs]
         self.max_batch = max_batch
+        # Infer requests are not reentrant: `doit -n N` shard threads take turns (each call
+        # already keeps every core busy through the streams).
+        self._busy = threading.Lock()
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return run_chunked(self._run, feeds, self.max_batch)
+        with self._busy:
+            return run_chunked(self._run, feeds, self.max_batch)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import numpy as np

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -202,9 +203,11 @@ class TrtRunner(Runner):
         self.cudart = _cudart()
         self.stream = _cuda(self.cudart.cudaStreamCreate())
         self.buffers: dict[str, tuple[int, int]] = {}
+        self._busy = threading.Lock()  # one execution context and stream: calls take turns
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return run_chunked(self._run, feeds, self.max_batch)
+        with self._busy:
+            return run_chunked(self._run, feeds, self.max_batch)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import numpy as np
