@@ -192,3 +192,15 @@ def test_nearly_expired_manifest_is_resigned_by_a_noop_build(cache, capsys, monk
     code, out = build(cache, capsys)
     assert code == 0 and executed(out) == ["coverage", "manifest"]
     assert b'"version":2' in (cache / "Manifest.json").read_bytes()
+
+
+def test_parallel_build_in_threads_matches_serial(tmp_path, inputs, operator_key, capsys):
+    from conftest import make_cache
+
+    serial, parallel = (make_cache(tmp_path / n, inputs, operator_key) for n in ("serial", "parallel"))
+    built(serial, capsys)
+    code, out = build(parallel, capsys, "-n", "2", "build_cache")
+    assert code == 0, out
+    for shard in (serial / "shards").rglob("*.npy"):
+        assert (parallel / shard.relative_to(serial)).read_bytes() == shard.read_bytes()
+    assert (parallel / "index/global.faiss").read_bytes() == (serial / "index/global.faiss").read_bytes()
