@@ -99,6 +99,7 @@ class DoitCacheProvisioner:
         root = require_cache_root(request.cache_root)  # CP-INV-5: never created here
         text, config = request_config(root, request)
         try:
+            session.claim(root)  # another thread's build in this process: refused before any state is touched
             # The key is checked before anything is written (CP-TC-7) and opened only here (CP-INV-7).
             session.signing_key(lambda: actions.load_key(_KeyContext(root, config)))
             session.ensure_locked(root)  # CP-INV-4: c10.toml is part of the build's state

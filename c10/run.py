@@ -26,24 +26,30 @@ def run_build(root: Path, doit_args: Sequence[str] = ("build_cache",)) -> int:
     from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
 
-    root = require_cache_root(root)
-    (root / ".c10").mkdir(exist_ok=True)
-    with _in_dir(root):
-        import rules
-        import rules.tasks as tasks
-        from rules import depdb, graph, session
+    from rules import session
 
-        depdb.recover(rules.DEP_FILE)
-        graph.reset()
-        session.new_run()
-        namespace = {n: getattr(tasks, n) for n in dir(tasks) if n.startswith("task_")}
-        # doit binds its default output stream at import; bind the current one instead
-        namespace["DOIT_CONFIG"] = {**rules.DOIT_CONFIG, "outfile": sys.stdout}
-        try:
-            return DoitMain(ModuleTaskLoader(namespace)).run(list(doit_args))
-        finally:
-            session.end()
+    root = require_cache_root(root)
+    session.claim(root)  # before the chdir: another thread's build keeps its cwd
+    try:
+        (root / ".c10").mkdir(exist_ok=True)
+        with _in_dir(root):
+            import rules
+            import rules.tasks as tasks
+            from rules import depdb, graph
+
+            depdb.recover(rules.DEP_FILE)
             graph.reset()
+            session.new_run()
+            namespace = {n: getattr(tasks, n) for n in dir(tasks) if n.startswith("task_")}
+            # doit binds its default output stream at import; bind the current one instead
+            namespace["DOIT_CONFIG"] = {**rules.DOIT_CONFIG, "outfile": sys.stdout}
+            try:
+                return DoitMain(ModuleTaskLoader(namespace)).run(list(doit_args))
+            finally:
+                session.end()
+                graph.reset()
+    finally:
+        session.end()  # also when the build never started (a no-op after the one above)
 
 
 def build_status(root: Path) -> dict:

@@ -124,3 +124,22 @@ def test_network_filesystem_is_refused(tmp_path, monkeypatch):
     assert refuse_network_fs(tmp_path, "/dev/sda1 / ext4 rw 0 0\n") == "ext4"
     monkeypatch.setenv("C10_ALLOW_NETWORK_FS", "1")
     assert refuse_network_fs(tmp_path, mounts) == "nfs4"
+
+
+def test_a_second_build_in_another_thread_of_the_process_is_refused(cache, capsys):
+    import threading
+
+    from rules import session
+
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", run_build(cache)))
+    first.start()
+    deadline = time.monotonic() + 30
+    while session._state["thread"] is None and first.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    with pytest.raises(BuildLockHeldError, match=f"another build is running in this process \\(pid {os.getpid()}"):
+        run_build(cache)
+    first.join()
+    assert results["first"] == 0, capsys.readouterr().out
+    assert (cache / "Manifest.json").is_file()
+    assert session._state["thread"] is None and session._state["lock"] is None
