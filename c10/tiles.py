@@ -1,8 +1,12 @@
 """The XYZ tile store: scanning tiles/{z}/{x}/{y}.{ext}, scope by bbox and zoom, blocks of tiles."""
 from __future__ import annotations
 
+import contextlib
+import marshal
 import math
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -40,15 +44,28 @@ class Tile(NamedTuple):
 class Scan:
     tiles: list[Tile]      # valid tiles in canonical (z, x, y) order
     strays: list[str]      # files under tiles/ that are not z/x/y.ext (relative paths)
+    memo: dict | None = None   # column dir -> (its stat key, rows, strays), for the next scan
+    reread: int = 0            # columns listed from disk (not taken from the memo)
 
 
-def scan_tiles(root: Path) -> Scan:
-    """List every file under root/tiles, sorting z/x/y tiles from anything else (no stat calls)."""
+# A column whose dir changed this recently is not memoized: a second change within the file
+# system's timestamp granularity would leave its mtime as it was (git's "racy" entries).
+RACY_NS = 2_000_000_000
+MEMO_FORMAT = 1
+
+
+def scan_tiles(root: Path, memo: dict | None = None) -> Scan:
+    """List every file under root/tiles, sorting z/x/y tiles from anything else (no per-file stat).
+
+    With `memo` (the previous Scan.memo) a column directory whose stat is unchanged is not read
+    again: adding, removing or renaming a file in it changes its mtime and ctime."""
     base = Path(root) / TILES_DIR
     tiles: list[Tile] = []
     strays: list[str] = []
     if not base.is_dir():
-        return Scan(tiles, strays)
+        return Scan(tiles, strays, {} if memo is not None else None)
+    fresh = {} if memo is not None else None
+    reread = 0
     for z_entry in _entries(base):
         if not _is_dir(z_entry) or not _is_index(z_entry.name):
             strays.extend(_walk_all(z_entry, TILES_DIR))
@@ -58,9 +75,51 @@ def scan_tiles(root: Path) -> Scan:
             if not _is_dir(x_entry) or not _is_index(x_entry.name):
                 strays.extend(_walk_all(x_entry, prefix))
                 continue
-            _scan_column(int(z_entry.name), x_entry, f"{prefix}/{x_entry.name}", tiles, strays)
+            reread += _column(int(z_entry.name), x_entry, f"{prefix}/{x_entry.name}", tiles, strays, memo, fresh)
     tiles.sort()
-    return Scan(tiles, sorted(strays))
+    return Scan(tiles, sorted(strays), fresh, reread)
+
+
+def read_memo(path: Path) -> dict:
+    """The scan memo saved by write_memo, or {} (missing, torn, or from another Python)."""
+    try:
+        data = marshal.loads(Path(path).read_bytes())
+    except (OSError, ValueError, EOFError, TypeError):
+        return {}
+    ok = isinstance(data, dict) and data.get("format") == (MEMO_FORMAT, sys.version_info[:2])
+    return data["columns"] if ok else {}
+
+
+def write_memo(path: Path, scan: Scan, previous: dict) -> None:
+    """Save the memo when the scan read any column or dropped one (a torn or stale-format memo is only re-read)."""
+    if scan.memo is None or (not scan.reread and len(scan.memo) == len(previous)):
+        return
+    from c10 import atomic
+
+    with contextlib.suppress(OSError):
+        atomic.write_bytes(path, marshal.dumps({"format": (MEMO_FORMAT, sys.version_info[:2]),
+                                                "columns": scan.memo}))
+
+
+def _column(z: int, x_entry: os.DirEntry, prefix: str, tiles: list, strays: list,
+            memo: dict | None, fresh: dict | None) -> int:
+    """Add one column's tiles and strays, from the memo when its dir is unchanged; 1 if it was read."""
+    if memo is None:
+        _scan_column(z, x_entry, prefix, tiles, strays)
+        return 1
+    st = x_entry.stat(follow_symlinks=False)
+    key = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size)
+    hit = memo.get(prefix)
+    if hit is not None and hit[0] == key:
+        rows, column_strays, read = hit[1], hit[2], 0
+    else:
+        rows, column_strays, read = [], [], 1
+        _scan_column(z, x_entry, prefix, rows, column_strays)
+    tiles.extend(map(Tile._make, rows))
+    strays.extend(column_strays)
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS:
+        fresh[prefix] = (key, [tuple(t) for t in rows] if read else rows, column_strays)
+    return read
 
 
 def _scan_column(z: int, x_entry: os.DirEntry, prefix: str, tiles: list, strays: list) -> None:

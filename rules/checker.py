@@ -14,9 +14,11 @@ class Blake3Checker(FileChangedChecker):
     looked up or computed once through the shared hash cache (a mass `touch` costs one re-hash, ever)."""
 
     def check_modified(self, file_path, file_stat, state):
-        if not isinstance(state, list) or len(state) != 5:
+        if type(state) is not list or len(state) != 5:
             return True  # a state from another checker: decide again by content
-        if tuple(state[:4]) == stat_key(file_stat):
+        # stat_key() spelled out, mtime first: this runs once per tile on every no-op
+        if state[1] == file_stat.st_mtime_ns and state[0] == file_stat.st_size \
+                and state[3] == file_stat.st_ctime_ns and state[2] == file_stat.st_ino:
             return False
         return hash_cache().hash(file_path, file_stat)[0] != state[4]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from c10.config import Config, Model, load_config
 from c10.errors import C10Error
 from c10.paths import ENGINES_DIR, index_relpaths, shard_relpath
-from c10.tiles import Scope, Tile, group_blocks, scan_tiles
+from c10.tiles import Scope, Tile, group_blocks, read_memo, scan_tiles, write_memo
 
 SHARD_ROLES = ("global", "local")  # a matcher has no per-tile output
 
@@ -76,6 +76,8 @@ class Graph:
 
 
 _CACHE: dict[Path, Graph | C10Error] = {}
+# Column dirs of tiles/ unchanged since the last load are not listed again (c10.tiles.scan_tiles).
+SCAN_MEMO = ".c10/tiles-scan.marshal"
 
 
 def load_graph(root: Path | None = None) -> Graph:
@@ -119,7 +121,9 @@ def _load(root: Path) -> Graph:
 
     config = load_config(root)
     scope = Scope(config.area.bbox, config.area.zooms)
-    scan = scan_tiles(root)
+    memo = read_memo(root / SCAN_MEMO)
+    scan = scan_tiles(root, memo)
+    write_memo(root / SCAN_MEMO, scan, memo)
     tiles, out = scope.split(scan.tiles)
     plans = {name: _plan(root, config, model, engines) for name, model in config.models.items()}
     for plan in plans.values():

@@ -50,3 +50,40 @@ def test_blocks_group_by_zoom_and_block():
     assert list(blocks) == [(15, 0, 0), (15, 0, 1), (15, 1, 0), (15, 1, 1)]
     assert block_of(TileId(15, 16, 17), 16) == (15, 1, 1)
     assert [t.x for t in blocks[(15, 0, 0)]] == [0, 15]
+
+
+def _ids(scan):
+    return [(t.z, t.x, t.y) for t in scan.tiles]
+
+
+def test_scan_memo_skips_unchanged_columns_and_sees_every_change(tmp_path, monkeypatch):
+    import c10.tiles as tiles_mod
+
+    for rel in ["tiles/15/3/2.jpg", "tiles/15/3/10.png", "tiles/15/4/1.jpg", "tiles/15/4/notes.txt"]:
+        _touch(tmp_path, rel)
+    assert "tiles/15/3" not in scan_tiles(tmp_path, {}).memo  # changed just now: not trusted yet
+    monkeypatch.setattr(tiles_mod, "RACY_NS", 0)
+    first = scan_tiles(tmp_path, {})
+    assert first.reread == 2 and set(first.memo) == {"tiles/15/3", "tiles/15/4"}
+    again = scan_tiles(tmp_path, first.memo)
+    assert again.reread == 0 and again.tiles == first.tiles and again.strays == first.strays == ["tiles/15/4/notes.txt"]
+    assert all(type(t) is Tile for t in again.tiles)
+    _touch(tmp_path, "tiles/15/3/4.jpg")
+    (tmp_path / "tiles/15/4/1.jpg").unlink()
+    third = scan_tiles(tmp_path, again.memo)
+    assert third.reread == 2 and _ids(third) == [(15, 3, 2), (15, 3, 4), (15, 3, 10)]
+    plain = scan_tiles(tmp_path)
+    assert (third.tiles, third.strays) == (plain.tiles, plain.strays) and plain.memo is None
+
+
+def test_scan_memo_round_trips_and_a_torn_one_is_ignored(tmp_path, monkeypatch):
+    import c10.tiles as tiles_mod
+
+    monkeypatch.setattr(tiles_mod, "RACY_NS", 0)
+    _touch(tmp_path, "tiles/15/3/2.jpg")
+    scan = scan_tiles(tmp_path, {})
+    path = tmp_path / ".c10" / "memo"
+    tiles_mod.write_memo(path, scan, {})
+    assert tiles_mod.read_memo(path) == scan.memo
+    path.write_bytes(path.read_bytes()[:20])
+    assert tiles_mod.read_memo(path) == {}
