@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from c10.run import run_build
+from conftest import executed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import crash  # noqa: E402  (bench/crash.py: the same invariants as the kill bench)
@@ -153,3 +154,66 @@ def _now():
     import datetime as dt
 
     return dt.datetime.now(dt.timezone.utc)
+
+
+# ---------------------------------------------------------------- torn state left by a kill
+
+@pytest.fixture
+def two_versions(world, tmp_path, capsys):
+    """A cache built twice (v1, v2) and both signed pairs: (root, fx, refs, {version: (manifest, envelope)})."""
+    fx, refs = world
+    root = crash.new_cache(tmp_path / "cache", fx, block=8)
+    pairs = {}
+    for version, state in ((1, "A"), (2, "C")):
+        crash.set_state(root, fx, state)
+        assert _build(root, capsys)[0] == 0
+        pairs[version] = ((root / "Manifest.json").read_bytes(), (root / "Manifest.json.dsse").read_bytes())
+    return root, fx, refs, pairs
+
+
+@pytest.mark.parametrize("old_manifest", [True, False], ids=["old-manifest", "no-manifest"])
+def test_a_commit_cut_between_its_renames_is_rolled_forward(two_versions, capsys, old_manifest):
+    root, fx, refs, pairs = two_versions
+    if old_manifest:  # killed after the envelope's rename, before Manifest.json's
+        (root / "Manifest.json").write_bytes(pairs[1][0])
+    else:  # the same on a cache's first commit
+        (root / "Manifest.json").unlink()
+    assert crash.classify(root, fx, had_manifest=True) == "torn-commit"
+    code, out = _build(root, capsys)
+    assert code == 0 and crash.ROLLED in out and "signed version 2" in out, out
+    assert (root / "Manifest.json").read_bytes() == pairs[2][0]  # the signed payload, not a re-sign
+    crash.check_converged(root, fx, refs["C"])
+
+
+def test_roll_forward_never_goes_back_or_across(two_versions):
+    from c10.manifest import roll_forward
+
+    root, _, _, pairs = two_versions
+    (root / "Manifest.json.dsse").write_bytes(pairs[1][1])  # an older envelope beside a newer Manifest
+    assert roll_forward(root) is None and (root / "Manifest.json").read_bytes() == pairs[2][0]
+    (root / "Manifest.json.dsse").write_bytes(b'{"payloadType": "x", "payload": "!!", "signatures": []}')
+    assert roll_forward(root) is None and (root / "Manifest.json").read_bytes() == pairs[2][0]
+    other = pairs[1][0].replace(b'"cache_id":"', b'"cache_id":"0')  # another cache's Manifest.json
+    (root / "Manifest.json").write_bytes(other)
+    (root / "Manifest.json.dsse").write_bytes(pairs[2][1])
+    assert roll_forward(root) is None and (root / "Manifest.json").read_bytes() == other
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_dep_db_is_moved_aside_and_the_build_converges(world, tmp_path, capsys, damage):
+    fx, refs = world
+    root = crash.new_cache(tmp_path / "cache", fx, block=8)
+    assert _build(root, capsys)[0] == 0
+    db = root / ".c10" / "doit.sqlite"
+    data = db.read_bytes()
+    db.write_bytes(b"\x00garbage" * 512 if damage == "garbage" else data[: len(data) // 2])
+    (root / ".c10" / "doit.sqlite-journal").write_bytes(b"\xd9\xd5\x05\xf9 \xa1c\xd7" + bytes(504))
+    code, out = _build(root, capsys)
+    assert code == 0 and "doit.sqlite is corrupt" in out and "moved it to doit.sqlite.corrupt-" in out, out
+    assert list((root / ".c10").glob("doit.sqlite.corrupt-*"))
+    # the stale journal went aside with its DB (or sqlite discarded it): never replayed into the new one
+    assert not (root / ".c10" / "doit.sqlite-journal").exists()
+    crash.check_converged(root, fx, refs["A"])
+    code, out = _build(root, capsys)
+    assert code == 0 and "corrupt" not in out
+    assert executed(out) == ["coverage"]  # the fresh DB remembers everything again
