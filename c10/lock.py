@@ -109,7 +109,7 @@ class BuildLock:
     def _holder_info(self) -> dict | None:
         try:
             info = json.loads((self.root / HOLDER).read_text())
-            return info if {"pid", "host", "started"} <= set(info) else None
+            return info if isinstance(info, dict) and {"pid", "host", "started"} <= set(info) else None
         except (OSError, ValueError, TypeError):
             return None
 
