@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--prompt", action="store_true", help="ask for a passphrase on the terminal")
     cmd.set_defaults(func=cmd_keygen)
     _operator_commands(sub)
+    _query_commands(sub)
     return p
 
 
@@ -218,6 +219,64 @@ def cmd_import(args) -> int:
     result = import_tiles(args.dir, args.source, tms=args.tms, replace=args.replace)
     print(summary(result, args.dir))
     return 1 if result.conflicts or result.invalid else 0
+
+
+def _query_commands(sub) -> None:
+    """query and selftest: the cache's own engine and index, as the aircraft will use them."""
+    cmd = sub.add_parser("query", help="embed IMAGE with DIR's own engine; print the top-k tiles with lat/lon")
+    cmd.add_argument("dir", type=Path)
+    cmd.add_argument("image", type=Path)
+    cmd.add_argument("-k", type=_positive, default=5, help="how many tiles (default 5)")
+    cmd.add_argument("--model", help="global model to query (default: the first in c10.toml)")
+    cmd.add_argument("--json", action="store_true", help="one JSON object")
+    cmd.set_defaults(func=cmd_query)
+    cmd = sub.add_parser("selftest", help="query N randomly perturbed tiles of DIR; print recall@1 and recall@5")
+    cmd.add_argument("dir", type=Path)
+    cmd.add_argument("-n", type=_positive, default=100, help="how many tiles (default 100)")
+    cmd.add_argument("--strength", choices=("mild", "strong"), default="mild", help="perturbation (default mild)")
+    cmd.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    cmd.add_argument("--model", help="global model to test (default: the first in c10.toml)")
+    cmd.add_argument("--json", action="store_true", help="one JSON object")
+    cmd.set_defaults(func=cmd_selftest)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def cmd_query(args) -> int:
+    from dataclasses import asdict
+
+    from c10.lock import require_cache_root
+    from c10.query import format_hits
+    from rules.query import open_searcher
+
+    searcher, model, root = open_searcher(require_cache_root(args.dir), args.model)
+    hits = searcher.query_file(args.image, args.k)
+    if args.json:
+        print(json.dumps({"cache": str(root), "image": str(args.image), "model": model,
+                          "hits": [asdict(h) for h in hits]}))
+    else:
+        print(f"c10 query: {args.image} in {root} (model {model}, {len(searcher.ids)} tiles indexed)")
+        print(format_hits(hits))
+    return 0
+
+
+def cmd_selftest(args) -> int:
+    from c10.lock import require_cache_root
+    from c10.query import selftest
+    from rules.query import open_searcher
+
+    searcher, model, root = open_searcher(require_cache_root(args.dir), args.model)
+    result = selftest(searcher, root, args.n, args.strength, args.seed)
+    if args.json:
+        print(json.dumps({"cache": str(root), "model": model, **result.to_json()}))
+    else:
+        print(f"c10 selftest: {result.n} tiles of {root} (model {model}), {result.strength} perturbation, "
+              f"seed {result.seed}: recall@1 {result.recall_at_1:.3f}, recall@5 {result.recall_at_5:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
