@@ -39,6 +39,7 @@ class HashCache:
 
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._root = str(self.root)
         self._buckets: dict[str, dict[str, list]] = {}
         self._dirty: set[str] = set()
         self._lock = threading.Lock()
@@ -63,10 +64,12 @@ class HashCache:
 
     def hash(self, rel: str, st: os.stat_result | None = None) -> tuple[str, os.stat_result]:
         """(blake3, stat) of `rel`, from the cache when its stat key matches, else computed and cached."""
-        st = os.stat(self.root / rel) if st is None else st
+        # os.path.join, not Path: this runs once per tile of every shard a build touches
+        full = os.path.join(self._root, rel)
+        st = os.stat(full) if st is None else st
         digest = self.lookup(rel, st)
         if digest is None:
-            digest = blake3_file(self.root / rel, st.st_size)
+            digest = blake3_file(full, st.st_size)
             self.remember(rel, st, digest)
         return digest, st
 

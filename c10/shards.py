@@ -61,11 +61,10 @@ def embed_tiles(runner: Runner, paths: Sequence[Path], prep: Preprocessing, batc
         return np.zeros((0, 0), np.float32)
     size = min(batch_size, n)
     buffers = [np.empty((size, *prep.shape), np.float32) for _ in range(1 if n <= size else 2)]
-    starts = range(0, n, size)
-    out = []
-    with ThreadPoolExecutor(threads, "c10-decode", initializer=_lower_priority, initargs=(nice,)) as pool:
-        pending = _fill(pool, buffers[0], paths[:size], prep)
-        for i, start in enumerate(starts):
+    pool = decode_pool(threads, nice)
+    out, pending = [], _fill(pool, buffers[0], paths[:size], prep)
+    try:
+        for i, start in enumerate(range(0, n, size)):
             count = _collect(pending)
             if start + size < n:
                 pending = _fill(pool, buffers[(i + 1) % 2], paths[start + size:start + 2 * size], prep)
@@ -73,7 +72,25 @@ def embed_tiles(runner: Runner, paths: Sequence[Path], prep: Preprocessing, batc
             out.append(desc.reshape(count, -1))
             if progress is not None:
                 progress(count)
+    finally:
+        for future in pending:  # the engine failed: stop decoding into buffers nobody reads
+            future.cancel()
+        wait(pending)
     return l2_normalize(np.concatenate(out))
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def decode_pool(threads: int = DECODE_THREADS, nice: int = DECODE_NICE) -> ThreadPoolExecutor:
+    """The process's decoding threads: started once, not per shard (a thread start costs ms on a busy host)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get((threads, nice))
+        if pool is None:
+            pool = _POOLS[(threads, nice)] = ThreadPoolExecutor(threads, "c10-decode", initializer=_lower_priority,
+                                                                initargs=(nice,))
+        return pool
 
 
 def _lower_priority(nice: int) -> None:

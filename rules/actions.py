@@ -117,6 +117,8 @@ def check_coverage() -> None:
         raise ManifestCoverageError(_orphan_message(graph, orphans))
     for rel in removed:
         print(f"removed dead {rel}")
+    # hashes the checker computed this run (a mass `touch`): saved once, never computed again
+    hash_cache().save()
     _check_complete(graph)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -82,7 +83,7 @@ SCAN_MEMO = ".c10/tiles-scan.marshal"
 
 def load_graph(root: Path | None = None) -> Graph:
     """The graph of the cache at `root` (default: cwd, where doit runs dodo.py); memoized per process."""
-    root = Path.cwd().resolve() if root is None else Path(root).resolve()
+    root = cwd_root() if root is None else Path(root).resolve()
     if root not in _CACHE:
         # 100k tiles, then doit's tasks and dep states: the collector would dominate a no-op. It
         # stays off until the first action runs (collector_back_on) or reset(); the graph lives as
@@ -170,7 +171,19 @@ def _hash_cache(root: Path):
 
 
 def hash_cache(root: Path | None = None):
-    return _hash_cache(Path.cwd().resolve() if root is None else Path(root).resolve())
+    return _hash_cache(cwd_root() if root is None else Path(root).resolve())
+
+
+_ROOTS: dict[str, Path] = {}
+
+
+def cwd_root() -> Path:
+    """The resolved cwd, resolved once per distinct cwd: the checker asks for the hash cache per file."""
+    cwd = os.getcwd()
+    root = _ROOTS.get(cwd)
+    if root is None:
+        root = _ROOTS[cwd] = Path(cwd).resolve()
+    return root
 
 
 def _hash_abs(hashes, path: Path) -> str:
