@@ -16,6 +16,8 @@ BACKENDS = ("auto", "tensorrt", "openvino", "onnxruntime")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 METRICS = ("ip", "l2")
 RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
+EXECUTORS = ("local", "dask")
+TILE_TRANSPORTS = ("bytes", "shared")
 MAX_ZOOM = 24
 
 
@@ -75,6 +77,16 @@ class Signing:
 
 
 @dataclass(frozen=True)
+class Executor:
+    """Where shards are embedded: this process, or the workers of a Dask scheduler."""
+
+    kind: str = "local"
+    scheduler: str = ""       # e.g. "tcp://10.0.0.5:8786" (kind = "dask")
+    tiles: str = "bytes"      # "bytes": the driver sends tile bytes; "shared": workers read a shared path
+    shared_root: str = ""     # the cache root as the workers see it (tiles = "shared"; default: the same path)
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path
     area: Area
@@ -83,10 +95,12 @@ class Config:
     shards: Shards = Shards()
     index: Index = Index()
     signing: Signing = Signing()
+    executor: Executor = Executor()
 
     def request(self) -> dict[str, Any]:
-        """The request as plain JSON values, as recorded in the Manifest."""
-        return _plain(dataclasses.asdict(self) | {"root": None})
+        """The request as plain JSON values, as recorded in the Manifest (not the executor: where
+        descriptors are computed is not what the cache is)."""
+        return _plain(dataclasses.asdict(self) | {"root": None, "executor": None})
 
 
 def _plain(value: Any) -> Any:
@@ -111,7 +125,7 @@ def load_config(root: Path) -> Config:
 
 def parse_config(data: dict, root: Path, where: str = CONFIG_NAME) -> Config:
     """Validate a parsed c10.toml mapping; `where` names the file in errors."""
-    _check_keys(data, {"area", "models", "engines", "shards", "index", "signing"}, where, "")
+    _check_keys(data, {"area", "models", "engines", "shards", "index", "signing", "executor"}, where, "")
     if "area" not in data:
         raise ConfigError(f"{where}: missing [area] table (bbox and zooms); see `c10 init`")
     models = data.get("models", {})
@@ -125,6 +139,7 @@ def parse_config(data: dict, root: Path, where: str = CONFIG_NAME) -> Config:
         shards=_section(Shards, data.get("shards", {}), where, "shards"),
         index=_section(Index, data.get("index", {}), where, "index"),
         signing=_signing(data.get("signing", {}), root, where),
+        executor=_executor(data.get("executor", {}), where),
     )
 
 
@@ -159,6 +174,7 @@ def _typed(value: Any, kind: type, where: str, key: str) -> Any:
 def _validate(obj: Any, where: str, name: str) -> None:
     rules = {
         ("engines", "backend"): BACKENDS, ("index", "metric"): METRICS,
+        ("executor", "kind"): EXECUTORS, ("executor", "tiles"): TILE_TRANSPORTS,
     }
     for (section, key), allowed in rules.items():
         if section == name and getattr(obj, key) not in allowed:
@@ -247,6 +263,17 @@ def _signing(table: dict, root: Path, where: str) -> Signing:
     if "validity_days" in values and not (_is_int(values["validity_days"]) and values["validity_days"] > 0):
         raise ConfigError(f"{where}: `signing.validity_days` must be a positive integer")
     return Signing(**values)
+
+
+def _executor(table: dict, where: str) -> Executor:
+    executor = _section(Executor, table, where, "executor")
+    if executor.kind == "dask" and not executor.scheduler:
+        raise ConfigError(f"{where}: `executor.scheduler` is required with executor.kind = \"dask\" "
+                          "(the address `dask scheduler` prints, e.g. \"tcp://10.0.0.5:8786\")")
+    if executor.shared_root and not Path(executor.shared_root).is_absolute():
+        raise ConfigError(f"{where}: `executor.shared_root` must be an absolute path (the cache root "
+                          f"as the workers mount it), got {executor.shared_root!r}")
+    return executor
 
 
 def _path(value: Any, root: Path, where: str, key: str) -> Path:

@@ -69,6 +69,13 @@ key = "{key}"
 allowed_keyids = {allowed}
 # Days until the Manifest expires; the aircraft refuses an expired cache.
 validity_days = 30
+
+# Where shards are embedded (not part of the request: the cache is the same either way).
+# [executor]
+# kind = "dask"                        # "local" (default) or "dask": workers of a Dask scheduler
+# scheduler = "tcp://10.0.0.5:8786"    # what `dask scheduler` prints; workers need c10 installed
+# tiles = "bytes"                      # "bytes": tiles travel to workers; "shared": workers read them
+# shared_root = "/mnt/sector-7"        # with tiles = "shared": this cache as the workers mount it
 '''
 
 DEFAULTS = {"bbox": "[50.40, 30.45, 50.48, 30.60]", "zooms": "[15]", "backend": "auto", "size": 224,

@@ -6,6 +6,7 @@ import getpass
 import os
 import platform
 import sys
+import threading
 from pathlib import Path
 
 from c10 import __version__
@@ -15,6 +16,7 @@ from c10.paths import ENGINES_DIR
 from rules.graph import Graph, collector_back_on, hash_cache, load_graph
 
 _RUNNERS: dict[str, object] = {}
+_RUNNERS_LOCK = threading.Lock()
 
 
 def build_engine(name: str) -> dict:
@@ -35,9 +37,10 @@ def _runner(graph: Graph, name: str):
 
     plan = graph.plans[name]
     path = graph.root / plan.engine_rel
-    if path not in _RUNNERS:
-        _RUNNERS[path] = engines.load_engine(path, plan.spec, plan.backend)
-    return _RUNNERS[path]
+    with _RUNNERS_LOCK:  # `doit -P thread`: shard threads share one loaded engine
+        if path not in _RUNNERS:
+            _RUNNERS[path] = engines.load_engine(path, plan.spec, plan.backend)
+        return _RUNNERS[path]
 
 
 def build_shard(name: str, rel: str) -> dict:
@@ -49,11 +52,17 @@ def build_shard(name: str, rel: str) -> dict:
     hashes = hash_cache()
     records = [TileRecord(t, *_size_hash(hashes, t.path)) for t in plan.shards[rel]]
     prep = Preprocessing.from_model(plan.model)
-    runner = _runner(graph, name)
+    if graph.config.executor.kind == "dask":  # the same shard writer; descriptors come from the workers
+        from c10.cluster import cluster_embedder
 
-    def embed(paths):
-        with progress_bar(rel.removeprefix("shards/"), len(paths)) as advance:
-            return embed_tiles(runner, paths, prep, plan.model.batch_size, progress=advance)
+        engine = (plan.spec, plan.backend.name, plan.engine_key, graph.root / plan.engine_rel)
+        embed = cluster_embedder(graph.config.executor, graph.root, rel, engine, prep, plan.model.batch_size)
+    else:
+        runner = _runner(graph, name)
+
+        def embed(paths):
+            with progress_bar(rel.removeprefix("shards/"), len(paths)) as advance:
+                return embed_tiles(runner, paths, prep, plan.model.batch_size, progress=advance)
 
     stats = build(graph.root, rel, records, embed, plan.ident)
     hashes.save(min_interval=30.0)  # rewriting every tile's hash after each small shard costs more than it saves
