@@ -1,4 +1,4 @@
-"""The `c10` command: init, build, demo, verify, keygen, status, map, import."""
+"""The `c10` command: init, build, demo, verify, keygen, status, map, import, query, selftest, export-models."""
 from __future__ import annotations
 
 import argparse
@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--tiles", type=int, default=300, help="about how many tiles (default 300)")
     cmd.add_argument("--key", type=Path, help="signing key to create/use (default: outside DIR)")
     cmd.add_argument("--backend", default="auto", help="engine backend (default auto)")
+    cmd.add_argument("--real-models", action="store_true",
+                     help="export pretrained ALIKED and LightGlue instead of generated networks (needs c10[export])")
+    cmd.add_argument("--keypoints", type=int, default=256, help="local keypoints per tile with --real-models (default 256)")
     cmd.set_defaults(func=cmd_demo)
     cmd = sub.add_parser("verify", help="check a cache as the aircraft does (exit 0 only if it is intact)")
     cmd.add_argument("dir", type=Path)
@@ -62,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.set_defaults(func=cmd_keygen)
     _operator_commands(sub)
     _query_commands(sub)
+    _network_commands(sub)
     return p
 
 
@@ -84,7 +88,8 @@ def cmd_build(args) -> int:
 def cmd_demo(args) -> int:
     from c10.demo import make_demo
 
-    return make_demo(args.dir, tiles=args.tiles, key=args.key, backend=args.backend)
+    return make_demo(args.dir, tiles=args.tiles, key=args.key, backend=args.backend,
+                     real_models=args.real_models, keypoints=args.keypoints)
 
 
 def cmd_verify(args) -> int:
@@ -229,6 +234,8 @@ def _query_commands(sub) -> None:
     cmd.add_argument("-k", type=_positive, default=5, help="how many tiles (default 5)")
     cmd.add_argument("--model", help="global model to query (default: the first in c10.toml)")
     cmd.add_argument("--json", action="store_true", help="one JSON object")
+    cmd.add_argument("--verify", action="store_true",
+                     help="re-rank the top-k by LightGlue matches with IMAGE (the cache's local and matcher models)")
     cmd.set_defaults(func=cmd_query)
     cmd = sub.add_parser("selftest", help="query N randomly perturbed tiles of DIR; print recall@1 and recall@5")
     cmd.add_argument("dir", type=Path)
@@ -255,13 +262,32 @@ def cmd_query(args) -> int:
 
     searcher, model, root = open_searcher(require_cache_root(args.dir), args.model)
     hits = searcher.query_file(args.image, args.k)
+    verified = _verified(root, args.image, hits) if args.verify else None
     if args.json:
         print(json.dumps({"cache": str(root), "image": str(args.image), "model": model,
-                          "hits": [asdict(h) for h in hits]}))
+                          "hits": [asdict(h) for h in hits]}
+                         | ({"verified": verified, "best": verified[0]} if verified else {})))
     else:
         print(f"c10 query: {args.image} in {root} (model {model}, {len(searcher.ids)} tiles indexed)")
         print(format_hits(hits))
+        if verified:
+            print("re-ranked by LightGlue matches: " + ", ".join(
+                f"{v['z']}/{v['x']}/{v['y']} {v['matches']}" for v in verified))
+            best = verified[0]
+            print(f"best: tile {best['z']}/{best['x']}/{best['y']} (lat {best['lat']:.6f}, lon {best['lon']:.6f}) "
+                  f"with {best['matches']} matches, retrieval rank {best['rank']}")
     return 0
+
+
+def _verified(root: Path, image: Path, hits) -> list[dict]:
+    """The hits re-ranked by LightGlue matches with the image, as JSON-able rows."""
+    from c10.preprocess import open_tile
+    from rules.query import open_verifier
+
+    by_tile = {(h.z, h.x, h.y): h for h in hits}
+    ranked = open_verifier(root).verify_hits(open_tile(image), hits)
+    return [{"z": v.tile[0], "x": v.tile[1], "y": v.tile[2], "lat": by_tile[v.tile].lat, "lon": by_tile[v.tile].lon,
+             "rank": by_tile[v.tile].rank, "score": v.similarity, "matches": v.matches} for v in ranked]
 
 
 def cmd_selftest(args) -> int:
@@ -276,6 +302,34 @@ def cmd_selftest(args) -> int:
     else:
         print(f"c10 selftest: {result.n} tiles of {root} (model {model}), {result.strength} perturbation, "
               f"seed {result.seed}: recall@1 {result.recall_at_1:.3f}, recall@5 {result.recall_at_5:.3f}")
+    return 0
+
+
+def _network_commands(sub) -> None:
+    """export-models: the real networks from published weights."""
+    from c10.export import ALIKED_VARIANTS, DEFAULT_KEYPOINTS
+
+    cmd = sub.add_parser("export-models", help="write pretrained ALIKED (global, local) and ALIKED-LightGlue "
+                                              "(matcher) as ONNX into DIR/models (needs c10[export])")
+    cmd.add_argument("dir", type=Path)
+    cmd.add_argument("--aliked", choices=ALIKED_VARIANTS, default="n16", help="ALIKED variant (default n16)")
+    cmd.add_argument("--keypoints", type=int, default=DEFAULT_KEYPOINTS,
+                     help=f"keypoints per image of the local model and the matcher (default {DEFAULT_KEYPOINTS})")
+    cmd.add_argument("--deform", choices=("auto", "native", "grid"), default="auto",
+                     help="deformable convs as ONNX DeformConv (onnxruntime only, fastest there) or as "
+                          "GridSample + 1x1 Conv (every backend); auto: what DIR's engines.backend runs")
+    cmd.add_argument("--force", action="store_true", help="replace model files that differ from this export")
+    cmd.set_defaults(func=cmd_export_models)
+
+
+def cmd_export_models(args) -> int:
+    from c10.export import export_models, models_toml
+    from c10.lock import require_cache_root
+
+    root = require_cache_root(args.dir)
+    export_models(root, aliked=args.aliked, keypoints=args.keypoints, deform=args.deform, force=args.force)
+    print(f"\nc10.toml tables for these networks (replace the [models.*] tables in {root / 'c10.toml'}):\n")
+    print(models_toml(args.keypoints))
     return 0
 
 

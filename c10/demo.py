@@ -33,14 +33,17 @@ def demo_key_path(root: Path) -> Path:
     return base / "c10" / "demo-keys" / f"{root.resolve().name}-{tag}.pem"
 
 
-def make_demo(root: Path, *, tiles: int = 300, key: Path | None = None, backend: str = "auto") -> int:
-    """Create (or refresh) the demo cache at `root`, build it, verify it, and say what was made."""
+def make_demo(root: Path, *, tiles: int = 300, key: Path | None = None, backend: str = "auto",
+              real_models: bool = False, keypoints: int = 256) -> int:
+    """Create (or refresh) the demo cache at `root`, build it, verify it, and say what was made.
+
+    real_models: pretrained ALIKED and ALIKED-LightGlue (c10 export-models) instead of generated networks."""
     root = Path(root)
     _check_target(root)
     root.mkdir(parents=True, exist_ok=True)
     key = key or demo_key_path(root)
     t0 = time.perf_counter()
-    bbox, kid, pub = _prepare(root, tiles, key, backend)
+    bbox, kid, pub = _prepare(root, tiles, key, backend, keypoints if real_models else None)
     prep_s = time.perf_counter() - t0
     from c10.run import run_build
 
@@ -59,7 +62,7 @@ def _check_target(root: Path) -> None:
         raise ConfigError(f"{root}: exists and is not a c10 cache; pick an empty or new directory for the demo")
 
 
-def _prepare(root: Path, tiles: int, key: Path, backend: str):
+def _prepare(root: Path, tiles: int, key: Path, backend: str, keypoints: int | None = None):
     from c10 import netgen, synth
     from c10.project import init_cache
     from c10.signing import generate_key, keyid, load_signing_key, public_key_pem
@@ -73,15 +76,35 @@ def _prepare(root: Path, tiles: int, key: Path, backend: str):
     pub = key.with_suffix(".pub.pem")
     atomic.write_bytes(pub, public_key_pem(signer))
     kid = keyid(signer)
-    init_cache(root, bbox=f"[{', '.join(map(str, bbox))}]", zooms=str(list(ZOOMS)), backend=backend,
-               key=str(key), allowed=f'["{kid}"]')
+    skipped = init_cache(root, bbox=f"[{', '.join(map(str, bbox))}]", zooms=str(list(ZOOMS)), backend=backend,
+                         key=str(key), allowed=f'["{kid}"]')
     models = root / "models"
-    if not (models / "global.onnx").exists():
+    if keypoints is not None:
+        networks = _real_models(root, keypoints, fresh="c10.toml" not in skipped)
+    elif not (models / "global.onnx").exists():
         netgen.write_demo_models(models)
+    if keypoints is None:
+        networks = "3 generated ONNX networks"
     made = synth.make_tiles(root / "tiles", bbox, ZOOMS) if not (root / "tiles").exists() else []
     print(f"c10 demo: {len(made)} synthetic tiles over bbox {list(bbox)} at zooms {list(ZOOMS)}, "
-          f"3 generated ONNX networks, key {key} (keyid {kid[:16]}...)")
+          f"{networks}, key {key} (keyid {kid[:16]}...)")
     return bbox, kid, pub
+
+
+def _real_models(root: Path, keypoints: int, fresh: bool) -> str:
+    """Export the pretrained networks into models/ and, in a c10.toml the demo just wrote, use them."""
+    import re
+
+    from c10 import atomic
+    from c10.export import export_models, models_toml
+
+    if fresh:
+        text = (root / "c10.toml").read_text()
+        text = re.sub(r"\[models\.global\].*?(?=\[shards\])", lambda _: models_toml(keypoints) + "\n",
+                      text, flags=re.S)
+        atomic.write_text(root / "c10.toml", text)
+    export_models(root, keypoints=keypoints, log=lambda line: print(f"c10 demo: {line}"))
+    return f"pretrained ALIKED-n16 + ALIKED-LightGlue ({keypoints} keypoints)"
 
 
 def _verify_and_report(root: Path, pub: Path, key: Path, prep_s: float, build_s: float) -> int:

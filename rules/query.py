@@ -31,3 +31,27 @@ def open_searcher(root: Path, model: str | None = None):
         return searcher, name, graph.root
     finally:
         graph_mod.reset(save=False)  # a query writes nothing, and gets the garbage collector back
+
+
+def open_verifier(root: Path):
+    """Verifier over the cache's first local and first matcher model (`c10 query --verify`)."""
+    from c10 import engines
+    from c10.localize import Verifier
+    from c10.preprocess import Preprocessing
+
+    try:
+        graph = graph_mod.load_graph(root)
+        roles = {}
+        for plan in graph.plans.values():
+            roles.setdefault(plan.model.role, plan)
+        missing = [r for r in ("local", "matcher") if r not in roles]
+        if missing:
+            raise ConfigError(f"{graph.root / 'c10.toml'}: --verify needs a model with role = \"local\" and one "
+                              f"with role = \"matcher\" (missing: {', '.join(missing)}); `c10 export-models` "
+                              "writes both and prints their tables")
+        local, matcher = roles["local"], roles["matcher"]
+        load = lambda plan: engines.load_engine(graph.root / plan.engine_rel, plan.spec, plan.backend)  # noqa: E731
+        return Verifier(graph.root, load(local), Preprocessing.from_model(local.model), load(matcher),
+                        local.model.name, graph.config.shards.block)
+    finally:
+        graph_mod.reset(save=False)
