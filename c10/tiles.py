@@ -1,7 +1,6 @@
 """The XYZ tile store: scanning tiles/{z}/{x}/{y}.{ext}, scope by bbox and zoom, blocks of tiles."""
 from __future__ import annotations
 
-import contextlib
 import marshal
 import math
 import os
@@ -52,6 +51,7 @@ class Scan:
 # system's timestamp granularity would leave its mtime as it was (git's "racy" entries).
 RACY_NS = 2_000_000_000
 MEMO_FORMAT = 1
+MEMO_MIN_REREAD = 16
 
 
 def scan_tiles(root: Path, memo: dict | None = None) -> Scan:
@@ -91,14 +91,14 @@ def read_memo(path: Path) -> dict:
 
 
 def write_memo(path: Path, scan: Scan, previous: dict) -> None:
-    """Save the memo when the scan read any column or dropped one (a torn or stale-format memo is only re-read)."""
-    if scan.memo is None or (not scan.reread and len(scan.memo) == len(previous)):
+    """Save the memo when the scan had to read at least MEMO_MIN_REREAD columns: rewriting a memo of
+    100k tiles to spare a few directory reads next time costs more than it saves (a torn or
+    stale-format memo is only re-read)."""
+    if scan.memo is None or scan.reread < MEMO_MIN_REREAD:
         return
     from c10 import atomic
 
-    with contextlib.suppress(OSError):
-        atomic.write_bytes(path, marshal.dumps({"format": (MEMO_FORMAT, sys.version_info[:2]),
-                                                "columns": scan.memo}))
+    atomic.write_bytes(path, marshal.dumps({"format": (MEMO_FORMAT, sys.version_info[:2]), "columns": scan.memo}))
 
 
 def _column(z: int, x_entry: os.DirEntry, prefix: str, tiles: list, strays: list,

@@ -13,7 +13,7 @@ from c10 import __version__
 from c10.errors import ManifestCoverageError, MissingTilesError, SigningKeyError
 from rules import session
 from c10.paths import ENGINES_DIR
-from rules.graph import Graph, collector_back_on, hash_cache, load_graph
+from rules.graph import Graph, collector_back_on, hash_cache, load_graph, save_scan_memo
 
 _RUNNERS: dict[str, object] = {}
 _RUNNERS_LOCK = threading.Lock()
@@ -128,6 +128,7 @@ def check_coverage() -> None:
         print(f"removed dead {rel}")
     # hashes the checker computed this run (a mass `touch`): saved once, never computed again
     hash_cache().save()
+    save_scan_memo(graph.root)
     _check_complete(graph)
 
 

@@ -79,6 +79,15 @@ class Graph:
 _CACHE: dict[Path, Graph | C10Error] = {}
 # Column dirs of tiles/ unchanged since the last load are not listed again (c10.tiles.scan_tiles).
 SCAN_MEMO = ".c10/tiles-scan.marshal"
+_MEMOS: dict[Path, tuple] = {}
+
+
+def save_scan_memo(root: Path) -> None:
+    """Write this load's tile-scan memo if it changed: by the coverage gate, under the build lock
+    (loading writes nothing: `doit list`, `c10 query` and `c10 status` work on a read-only cache)."""
+    pending = _MEMOS.pop(root, None)
+    if pending is not None:
+        write_memo(root / SCAN_MEMO, *pending)
 
 
 def load_graph(root: Path | None = None) -> Graph:
@@ -108,6 +117,7 @@ def reset(save: bool = True) -> None:
         hashes.save()
     _CACHE.clear()
     _HASHES.clear()
+    _MEMOS.clear()
     gc.unfreeze()
     gc.enable()
 
@@ -124,7 +134,7 @@ def _load(root: Path) -> Graph:
     scope = Scope(config.area.bbox, config.area.zooms)
     memo = read_memo(root / SCAN_MEMO)
     scan = scan_tiles(root, memo)
-    write_memo(root / SCAN_MEMO, scan, memo)
+    _MEMOS[root] = (scan, memo)
     tiles, out = scope.split(scan.tiles)
     plans = {name: _plan(root, config, model, engines) for name, model in config.models.items()}
     for plan in plans.values():

@@ -81,9 +81,13 @@ def test_scan_memo_round_trips_and_a_torn_one_is_ignored(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tiles_mod, "RACY_NS", 0)
     _touch(tmp_path, "tiles/15/3/2.jpg")
-    scan = scan_tiles(tmp_path, {})
     path = tmp_path / ".c10" / "memo"
+    tiles_mod.write_memo(path, scan_tiles(tmp_path, {}), {})
+    assert not path.exists()  # one column re-read: not worth rewriting the memo
+    for x in range(4, 4 + tiles_mod.MEMO_MIN_REREAD):
+        _touch(tmp_path, f"tiles/15/{x}/2.jpg")
+    scan = scan_tiles(tmp_path, {})
     tiles_mod.write_memo(path, scan, {})
-    assert tiles_mod.read_memo(path) == scan.memo
+    assert tiles_mod.read_memo(path) == scan.memo and len(scan.memo) == 1 + tiles_mod.MEMO_MIN_REREAD
     path.write_bytes(path.read_bytes()[:20])
     assert tiles_mod.read_memo(path) == {}
