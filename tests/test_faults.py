@@ -194,7 +194,7 @@ def _now():
 @pytest.fixture
 def two_versions(world, tmp_path, capsys):
     """A cache built twice (v1, v2) and both signed pairs: (root, fx, refs, {version: (manifest, envelope)})."""
-    fx, refs = world
+    fx, refs, _ = world
     root = crash.new_cache(tmp_path / "cache", fx, block=8)
     pairs = {}
     for version, state in ((1, "A"), (2, "C")):
@@ -234,7 +234,7 @@ def test_roll_forward_never_goes_back_or_across(two_versions):
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_a_corrupt_dep_db_is_moved_aside_and_the_build_converges(world, tmp_path, capsys, damage):
-    fx, refs = world
+    fx, refs, _ = world
     root = crash.new_cache(tmp_path / "cache", fx, block=8)
     assert _build(root, capsys)[0] == 0
     db = root / ".c10" / "doit.sqlite"
