@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import mercantile
 import numpy as np
 
 from c10 import demo, netgen, synth
@@ -18,10 +19,20 @@ from c10.project import init_cache
 from c10.signing import generate_key
 
 
+def block_bbox(blocks: int, block: int, z: int = 16) -> tuple[float, float, float, float]:
+    """A bbox of exactly `blocks` full blocks near Kyiv: every shard holds block x block tiles,
+    so the stage is measured on full batches, as in the bulk of a large cache."""
+    centre = mercantile.tile(demo.CENTER[1], demo.CENTER[0], z)
+    x0, y0 = centre.x // block * block, centre.y // block * block
+    west, north = mercantile.ul(x0, y0, z)
+    east, south = mercantile.ul(x0 + block * blocks, y0 + block, z)
+    return (south + 1e-7, west + 1e-7, north - 1e-7, east - 1e-7)
+
+
 def make_cache(root: Path, tiles: int, backend: str, key: Path, input_size: int, block: int) -> None:
-    """A cache with ~`tiles` demo-like 256 px JPEG tiles at one zoom and the demo's global model."""
+    """A cache of ~`tiles` demo-like 256 px JPEG tiles in full blocks at one zoom, the demo's global model."""
     root.mkdir(parents=True)
-    bbox = demo.demo_bbox(tiles, (16,))
+    bbox = block_bbox(max(1, round(tiles / block ** 2)), block)
     synth.make_tiles(root / "tiles", bbox, (16,))
     netgen.write_global_model(root / "models" / "global.onnx", input_size=input_size)
     init_cache(root, bbox=str(list(bbox)), zooms="[16]", backend=backend, size=input_size, key=str(key))
@@ -30,18 +41,19 @@ def make_cache(root: Path, tiles: int, backend: str, key: Path, input_size: int,
     (root / "c10.toml").write_text(text.replace("block = 16", f"block = {block}"))
 
 
-def engine_rate(runner, images: int, batch: int, shape: tuple) -> float:
-    """images/s of the loaded engine on one pre-made random batch, `images` images in all."""
+def engine_rate(runner, images: int, batch: int, shape: tuple) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of the loaded engine on one pre-made batch, `images` images in all."""
     data = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
-    start, done = time.perf_counter(), 0
+    start, cpu, done = time.perf_counter(), time.process_time(), 0
     while done < images:
         runner(data[:min(batch, images - done)])
         done += min(batch, images - done)
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), (time.process_time() - cpu) / done * 1e3
 
 
-def shard_rate(root: Path, name: str) -> tuple[float, int]:
-    """tiles/s of every shard action of `name`, from no shards and no hash cache (a cold stage)."""
+def shard_rate(root: Path, name: str) -> tuple[float, float, int]:
+    """(tiles/s, CPU ms per tile, tiles) of every shard action of `name`, from no shards and no hash
+    cache (a cold stage: hashing, decoding, inference, packing and the atomic writes)."""
     from rules import actions, graph as graph_mod
 
     graph = graph_mod.load_graph(root)
@@ -49,21 +61,30 @@ def shard_rate(root: Path, name: str) -> tuple[float, int]:
         (root / rel).unlink(missing_ok=True)
     (root / ".c10" / "hashes-tiles.json").unlink(missing_ok=True)
     graph_mod._HASHES.pop(root, None)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     embedded = sum(actions.build_shard(name, rel)["embedded"] for rel in graph.plans[name].shards)
-    return embedded / (time.perf_counter() - start), embedded
+    return embedded / (time.perf_counter() - start), (time.process_time() - cpu) / embedded * 1e3, embedded
+
+
+def pipeline_rate(runner, paths: list[Path], prep, batch: int) -> tuple[float, float]:
+    """(tiles/s, CPU ms per tile) of c10.shards.embed_tiles alone: decoding overlapped with inference."""
+    from c10.shards import embed_tiles
+
+    start, cpu = time.perf_counter(), time.process_time()
+    embed_tiles(runner, paths, prep, batch)
+    return len(paths) / (time.perf_counter() - start), (time.process_time() - cpu) / len(paths) * 1e3
 
 
 def preprocess_cost(root: Path, prep, count: int = 64) -> float:
-    """Single-thread ms per tile of decode + resize + normalise (what the decode threads add)."""
+    """Single-thread CPU ms per tile of decode + resize + normalise (what the decode threads add)."""
     from c10.preprocess import load_tensor
 
     paths = sorted((root / "tiles").rglob("*.jpg"))[:count]
     out = np.empty(prep.shape, np.float32)
-    start = time.perf_counter()
+    start = time.thread_time()  # CPU time: a busy host does not inflate it
     for path in paths:
         load_tensor(path, prep, out)
-    return (time.perf_counter() - start) / len(paths) * 1e3
+    return (time.thread_time() - start) / len(paths) * 1e3
 
 
 def bench_backend(workdir: Path, backend: str, args) -> dict:
@@ -86,21 +107,30 @@ def bench_backend(workdir: Path, backend: str, args) -> dict:
         load_s = time.perf_counter() - t0
         prep = Preprocessing.from_model(plan.model)
         engine_rate(runner, plan.model.batch_size, plan.model.batch_size, prep.shape)  # warm-up
-        engine, shard = [], []
-        for _ in range(args.rounds):
-            rate, tiles = shard_rate(root, "global")
+        engine, shard, pipeline = [], [], []
+        paths = [root / t.path for t in graph.tiles]
+        for _ in range(args.rounds):  # interleaved: a busy neighbour slows both alike
+            *rate, tiles = shard_rate(root, "global")
             shard.append(rate)
             engine.append(engine_rate(runner, tiles, plan.model.batch_size, prep.shape))
+            pipeline.append(pipeline_rate(runner, paths, prep, plan.model.batch_size))
         pre_ms = preprocess_cost(root, prep)
     finally:
         session.end()
         graph_mod.reset()
         os.chdir(before)
-    e, s = statistics.median(engine), statistics.median(shard)
+    e, s = (statistics.median(r[0] for r in rs) for rs in (engine, shard))
+    e_cpu, s_cpu = (statistics.median(r[1] for r in rs) for rs in (engine, shard))
+    p, p_cpu = (statistics.median(r[i] for r in pipeline) for i in (0, 1))
     return {"backend": graph.plans["global"].backend.name, "tiles": tiles, "batch": plan.model.batch_size,
             "input": args.input, "engine_load_s": round(load_s, 3),
             "engine_images_per_s": round(e, 1), "shard_tiles_per_s": round(s, 1), "ratio": round(s / e, 3),
-            "rounds_engine": [round(v, 1) for v in engine], "rounds_shard": [round(v, 1) for v in shard],
+            "paired_ratios": [round(sr[0] / er[0], 3) for sr, er in zip(shard, engine)],
+            "embed_tiles_only_per_s": round(p, 1), "embed_tiles_only_ratio": round(p / e, 3),
+            "engine_cpu_ms_per_image": round(e_cpu, 2), "shard_cpu_ms_per_tile": round(s_cpu, 2),
+            "embed_tiles_only_cpu_ms_per_tile": round(p_cpu, 2),
+            "cpu_ratio": round(e_cpu / s_cpu, 3),
+            "rounds_engine": [round(r[0], 1) for r in engine], "rounds_shard": [round(r[0], 1) for r in shard],
             "preprocess_ms_per_tile_1_thread": round(pre_ms, 3)}
 
 
@@ -112,14 +142,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backends", default="onnxruntime,openvino")
     args = parser.parse_args()
-    from c10.shards import DECODE_NICE, DECODE_THREADS
+    from c10.shards import DECODE_THREADS
 
     with tempfile.TemporaryDirectory(prefix="c10-bench-embed-") as tmp:
         workdir = Path(tmp)
         generate_key(workdir / "key.pem")
         results = [bench_backend(workdir, b, args) for b in args.backends.split(",")]
     print(json.dumps({"bench": "embed", "cpus": os.cpu_count(), "loadavg": [round(v, 2) for v in os.getloadavg()],
-                      "decode_threads": DECODE_THREADS, "decode_nice": DECODE_NICE,
+                      "decode_threads": DECODE_THREADS,
                       "python": sys.version.split()[0], "results": results}, indent=2))
 
 

@@ -20,10 +20,10 @@ from c10.preprocess import Preprocessing, load_tensor
 from c10.tiles import Tile
 
 # Decoding threads: Pillow and numpy drop the GIL, so on 2 cores two threads decode batch
-# i+1 while the engine runs batch i. They run at a lower priority: the engine's own threads
-# win the cores and decoding fills their idle gaps (bench/embed.py measures the difference).
+# i+1 while the engine runs batch i. Measured (bench/embed.py, busy 2-core host): niced decode
+# threads starve behind other processes and the engine then waits for them, so they run at
+# normal priority; 1 or 2 threads give the same throughput.
 DECODE_THREADS = min(4, os.cpu_count() or 1)
-DECODE_NICE = 5
 
 
 def shard_dtype(dim: int) -> np.dtype:
@@ -52,8 +52,7 @@ Runner = Callable[[np.ndarray], np.ndarray]
 
 
 def embed_tiles(runner: Runner, paths: Sequence[Path], prep: Preprocessing, batch_size: int = 32,
-                threads: int = DECODE_THREADS, nice: int = DECODE_NICE,
-                progress: Callable[[int], None] | None = None) -> np.ndarray:
+                threads: int = DECODE_THREADS, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """L2-normalised descriptors of `paths`, in order: batch i+1 is decoded into one of two
     preallocated buffers while the engine runs on the other (no per-batch stack or copy)."""
     n = len(paths)
@@ -61,7 +60,7 @@ def embed_tiles(runner: Runner, paths: Sequence[Path], prep: Preprocessing, batc
         return np.zeros((0, 0), np.float32)
     size = min(batch_size, n)
     buffers = [np.empty((size, *prep.shape), np.float32) for _ in range(1 if n <= size else 2)]
-    pool = decode_pool(threads, nice)
+    pool = decode_pool(threads)
     out, pending = [], _fill(pool, buffers[0], paths[:size], prep)
     try:
         for i, start in enumerate(range(0, n, size)):
@@ -79,26 +78,16 @@ def embed_tiles(runner: Runner, paths: Sequence[Path], prep: Preprocessing, batc
     return l2_normalize(np.concatenate(out))
 
 
-_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def decode_pool(threads: int = DECODE_THREADS, nice: int = DECODE_NICE) -> ThreadPoolExecutor:
+def decode_pool(threads: int = DECODE_THREADS) -> ThreadPoolExecutor:
     """The process's decoding threads: started once, not per shard (a thread start costs ms on a busy host)."""
     with _POOLS_LOCK:
-        pool = _POOLS.get((threads, nice))
-        if pool is None:
-            pool = _POOLS[(threads, nice)] = ThreadPoolExecutor(threads, "c10-decode", initializer=_lower_priority,
-                                                                initargs=(nice,))
-        return pool
-
-
-def _lower_priority(nice: int) -> None:
-    if nice and hasattr(os, "setpriority"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)  # Linux: this thread only
-        except OSError:
-            pass  # not allowed here: decode at normal priority
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(threads, "c10-decode")
+        return _POOLS[threads]
 
 
 def _fill(pool: ThreadPoolExecutor, buffer: np.ndarray, batch: Sequence[Path], prep: Preprocessing) -> list:

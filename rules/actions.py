@@ -118,7 +118,7 @@ def check_coverage() -> None:
             f"{graph.root}: no tiles in scope (bbox {list(graph.config.area.bbox)}, zooms "
             f"{list(graph.config.area.zooms)}); fetch tiles into tiles/{{z}}/{{x}}/{{y}}.jpg first "
             f"(or `c10 import {graph.root} SOURCE`), then re-run `doit build_cache`")
-    declared = graph.declared()
+    declared = graph.declared(tiles=False)
     removed = remove_dead(graph.root, declared)
     # tiles/ was listed file by file when the graph loaded: its orphans are known, no second walk
     orphans = find_orphans(graph.root, declared, TILES_DIR, graph.strays + [t.path for t in graph.out_of_scope])

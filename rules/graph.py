@@ -57,9 +57,10 @@ class Graph:
         """Models with per-block shards: global descriptors and local features."""
         return [p for p in self.plans.values() if p.model.role in SHARD_ROLES]
 
-    def declared(self) -> set[str]:
-        """Every non-control file the graph reads or writes, relative to the root."""
-        files = {t.path for t in self.tiles}
+    def declared(self, tiles: bool = True) -> set[str]:
+        """Every non-control file the graph reads or writes, relative to the root (tiles=False: all
+        but the tiles, for the coverage gate, which has the load-time scan of tiles/)."""
+        files = {t.path for t in self.tiles} if tiles else set()
         for plan in self.plans.values():
             files |= {plan.engine_rel, plan.sidecar_rel, *plan.shards, *(plan.index_rels if plan.shards else ())}
         return files | set(self.shipped_inputs())
