@@ -6,8 +6,10 @@ backend for each network; prints JSON. Needs c10[export] (it exports ALIKED/Ligh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -108,9 +110,10 @@ def main() -> None:
         work = Path(tmp)
         root = args.dir or work / "demo"
         t0 = time.perf_counter()
-        if args.dir is None and make_demo(root, tiles=args.tiles, key=work / "key.pem", backend="onnxruntime",
-                                          real_models=True, keypoints=args.keypoints) != 0:
-            raise SystemExit("bench/localize.py: the demo build failed")
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON only
+            if args.dir is None and make_demo(root, tiles=args.tiles, key=work / "key.pem", backend="onnxruntime",
+                                              real_models=True, keypoints=args.keypoints) != 0:
+                raise SystemExit("bench/localize.py: the demo build failed")
         built = round(time.perf_counter() - t0, 1)
         result = {"cache": str(root), "tiles": len(list((root / "tiles").rglob("*.*"))),
                   "keypoints": args.keypoints, "demo_build_seconds": built,

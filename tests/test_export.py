@@ -205,3 +205,19 @@ def test_localize_test_counts_retrieval_and_verified_hits(demo):
     print(f"localize_test: {result}")
     assert result.n == 8 and result.recall_verified >= result.recall_retrieval - 0.13
     assert 0 <= result.recall_retrieval <= result.recall_at_k <= 1
+
+
+def test_openvino_build_of_a_deformconv_export_fails_with_the_fix(demo, tmp_path, capsys):
+    root = tmp_path / "cache"
+    root.mkdir()
+    for name in ("tiles", "models"):
+        shutil.copytree(demo / name, root / name)
+    for name in ("dodo.py", "c10.toml"):
+        shutil.copy(demo / name, root / name)
+    text = (root / "c10.toml").read_text()
+    (root / "c10.toml").write_text(text.replace('backend = "onnxruntime"', 'backend = "openvino"'))
+    capsys.readouterr()
+    assert run_build(root) != 0
+    out = capsys.readouterr().out
+    assert "DeformConv" in out and "c10 export-models CACHE --deform grid" in out
+    assert not (root / "Manifest.json").exists()

@@ -114,9 +114,9 @@ def export_models(root: Path, *, aliked: str = "n16", keypoints: int = DEFAULT_K
                     "matcher": lambda: matcher_onnx(net, load_lightglue(), wanted["matcher"])}
         for role in todo:
             atomic.write_bytes(paths[role], builders[role]())
-            log(f"wrote {paths[role]} ({wanted[role][META_NETWORK]}, deform {deform}, "
+            log(f"wrote {paths[role]} ({wanted[role][META_NETWORK]}, deform {wanted[role][META_DEFORM]}, "
                 f"{paths[role].stat().st_size / 1e6:.1f} MB)")
-    for role in set(paths) - set(todo):
+    for role in (r for r in paths if r not in todo):
         log(f"{paths[role]} is already this export: kept")
     return paths
 
