@@ -3,6 +3,7 @@ tensors, interleaved in one run; prints JSON. Run as `env -u PYTHONDONTWRITEBYTE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -95,7 +96,9 @@ def bench_backend(workdir: Path, backend: str, args) -> dict:
     root = workdir / f"cache-{backend}"
     make_cache(root, args.tiles, backend, workdir / "key.pem", args.input, args.block)
     os.environ["C10_NO_PROGRESS"] = "1"
-    if run_build(root, ["engines"]) != 0:
+    with contextlib.redirect_stdout(sys.stderr):  # doit's progress lines: keep stdout pure JSON
+        built = run_build(root, ["engines"])
+    if built != 0:
         raise SystemExit(f"engine build failed for {backend}")
     before = os.getcwd()
     os.chdir(root)
