@@ -104,6 +104,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0, help="timed window per figure (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", type=Path, help="an existing `c10 demo --real-models` cache (default: build one)")
+    p.add_argument("--skip-recall", action="store_true", help="images/s only")
     args = p.parse_args()
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +118,7 @@ def main() -> None:
         built = round(time.perf_counter() - t0, 1)
         result = {"cache": str(root), "tiles": len(list((root / "tiles").rglob("*.*"))),
                   "keypoints": args.keypoints, "demo_build_seconds": built,
-                  "localize": recall(root, args.queries, args.k, args.seed),
+                  "localize": None if args.skip_recall else recall(root, args.queries, args.k, args.seed),
                   "throughput": throughput(models_for(root, args.keypoints, work), args.keypoints,
                                            args.batch, args.seconds, work),
                   "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)], "cpus": os.cpu_count()}
