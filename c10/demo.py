@@ -76,11 +76,11 @@ def _prepare(root: Path, tiles: int, key: Path, backend: str, keypoints: int | N
     pub = key.with_suffix(".pub.pem")
     atomic.write_bytes(pub, public_key_pem(signer))
     kid = keyid(signer)
-    skipped = init_cache(root, bbox=f"[{', '.join(map(str, bbox))}]", zooms=str(list(ZOOMS)), backend=backend,
-                         key=str(key), allowed=f'["{kid}"]')
+    init_cache(root, bbox=f"[{', '.join(map(str, bbox))}]", zooms=str(list(ZOOMS)), backend=backend,
+               key=str(key), allowed=f'["{kid}"]')
     models = root / "models"
     if keypoints is not None:
-        networks = _real_models(root, keypoints, fresh="c10.toml" not in skipped)
+        networks = _real_models(root, keypoints)
     elif not (models / "global.onnx").exists():
         netgen.write_demo_models(models)
     if keypoints is None:
@@ -91,19 +91,21 @@ def _prepare(root: Path, tiles: int, key: Path, backend: str, keypoints: int | N
     return bbox, kid, pub
 
 
-def _real_models(root: Path, keypoints: int, fresh: bool) -> str:
-    """Export the pretrained networks into models/ and, in a c10.toml the demo just wrote, use them."""
+def _real_models(root: Path, keypoints: int) -> str:
+    """Export the pretrained networks into models/; where c10.toml still holds the template's
+    models (the demo wrote it), point them at the exported networks."""
     import re
 
     from c10 import atomic
     from c10.export import export_models, models_toml
+    from c10.project import CONFIG_TOML, DEFAULTS
 
-    if fresh:
-        text = (root / "c10.toml").read_text()
-        text = re.sub(r"\[models\.global\].*?(?=\[shards\])", lambda _: models_toml(keypoints) + "\n",
-                      text, flags=re.S)
-        atomic.write_text(root / "c10.toml", text)
     export_models(root, keypoints=keypoints, log=lambda line: print(f"c10 demo: {line}"))
+    models = re.compile(r"\[models\.global\].*?(?=\[shards\])", re.S)
+    text = (root / "c10.toml").read_text()
+    found, template = models.search(text), models.search(CONFIG_TOML.format(**DEFAULTS))
+    if found and template and found.group(0) == template.group(0):  # after the export: a failure leaves it
+        atomic.write_text(root / "c10.toml", text.replace(found.group(0), models_toml(keypoints) + "\n"))
     return f"pretrained ALIKED-n16 + ALIKED-LightGlue ({keypoints} keypoints)"
 
 
