@@ -82,6 +82,17 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
+def _forget_pools() -> None:
+    """In a forked child (`doit -n N` workers): the parent's threads and lock state did not come along."""
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
 def decode_pool(threads: int = DECODE_THREADS) -> ThreadPoolExecutor:
     """The process's decoding threads: started once, not per shard (a thread start costs ms on a busy host)."""
     with _POOLS_LOCK:
