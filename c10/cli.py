@@ -323,13 +323,13 @@ def _network_commands(sub) -> None:
 
 
 def cmd_export_models(args) -> int:
-    from c10.export import export_models, models_toml
+    from c10.export import MATCHER_VARIANTS, export_models, models_toml
     from c10.lock import require_cache_root
 
     root = require_cache_root(args.dir)
     export_models(root, aliked=args.aliked, keypoints=args.keypoints, deform=args.deform, force=args.force)
     print(f"\nc10.toml tables for these networks (replace the [models.*] tables in {root / 'c10.toml'}):\n")
-    print(models_toml(args.keypoints))
+    print(models_toml(args.keypoints, matcher=args.aliked in MATCHER_VARIANTS))
     return 0
 
 

@@ -221,3 +221,15 @@ def test_openvino_build_of_a_deformconv_export_fails_with_the_fix(demo, tmp_path
     out = capsys.readouterr().out
     assert "DeformConv" in out and "c10 export-models CACHE --deform grid" in out
     assert not (root / "Manifest.json").exists()
+
+
+def test_t16_exports_global_and_local_but_no_matcher(tmp_path):
+    said = []
+    paths = export_models(tmp_path, aliked="t16", keypoints=32, deform="native", log=said.append)
+    assert set(paths) == {"global", "local"} and not (tmp_path / "models" / "matcher.onnx").exists()
+    assert any("no matcher" in line for line in said)
+    images = tiles(2)
+    with torch.no_grad():
+        want = nets.GlobalNet(nets.load_aliked("t16", 32))(torch.from_numpy(images)).numpy()
+    got = engine(paths["global"], "onnxruntime", tmp_path, batch=(1, 2, 2))(images)
+    assert got.shape == (2, 64) and float(np.abs(got - want).max()) < TOL

