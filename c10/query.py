@@ -66,7 +66,7 @@ class Searcher:
         return self.search(self.embed([img]), k)[0]
 
     def _hit(self, rank: int, row: int, score: float) -> Hit:
-        tid = TileId(*(int(v) for v in self.ids[row]))
+        tid = TileId(*map(int, self.ids[row]))
         lat, lon = center_latlon(tid)
         return Hit(rank, *tid, round(lat, 7), round(lon, 7), round(float(score), 6), self.paths.get(tid))
 
@@ -103,7 +103,8 @@ def selftest(searcher: Searcher, root: Path, n: int = 100, strength: str = "mild
     from c10.synth import perturb
 
     rng = np.random.default_rng(seed)
-    known = [tid for tid in map(lambda r: TileId(*(int(v) for v in r)), searcher.ids) if tid in searcher.paths]
+    indexed = (TileId(*map(int, row)) for row in searcher.ids)
+    known = [tid for tid in indexed if tid in searcher.paths]
     if not known:
         raise IndexBuildError(f"{root}: no indexed tile is on disk; run `doit build_cache` in {root} first")
     picked = [known[i] for i in rng.choice(len(known), size=min(n, len(known)), replace=False)]
