@@ -1,0 +1,180 @@
+"""No-op `doit build_cache` wall time at 1k/10k/100k tiles beside bare doit and ninja on the same
+files; prints JSON. Run as `env -u PYTHONDONTWRITEBYTECODE python bench/noop.py` (bytecode is cached)."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mercantile
+import numpy as np
+from PIL import Image
+
+from c10 import netgen
+from c10.project import init_cache
+from c10.signing import generate_key
+
+CENTER = (30.5234, 50.4501)  # lon, lat: Kyiv
+ZOOM = 17
+HEAVY = ("numpy", "onnxruntime", "faiss", "openvino", "cryptography", "onnx", "PIL", "rich")
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | {"C10_NO_PROGRESS": "1"}
+
+BARE_DODO = '''import os
+DOIT_CONFIG = {"backend": "sqlite3", "dep_file": ".doit.sqlite", "verbosity": 0}
+GROUP = %d
+
+def _files():
+    out = []
+    for z in sorted(os.listdir("tiles")):
+        for x in sorted(os.listdir(f"tiles/{z}")):
+            out += [f"tiles/{z}/{x}/{y}" for y in sorted(os.listdir(f"tiles/{z}/{x}"))]
+    return out
+
+def ok():
+    return True
+
+def task_f():
+    files = _files()
+    for i in range(0, len(files), GROUP):
+        yield {"name": str(i), "file_dep": files[i:i + GROUP], "actions": [ok]}
+'''
+
+
+def tile_bytes(count: int = 8) -> list[bytes]:
+    """A few distinct tiny JPEGs: a no-op never decodes them, a cold build stays cheap."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(buf, "JPEG", quality=80)
+        out.append(buf.getvalue())
+    return out
+
+
+def write_tiles(root: Path, n: int) -> tuple[float, float, float, float]:
+    """n tiles in a square around CENTER at ZOOM; returns the bbox (lat/lon) that holds them."""
+    centre = mercantile.tile(*CENTER, ZOOM)
+    side = int(np.ceil(np.sqrt(n)))
+    x0, y0 = centre.x - side // 2, centre.y - side // 2
+    blobs = tile_bytes()
+    for i in range(n):
+        x, y = x0 + i // side, y0 + i % side
+        path = root / "tiles" / str(ZOOM) / str(x) / f"{y}.jpg"
+        if y == y0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blobs[i % len(blobs)])
+    west, north = mercantile.ul(x0, y0, ZOOM)
+    east, south = mercantile.ul(x0 + side, y0 + side, ZOOM)
+    inset = 1e-7  # keep the bbox strictly inside the square's outer edges
+    return (south + inset, west + inset, north - inset, east - inset)
+
+
+def make_c10(root: Path, n: int, key: Path, block: int) -> None:
+    bbox = write_tiles(root, n)
+    netgen.write_global_model(root / "models" / "global.onnx", input_size=32, dim=16)
+    init_cache(root, bbox=str(list(bbox)), zooms=f"[{ZOOM}]", backend="onnxruntime", size=32, key=str(key))
+    text = (root / "c10.toml").read_text()
+    text = text.split("[models.local]")[0] + "[shards]" + text.split("[shards]")[1]
+    (root / "c10.toml").write_text(text.replace("block = 16", f"block = {block}"))
+
+
+def make_bare(root: Path, src: Path, group: int) -> None:
+    """The same tile files (copied) under a bare dodo.py with `group` files per task (md5 checker)."""
+    shutil.copytree(src / "tiles", root / "tiles")
+    (root / "dodo.py").write_text(BARE_DODO % group)
+
+
+def make_ninja(root: Path, tiles: Path, group: int) -> None:
+    """build.ninja over the c10 cache's own tiles: one stamp edge per `group` files."""
+    files = sorted(p.relative_to(root).as_posix() for p in tiles.rglob("*.jpg"))
+    lines = ["rule stamp", "  command = touch $out", ""]
+    for i in range(0, len(files), group):
+        lines.append(f"build .ninja-stamps/{i}: stamp {' '.join(files[i:i + group])}")
+    (root / f"build-{group}.ninja").write_text("\n".join(lines) + "\n")
+
+
+def run(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} in {cwd} failed:\n{proc.stdout}\n{proc.stderr}")
+    return elapsed, proc.stdout + proc.stderr
+
+
+def noop(cmd: list[str], cwd: Path, runs: int) -> dict:
+    times = [run(cmd, cwd)[0] for _ in range(runs)]
+    return {"median_s": round(statistics.median(times), 3), "min_s": round(min(times), 3)}
+
+
+def doit_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "doit", *args]
+
+
+def heavy_imports(cwd: Path) -> list[str]:
+    """Heavy top-level modules a no-op imports (from `python -X importtime`)."""
+    _, err = run([sys.executable, "-X", "importtime", "-m", "doit", "build_cache"], cwd)
+    names = {m.group(1).split(".")[0] for m in re.finditer(r"\|\s+(\S+)\s*$", err, re.M)}
+    return sorted(names & set(HEAVY))
+
+
+def bench_size(work: Path, n: int, key: Path, args) -> dict:
+    cache = work / f"c10-{n}"
+    make_c10(cache, n, key, args.block)
+    cold, _ = run(doit_cmd("build_cache"), cache)
+    _, out = run(doit_cmd("build_cache"), cache)
+    ran = re.findall(r"^\.  (\S+)", out, re.M)
+    tasks = len(run(doit_cmd("list", "--all", "-q"), cache)[1].split())
+    result = {"tiles": n, "block": args.block, "tasks": tasks, "cold_build_s": round(cold, 1),
+              "noop_ran": ran, "c10_noop": noop(doit_cmd("build_cache"), cache, args.runs),
+              "heavy_modules_imported": heavy_imports(cache)}
+    shard_tiles = args.block ** 2  # the same coarse grouping as c10's shards
+    for label, group in (("bare_doit_per_file", 1), (f"bare_doit_coarse_{shard_tiles}_per_task", shard_tiles)):
+        if group == 1 and n > args.max_fine:
+            result[label] = "skipped (--max-fine)"
+            continue
+        bare = work / f"bare-{n}-{group}"
+        make_bare(bare, cache, group)
+        run(doit_cmd(), bare)
+        result[label] = noop(doit_cmd(), bare, args.runs)
+        shutil.rmtree(bare)
+    if shutil.which("ninja"):
+        for group in (1, shard_tiles):
+            make_ninja(cache, cache / "tiles", group)
+            ninja = ["ninja", "-f", f"build-{group}.ninja"]
+            run(ninja, cache)
+            result[f"ninja_{group}_per_edge"] = noop(ninja, cache, args.runs)
+            for leftover in (f"build-{group}.ninja", ".ninja_log", ".ninja_deps", ".ninja-stamps"):
+                p = cache / leftover
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    shutil.rmtree(cache)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--block", type=int, default=16, help="shards.block (default 16: 256 tiles a shard)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--max-fine", type=int, default=100000, help="largest n for one doit task per file")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="c10-bench-noop-") as tmp:
+        work = Path(tmp)
+        key = work / "key.pem"
+        generate_key(key)
+        results = [bench_size(work, int(n), key, args) for n in args.sizes.split(",")]
+    print(json.dumps({"bench": "noop", "cpus": os.cpu_count(), "loadavg": [round(v, 2) for v in os.getloadavg()],
+                      "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
