@@ -180,6 +180,7 @@ def connect(address: str, where: str) -> object:
         client = _CLIENTS.get(address)
         if client is None or client.status not in ("running", "connecting"):
             client = _CLIENTS[address] = _new_client(address, where)
+            _REGISTERED.difference_update({r for r in _REGISTERED if r[0] == address})  # maybe a new scheduler
         return client
 
 

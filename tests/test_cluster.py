@@ -53,6 +53,15 @@ def build(root: Path, *args: str) -> int:
             print("note: doit -P thread left sys.stdout swapped", file=sys.__stderr__)
 
 
+def cluster_key(root: Path) -> str:
+    """The driver's engine key of the cache's global model (workers here share its host)."""
+    from rules import graph
+
+    key = graph.load_graph(root).plans["global"].engine_key
+    graph.reset()
+    return key
+
+
 def derived(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes()
             for sub in ("shards", "index") for p in sorted((root / sub).rglob("*")) if p.is_file()}
@@ -87,7 +96,7 @@ def reference(tmp_path_factory, inputs, operator_key) -> dict[str, bytes]:
 @pytest.mark.parametrize("tiles, args", [("bytes", ["-n", "2", "-P", "thread"]), ("shared", [])])
 def test_cluster_build_is_byte_identical_to_a_local_one(local_cluster, reference, tmp_path, inputs,
                                                         operator_key, capsys, tiles, args):
-    lc, _ = local_cluster
+    lc, client = local_cluster
     root = tmp_path / "cache"
     cluster_cache(root, inputs, operator_key, dask_table(lc.scheduler_address, tiles, str(root)))
     assert build(root, *args, "build_cache") == 0, capsys.readouterr().out
@@ -95,6 +104,8 @@ def test_cluster_build_is_byte_identical_to_a_local_one(local_cluster, reference
     assert sum(name.startswith("shards:") for name in executed(out)) == len(list((root / "shards").rglob("*.npy")))
     assert derived(root) == reference
     assert verified(root, operator_key[1]) > 0
+    loaded = client.run(lambda: sorted(cluster._WORKER_RUNNERS))  # engines loaded once per worker process
+    assert all(keys in ([], [cluster_key(root)]) for keys in loaded.values()), loaded
     assert build(root) == 0
     out = capsys.readouterr()
     assert executed(out.out + out.err) == ["coverage"], out
