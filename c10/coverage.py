@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from c10.atomic import is_temp_name
-from c10.manifest import CONTROL_DIR, CONTROL_FILES, is_control
+from c10.paths import CONTROL_DIR, CONTROL_FILES, is_control
 
 # Wholly owned by the graph: an undeclared file here is a dead output and is removed by the build.
 OWNED_DIRS = ("shards", "index")

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import base64
-import fnmatch
 import json
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,26 +15,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from c10 import atomic
 from c10.errors import ManifestWriteError, VerifyError
+from c10.paths import (  # noqa: F401  (the control allowlist lives with the layout)
+    CONTROL_DIR, CONTROL_FILES, CONTROL_PYCACHE, ENVELOPE_NAME, MANIFEST_NAME, is_control)
 from c10.signing import PAYLOAD_TYPE, keyid, sign_envelope, ssh_fingerprint
 
 SCHEMA_VERSION = 1
-MANIFEST_NAME = "Manifest.json"
-ENVELOPE_NAME = "Manifest.json.dsse"
 KINDS = frozenset({"tile", "model", "engine", "engine-meta", "shard", "index", "report"})
-
-# Files at the cache root that the build owns but never ships in the Manifest.
-CONTROL_FILES = frozenset({"dodo.py", "c10.toml", ".c10.lock", MANIFEST_NAME, ENVELOPE_NAME})
-CONTROL_DIR = ".c10"  # the build's private dir: everything under it is control
-# doit imports dodo.py, so Python writes exactly this bytecode file beside it.
-CONTROL_PYCACHE = "__pycache__/dodo.cpython-*.pyc"
-
-
-def is_control(relpath: str) -> bool:
-    """True for a cache-relative POSIX path that is allowed without being in the Manifest."""
-    if relpath in CONTROL_FILES or relpath.startswith(CONTROL_DIR + "/"):
-        return True
-    return relpath.count("/") == 1 and fnmatch.fnmatchcase(relpath, CONTROL_PYCACHE)
-
 
 @dataclass(frozen=True, slots=True)
 class FileEntry:
@@ -288,13 +274,22 @@ def write_signed_manifest(cache_root: Path, manifest_bytes: bytes, key: Ed25519P
 
 def next_version(cache_root: Path) -> int:
     """Highest version in Manifest.json or the envelope's payload, + 1 (1 for a new cache)."""
+    return previous_identity(cache_root)[0]
+
+
+def previous_identity(cache_root: Path) -> tuple[int, str | None]:
+    """(next version, previous cache id or None), reading each previous file once."""
     root = Path(cache_root)
-    versions = [_version_of(root / MANIFEST_NAME, False), _version_of(root / ENVELOPE_NAME, True)]
-    return max([v for v in versions if v is not None], default=0) + 1
+    found = [_previous_of(root / MANIFEST_NAME, False), _previous_of(root / ENVELOPE_NAME, True)]
+    found = [m for m in found if m is not None]
+    if not found:
+        return 1, None
+    newest = max(found, key=lambda m: m["version"])
+    return newest["version"] + 1, newest["cache_id"]
 
 
-def _version_of(path: Path, is_envelope: bool) -> int | None:
-    """Read a previous version without trusting it for anything but 'never go lower'."""
+def _previous_of(path: Path, is_envelope: bool) -> dict | None:
+    """Read a previous Manifest without trusting it for anything but 'never go lower'."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -304,7 +299,7 @@ def _version_of(path: Path, is_envelope: bool) -> int | None:
     try:
         if is_envelope:
             data = base64.b64decode(json.loads(data)["payload"], validate=True)
-        return loads_manifest(data)["version"]
+        return loads_manifest(data)
     except (VerifyError, ValueError, KeyError, TypeError) as exc:
         raise _unreadable_previous(path, str(exc)) from None
 
@@ -328,6 +323,8 @@ def roll_forward(cache_root: Path) -> int | None:
     Manifest: this only copies signed bytes, it never makes an unsigned state acceptable.
     """
     root = Path(cache_root)
+    if _committed_in_order(root):
+        return None
     payload, newer = _envelope_payload(root / ENVELOPE_NAME)
     if payload is None:
         return None
@@ -346,6 +343,42 @@ def roll_forward(cache_root: Path) -> int | None:
             return None
     atomic.write_bytes(root / MANIFEST_NAME, payload)
     return newer["version"]
+
+
+_PAYLOAD_START = len(b'{"payload":"')  # canonical JSON sorts "payload" first
+_TAIL = 1024  # base64 chars: the payload's last 768 bytes hold its version, tiles hash and tools
+
+
+def _committed_in_order(root: Path) -> bool:
+    """Fast path for every build: the envelope's payload and Manifest.json end alike (read ~2 KiB).
+
+    The tail of a Manifest holds its version and tiles hash (keys are sorted), so equal tails
+    mean the commit finished; a cut one has an older Manifest.json (or none) and differs.
+    """
+    try:
+        with open(root / ENVELOPE_NAME, "rb") as env, open(root / MANIFEST_NAME, "rb") as man:
+            tail = _payload_tail(env)
+            if not tail:
+                return False
+            man.seek(max(0, os.fstat(man.fileno()).st_size - len(tail)))
+            return man.read() == tail
+    except (OSError, ValueError):
+        return False
+
+
+def _payload_tail(env) -> bytes | None:
+    """The decoded last bytes of an envelope's base64 payload, without reading the whole file."""
+    size = os.fstat(env.fileno()).st_size
+    env.seek(max(0, size - 4096))
+    block = env.read()
+    mark = block.rfind(b'","payloadType":"')
+    if mark < 0:
+        return None
+    end = size - len(block) + mark  # absolute offset just past the payload's last base64 char
+    start = max(_PAYLOAD_START, end - _TAIL)
+    start += (start - _PAYLOAD_START) % 4 and 4 - (start - _PAYLOAD_START) % 4
+    env.seek(start)
+    return base64.b64decode(env.read(end - start), validate=True)
 
 
 def _envelope_payload(path: Path) -> tuple[bytes | None, dict]:

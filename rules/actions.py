@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 from c10 import __version__
@@ -208,12 +209,14 @@ def write_manifest() -> dict:
     files = _file_entries(graph)
     tiles_hash = mf.tiles_aggregate_hash(files)
     issued = now()
+    # the anti-rollback state of verifiers is kept per cache id: carried over, or new for a new cache
+    version, cache_id = mf.previous_identity(graph.root)
     body = mf.build_manifest(
-        version=mf.next_version(graph.root), issued_at=issued,
+        version=version, issued_at=issued,
         expires=issued + dt.timedelta(days=graph.config.signing.validity_days),
         build_identity=build_identity(graph, tiles_hash), request=graph.config.request(),
         host=host_info(graph), tools=tool_versions(), tiles_hash=tiles_hash, files=files,
-        cache_id=_cache_id(graph.root), engines=_engine_entries(graph))
+        cache_id=cache_id or uuid.uuid4().hex, engines=_engine_entries(graph))
     data = mf.dumps_manifest(body)
     try:
         mf.write_signed_manifest(graph.root, data, session.signing_key(lambda: load_key(graph)))
@@ -277,17 +280,6 @@ def build_identity(graph: Graph, tiles_hash: str) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def _cache_id(root: Path) -> str:
-    """The previous Manifest's cache id (the verifier's anti-rollback state is kept per id), or a new one."""
-    import json
-    import uuid
-
-    try:
-        return json.loads((root / "Manifest.json").read_bytes())["cache_id"]
-    except (OSError, ValueError, KeyError):
-        return uuid.uuid4().hex
-
-
 def _begin() -> Graph:
     """Every writing action first checks the key (nothing written if it is refused), then locks."""
     graph = load_graph()
@@ -311,7 +303,7 @@ def load_key(graph: Graph):
     return key
 
 
-def _passphrase(signing) -> bytes | None:
+def _passphrase(signing):
     """From signing.passphrase_file, $C10_KEY_PASSPHRASE_FILE, or a prompt on a terminal; never argv."""
     source = signing.passphrase_file or os.environ.get("C10_KEY_PASSPHRASE_FILE")
     if source:

@@ -199,3 +199,21 @@ def test_next_version_refuses_unreadable_previous(tmp_path, name):
     with pytest.raises(ManifestWriteError, match="doit build_cache") as info:
         mf.next_version(tmp_path)
     assert name in str(info.value) and "rollback" in str(info.value)
+
+
+def test_commit_fast_path_reads_tails_only(tmp_path):
+    """Equal payload/Manifest tails mean a finished commit; any other tail takes the full path."""
+    from c10.manifest import _committed_in_order
+    from c10.signing import PAYLOAD_TYPE, sign_envelope
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    import json
+
+    payload = json.dumps({"files": ["x" * 5000], "version": 7}, sort_keys=True).encode()
+    envelope = sign_envelope(payload, PAYLOAD_TYPE, Ed25519PrivateKey.generate())
+    (tmp_path / "Manifest.json.dsse").write_text(json.dumps(envelope, sort_keys=True, separators=(",", ":")))
+    (tmp_path / "Manifest.json").write_bytes(payload)
+    assert _committed_in_order(tmp_path)
+    (tmp_path / "Manifest.json").write_bytes(payload.replace(b'"version": 7', b'"version": 6'))
+    assert not _committed_in_order(tmp_path)
+    (tmp_path / "Manifest.json").unlink()
+    assert not _committed_in_order(tmp_path)
