@@ -43,9 +43,13 @@ def run_build(root: Path, doit_args: Sequence[str] = ("build_cache",)) -> int:
             namespace = {n: getattr(tasks, n) for n in dir(tasks) if n.startswith("task_")}
             # doit binds its default output stream at import; bind the current one instead
             namespace["DOIT_CONFIG"] = {**rules.DOIT_CONFIG, "outfile": sys.stdout}
+            streams = sys.stdout, sys.stderr
             try:
                 return DoitMain(ModuleTaskLoader(namespace)).run(list(doit_args))
             finally:
+                # doit's actions swap sys.stdout/err to capture output, unlocked: with `-n N`
+                # threads one capture can outlive the run and silence the next in-process build
+                sys.stdout, sys.stderr = streams
                 session.end()
                 graph.reset()
     finally:
