@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from c10 import atomic
+from c10.config import Index
 from c10.errors import IndexBuildError
 from c10.paths import index_relpaths
 from c10.shards import read_shard
@@ -16,12 +16,8 @@ from c10.shards import read_shard
 IDS_DTYPE = np.dtype([("z", "<u1"), ("x", "<u4"), ("y", "<u4")])
 
 
-@dataclass(frozen=True)
-class IndexParams:
-    factory: str = "Flat"
-    metric: str = "ip"
-    ef_construction: int = 40
-    ef_search: int = 64
+# The index settings of c10.toml are exactly what an index is built from.
+IndexParams = Index
 
 
 def load_descriptors(shard_paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ import numpy as np
 from c10 import atomic
 from c10.errors import DescriptorBatchError
 from c10.preprocess import Preprocessing, load_tensor
-from c10.shards import ShardStats, TileRecord
+from c10.shards import ShardStats, TileRecord, tile_rows
 
 OUTPUTS = ("keypoints", "descriptors", "scores")
 
@@ -73,13 +73,7 @@ def extract_tiles(runner, paths: Sequence[Path], prep: Preprocessing, threads: i
 def pack_features(records: Sequence[TileRecord], feats: Features, ident: str) -> bytes:
     """The shard file's bytes: .npy of rows in canonical (z, x, y) order."""
     _, k, d = feats.descriptors.shape
-    rows = np.zeros(len(records), features_dtype(k, d))
-    rows["z"] = [r.tile.z for r in records]
-    rows["x"] = [r.tile.x for r in records]
-    rows["y"] = [r.tile.y for r in records]
-    rows["size"] = [r.size for r in records]
-    rows["blake3"] = np.frombuffer(bytes.fromhex("".join(r.blake3 for r in records)), np.uint8).reshape(-1, 32)
-    rows["ident"] = np.frombuffer(bytes.fromhex(ident)[:8], np.uint8)
+    rows = tile_rows(records, features_dtype(k, d), ident)
     for name in OUTPUTS:
         rows[name] = getattr(feats, name)
     buf = io.BytesIO()

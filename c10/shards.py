@@ -126,15 +126,21 @@ def read_shard(path: str | Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def pack_shard(records: Sequence[TileRecord], desc: np.ndarray, ident: str) -> bytes:
-    """The shard file's bytes: .npy of rows in canonical (z, x, y) order."""
-    rows = np.zeros(len(records), shard_dtype(desc.shape[1]))
+def tile_rows(records: Sequence[TileRecord], dtype: np.dtype, ident: str) -> np.ndarray:
+    """Rows of `dtype` with every shard's common columns filled: z, x, y, size, blake3, ident."""
+    rows = np.zeros(len(records), dtype)
     rows["z"] = [r.tile.z for r in records]
     rows["x"] = [r.tile.x for r in records]
     rows["y"] = [r.tile.y for r in records]
     rows["size"] = [r.size for r in records]
     rows["blake3"] = np.frombuffer(bytes.fromhex("".join(r.blake3 for r in records)), np.uint8).reshape(-1, 32)
     rows["ident"] = np.frombuffer(bytes.fromhex(ident)[:8], np.uint8)
+    return rows
+
+
+def pack_shard(records: Sequence[TileRecord], desc: np.ndarray, ident: str) -> bytes:
+    """The shard file's bytes: .npy of rows in canonical (z, x, y) order."""
+    rows = tile_rows(records, shard_dtype(desc.shape[1]), ident)
     rows["desc"] = desc
     buf = io.BytesIO()
     np.save(buf, rows, allow_pickle=False)

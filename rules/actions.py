@@ -44,15 +44,22 @@ def _runner(graph: Graph, name: str):
         return _RUNNERS[path]
 
 
-def build_shard(name: str, rel: str) -> dict:
+def _shard_inputs(name: str, rel: str):
+    """(graph, plan, hash cache, tile records, preprocessing) of one shard task, key checked and locked."""
     from c10.preprocess import Preprocessing
-    from c10.shards import TileRecord, build_shard as build, embed_tiles, progress_bar
+    from c10.shards import TileRecord
 
     graph = _begin()
     plan = graph.plans[name]
     hashes = hash_cache()
     records = [TileRecord(t, *_size_hash(hashes, t.path)) for t in plan.shards[rel]]
-    prep = Preprocessing.from_model(plan.model)
+    return graph, plan, hashes, records, Preprocessing.from_model(plan.model)
+
+
+def build_shard(name: str, rel: str) -> dict:
+    from c10.shards import build_shard as build, embed_tiles, progress_bar
+
+    graph, plan, hashes, records, prep = _shard_inputs(name, rel)
     if graph.config.executor.kind == "dask":  # the same shard writer; descriptors come from the workers
         from c10.cluster import cluster_embedder
 
@@ -72,14 +79,8 @@ def build_shard(name: str, rel: str) -> dict:
 
 def build_local_shard(name: str, rel: str) -> dict:
     from c10.local_shards import build_local_shard as build, extract_tiles
-    from c10.preprocess import Preprocessing
-    from c10.shards import TileRecord
 
-    graph = _begin()
-    plan = graph.plans[name]
-    hashes = hash_cache()
-    records = [TileRecord(t, *_size_hash(hashes, t.path)) for t in plan.shards[rel]]
-    prep = Preprocessing.from_model(plan.model)
+    graph, plan, hashes, records, prep = _shard_inputs(name, rel)
     runner = _runner(graph, name)
     stats = build(graph.root, rel, records, lambda paths: extract_tiles(runner, paths, prep), plan.ident)
     hashes.save(min_interval=30.0)
@@ -98,10 +99,10 @@ def index_params(graph: Graph) -> dict:
 
 
 def build_index(name: str) -> dict:
-    from c10.index import IndexParams, build_index as build
+    from c10.index import build_index as build
 
     graph = _begin()
-    rows = build(graph.root, name, sorted(graph.plans[name].shards), IndexParams(**index_params(graph)))
+    rows = build(graph.root, name, sorted(graph.plans[name].shards), graph.config.index)
     return {"rows": rows}
 
 
