@@ -251,7 +251,7 @@ def classify(root: Path, fx: dict, had_manifest: bool) -> str:
 
 def differing_files(root: Path) -> list[str]:
     """Paths listed with other bytes (or missing), and unlisted non-control files."""
-    from c10.manifest import is_control
+    from c10.paths import is_control
 
     listed = {f["path"]: f["blake3"] for f in json.loads((root / "Manifest.json").read_bytes())["files"]}
     differ = []

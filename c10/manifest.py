@@ -15,8 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from c10 import atomic
 from c10.errors import ManifestWriteError, VerifyError
-from c10.paths import (  # noqa: F401  (the control allowlist lives with the layout)
-    CONTROL_DIR, CONTROL_FILES, CONTROL_PYCACHE, ENVELOPE_NAME, MANIFEST_NAME, is_control)
+from c10.paths import ENVELOPE_NAME, MANIFEST_NAME, is_control
 from c10.signing import PAYLOAD_TYPE, keyid, sign_envelope, ssh_fingerprint
 
 SCHEMA_VERSION = 1

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from c10 import atomic
 from c10.errors import VerifyError
-from c10.manifest import (CONTROL_DIR, CONTROL_FILES, ENVELOPE_NAME, MANIFEST_NAME, is_control, is_safe_path,
-                          loads_manifest, parse_time, path_problem)
+from c10.manifest import is_safe_path, loads_manifest, parse_time, path_problem
+from c10.paths import CONTROL_DIR, CONTROL_FILES, ENVELOPE_NAME, MANIFEST_NAME, is_control
 from c10.signing import verify_envelope_signers
 
 # Stable: scripts and the aircraft's arming logic branch on these. Never renumber.

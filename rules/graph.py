@@ -146,7 +146,6 @@ def _load(root: Path) -> Graph:
 
 
 def _plan(root: Path, config: Config, model: Model, engines) -> ModelPlan:
-    from c10.hashcache import HashCache
     from c10.errors import ModelError
 
     backend = engines.get_backend(config.engines.backend)

@@ -60,3 +60,19 @@ def cache(tmp_path, inputs, operator_key) -> Path:
 def executed(output: str) -> list[str]:
     """Task names doit executed (". name"), in order, from its output."""
     return [m.group(1) for m in re.finditer(r"^\.  (\S+)", output, re.M)]
+
+
+def build(root: Path, capsys, *args) -> tuple[int, str]:
+    """Run doit ARGS (default build_cache) in-process on `root`: (exit code, everything printed)."""
+    from c10.run import run_build
+
+    code = run_build(root, list(args) or ["build_cache"])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def built(root: Path, capsys) -> str:
+    """A build that must succeed; its output."""
+    code, out = build(root, capsys)
+    assert code == 0, out
+    return out

@@ -10,20 +10,7 @@ import pytest
 
 from c10.cli import main as c10_main
 from c10.lock import BuildLock
-from c10.run import run_build
-from conftest import executed
-
-
-def build(root, capsys, *args) -> tuple[int, str]:
-    code = run_build(root, list(args) or ["build_cache"])
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
-def built(root, capsys) -> str:
-    code, out = build(root, capsys)
-    assert code == 0, out
-    return out
+from conftest import build, built, executed
 
 
 def verify(root, pub, tmp_path) -> int:

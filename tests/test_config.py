@@ -3,7 +3,7 @@ import pytest
 
 from c10.config import load_config, parse_config
 from c10.errors import ConfigError
-from c10.project import CONFIG_TOML, DEFAULTS, DODO_PY, init_cache
+from c10.project import DODO_PY, init_cache
 
 GOOD = {"area": {"bbox": [50.4, 30.4, 50.5, 30.6], "zooms": [15]},
         "models": {"global": {"path": "models/global.onnx"}}}

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from c10 import netgen
-from c10.run import run_build
 from c10.shards import read_shard
-from conftest import executed
+from conftest import build, built, executed
 
 SECOND = '''
 [models.second]
@@ -21,18 +20,6 @@ path = "models/second.onnx"
 role = "global"
 input_size = [64, 64]
 '''
-
-
-def build(root, capsys, *args) -> tuple[int, str]:
-    code = run_build(root, list(args) or ["build_cache"])
-    out = capsys.readouterr()
-    return code, out.out + out.err
-
-
-def built(root, capsys) -> str:
-    code, out = build(root, capsys)
-    assert code == 0, out
-    return out
 
 
 def files(root: Path, sub: str) -> dict[str, bytes]:

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from c10 import atomic, manifest as mf
 from c10.errors import ManifestWriteError, VerifyError
 from c10.manifest import FileEntry, build_manifest, dumps_manifest, loads_manifest
+from c10.paths import is_control
 from c10.signing import keyid, ssh_fingerprint
 from c10.verify import verify_cache
 
@@ -118,7 +119,7 @@ def test_loads_checks_schema_version_and_structure():
     (".c10", False), (".hidden", False), ("Manifest.json.bak", False),
 ])
 def test_is_control(rel, expected):
-    assert mf.is_control(rel) is expected
+    assert is_control(rel) is expected
 
 
 # ---------------------------------------------------------------- key allowlist
