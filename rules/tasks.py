@@ -35,7 +35,7 @@ def task_engines():
             "targets": [plan.engine_rel, plan.sidecar_rel],
             "uptodate": [config_changed({"engine_key": plan.engine_key})],
             "actions": [(action(actions.build_engine), [name])],
-            "clean": True,
+            # no "clean": engines are removed only by `doit prune --apply` (GC is explicit)
         }
 
 
