@@ -15,8 +15,7 @@ from c10 import atomic
 # Two files: the big one for tiles is loaded only when a tile's stat changed; the small one
 # (models, engines, shards...) is read on every graph load to key engines.
 HASH_CACHES = {"tiles": ".c10/hashes-tiles.json", "other": ".c10/hashes.json"}
-# Below this a plain read beats mmap + threads (measured: mmap setup dominates small files).
-MMAP_THRESHOLD = 4 << 20
+MMAP_MIN = 1 << 20  # below this one read() beats mmap setup; above, mmap + threads win
 
 
 def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -25,13 +24,36 @@ def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
 
 
 def blake3_file(path: str | os.PathLike, size: int | None = None) -> str:
-    """blake3 hex digest of a file: mmap + threads for big files, one read for small ones."""
-    size = os.path.getsize(path) if size is None else size
-    with open(path, "rb") as fh:
-        if size < MMAP_THRESHOLD:
-            return blake3.blake3(fh.read()).hexdigest()
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return blake3.blake3(mm, max_threads=blake3.blake3.AUTO).hexdigest()
+    """blake3 hex digest of a file, by the same code as the verifier."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return hash_fd(fd, os.fstat(fd).st_size if size is None else size)
+    finally:
+        os.close(fd)
+
+
+def hash_fd(fd: int, size: int, head: bytes = b"") -> str:
+    """blake3 hex of an open regular file of `size` bytes (`head` already read from it): one
+    read when small, mmap + all cores when big. Reading size+1 bytes makes EOF one syscall."""
+    if size >= MMAP_MIN:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
+            return blake3.blake3(mapped, max_threads=blake3.blake3.AUTO).hexdigest()
+    data = head + os.read(fd, size + 1 - len(head))
+    if len(data) < size:  # a short read (signal, network filesystem): finish to EOF
+        data += read_fd(fd, size - len(data))
+    return blake3.blake3(data).hexdigest()
+
+
+def read_fd(fd: int, size: int) -> bytes:
+    """Read to EOF; asking for size+1 makes the usual case a single read() syscall."""
+    parts, want = [], size + 1
+    while want > 0:
+        chunk = os.read(fd, want)
+        if not chunk:
+            break
+        parts.append(chunk)
+        want -= len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class HashCache:

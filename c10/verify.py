@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import stat
 import time
@@ -17,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from c10 import atomic
 from c10.errors import VerifyError
+from c10.hashcache import MMAP_MIN, blake3_file as hash_file, hash_fd, read_fd  # noqa: F401  (hash_file: for writers and tests)
 from c10.manifest import is_safe_path, loads_manifest, parse_time, path_problem
 from c10.paths import CONTROL_DIR, CONTROL_FILES, ENVELOPE_NAME, MANIFEST_NAME, is_control
 from c10.signing import verify_envelope_signers
@@ -34,7 +34,6 @@ EXIT_CODES: dict[str, int] = {
     "extra-file": 60,
     "platform-mismatch": 70,
 }
-MMAP_MIN = 1 << 20  # below this one read() beats mmap setup; above, mmap + threads win
 _CONTROL_MAX = 1 << 30  # a 1M-file Manifest is ~200 MB; refuse to slurp anything larger
 HASH_THREADS = min(2, os.cpu_count() or 1)
 _CHUNK = 256  # files per worker task: amortizes executor overhead, keeps failures local
@@ -138,7 +137,7 @@ def _read_control(root: Path, name: str) -> bytes:
         if not stat.S_ISREG(st.st_mode) or st.st_size > _CONTROL_MAX:
             raise VerifyError("special-file", f"{name} is not a regular file of sane size; "
                               f"{_REBUILD}", name)
-        return _read_fd(fd, st.st_size)
+        return read_fd(fd, st.st_size)
     finally:
         os.close(fd)
 
@@ -337,39 +336,6 @@ def _check_stat(rel: str, st: os.stat_result, size: int) -> None:
     if st.st_size != size:
         raise VerifyError("size-mismatch", f"{rel} is {st.st_size} bytes, the Manifest says "
                           f"{size} (truncated or extended); {_REBUILD}", rel)
-
-
-def hash_fd(fd: int, size: int, head: bytes = b"") -> str:
-    """blake3 hex of an open regular file of `size` bytes (`head` already read from it): one
-    read when small, mmap + all cores when big. Reading size+1 bytes makes EOF one syscall."""
-    if size >= MMAP_MIN:
-        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped:
-            return blake3.blake3(mapped, max_threads=blake3.blake3.AUTO).hexdigest()
-    data = head + os.read(fd, size + 1 - len(head))
-    if len(data) < size:  # a short read (signal, network filesystem): finish to EOF
-        data += _read_fd(fd, size - len(data))
-    return blake3.blake3(data).hexdigest()
-
-
-def hash_file(path: str | os.PathLike) -> str:
-    """blake3 hex of a file, same code path as the verifier (for writers and tests)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return hash_fd(fd, os.fstat(fd).st_size)
-    finally:
-        os.close(fd)
-
-
-def _read_fd(fd: int, size: int) -> bytes:
-    """Read to EOF; asking for size+1 makes the usual case a single read() syscall."""
-    parts, want = [], size + 1
-    while want > 0:
-        chunk = os.read(fd, want)
-        if not chunk:
-            break
-        parts.append(chunk)
-        want -= len(chunk)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 # ---------------------------------------------------------------- 6-7: coverage, platform
