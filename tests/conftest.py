@@ -53,6 +53,14 @@ def make_cache(root: Path, inputs: Path, key: tuple, *, block: int = 4, backend:
 
 
 @pytest.fixture
+def onnx_file(tmp_path) -> Path:
+    """A tiny CNN with a dynamic batch (the engine and backend tests' model)."""
+    from test_engines_models import tiny_cnn
+
+    return tiny_cnn(tmp_path / "models" / "global.onnx")
+
+
+@pytest.fixture
 def cache(tmp_path, inputs, operator_key) -> Path:
     return make_cache(tmp_path / "cache", inputs, operator_key)
 

@@ -8,23 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_engines_models import file_hash, images, reference, row_cosine, tiny_cnn
+from test_engines_models import images, reference, row_cosine, spec_for, tiny_cnn
 
 from c10.backends.onnxruntime import OnnxRuntimeBackend
-from c10.engines import (EngineSpec, build_engine, check_calibration_for, engine_key,
+from c10.engines import (build_engine, check_calibration_for, engine_key,
                          engine_path, key_material, load_engine, sidecar_path)
 from c10.errors import (CalibrationCacheError, ConfigError, EngineBuildError,
                         EngineMismatchError, ModelError)
-
-
-@pytest.fixture
-def onnx_file(tmp_path: Path) -> Path:
-    return tiny_cnn(tmp_path / "models" / "global.onnx")
-
-
-def spec_for(path: Path, **kw) -> EngineSpec:
-    kw.setdefault("input_shape", (3, 32, 32))
-    return EngineSpec(model="global", onnx_path=path, onnx_hash=file_hash(path), **kw)
 
 
 class FakeBackend(OnnxRuntimeBackend):

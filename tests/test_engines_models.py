@@ -60,3 +60,11 @@ def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def images(n: int, size: int = 32, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
+
+
+def spec_for(path: Path, **kw):
+    """An EngineSpec of the tiny CNN at `path` (32x32 input unless overridden)."""
+    from c10.engines import EngineSpec
+
+    kw.setdefault("input_shape", (3, 32, 32))
+    return EngineSpec(model="global", onnx_path=path, onnx_hash=file_hash(path), **kw)
