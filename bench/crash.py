@@ -10,16 +10,19 @@ its first task (interpreter and graph load; both re-measured every 8 episodes); 
 to completion. After every kill:
 
 - the inputs (tiles, models, c10.toml, dodo.py) are byte-identical;
-- no file under engines/, shards/, index/ is torn (each parses; temp files may be left);
+- no file under engines/, shards/, index/ is torn (each parses), and no temp file is left there
+  (writers stage their temp files in .c10/tmp/, which verify does not read);
 - the committed Manifest is checked with `c10.verify.verify_cache` and the trusted key:
-  `verified`     it verifies, or differs only in the tiles the operator changed before the build;
-  `in-progress`  signature, payload, expiry pass; besides the operator's tiles, only derived
-                 files differ, each a complete output of the killed build or its temp file:
-                 the Manifest stays in force and a completed build re-commits (CP-INV-2);
-  `torn-commit`  the kill fell between the envelope's and Manifest.json's renames: the pair
+  `verified`     it verifies; in an incremental episode every file that differs from its listing
+                 must be a tile the operator changed before the build (those cannot verify until
+                 a build re-signs them), and the only unlisted files the shards and index files
+                 the killed build wrote under their content names, which verify accepts as pending;
+  `torn-commit`  the kill fell between the envelope's and Manifest.json's renames (both files are
+                 staged and fsynced first, so the window is two back-to-back renames): the pair
                  disagrees until the next build rolls Manifest.json forward (counted apart);
   `no-manifest`  a cold build killed before its first commit;
-  anything else is a failure.
+  anything else is a failure: a shard, index or engine file the Manifest lists changed, went
+  missing, or an unlisted file that is not a pending content-named file.
 After each episode's completed build: exit 0, the whole cache verifies, no temp file is left,
 and shards/ and index/ are byte-identical to a clean build of the same inputs.
 """
@@ -196,7 +199,7 @@ def temp_files(root: Path) -> list[str]:
 
 
 def torn_files(root: Path) -> list[str]:
-    """Derived files that do not parse (temp files excluded): an atomic writer never leaves one."""
+    """Derived files that do not parse, and temp files there (writers stage them in .c10/tmp/)."""
     import faiss
     import numpy as np
     import onnx
@@ -206,9 +209,10 @@ def torn_files(root: Path) -> list[str]:
     bad = []
     for top in DERIVED:
         for path in sorted((root / top).rglob("*")):
-            if not path.is_file() or is_temp_name(path.name):
+            if not path.is_file():
                 continue
             try:
+                assert not is_temp_name(path.name)
                 if top == "shards":
                     assert len(read_shard(path)) > 0
                 elif path.suffix == ".faiss":
@@ -225,7 +229,7 @@ def torn_files(root: Path) -> list[str]:
 
 
 def classify(root: Path, fx: dict, had_manifest: bool) -> str:
-    """What a kill left: verified, in-progress, torn-commit or no-manifest (else CrashFailure)."""
+    """What a kill left: verified, torn-commit or no-manifest (else CrashFailure)."""
     manifest, envelope = (root / "Manifest.json").exists(), (root / "Manifest.json.dsse").exists()
     if not manifest and not envelope:
         if had_manifest:
@@ -239,19 +243,18 @@ def classify(root: Path, fx: dict, had_manifest: bool) -> str:
             return "torn-commit"
         if exc.reason not in FILE_REASONS:  # signature, payload, rollback or expiry: the commit itself
             raise CrashFailure(f"{root}: the committed Manifest does not verify: {exc.reason}: {exc}") from None
-    # Signature, payload and expiry passed; account for every file that differs from the listing.
-    differ = differing_files(root)
-    builds = [rel for rel in differ if rel.split("/")[0] not in ("tiles", "models")]
-    wrong = [rel for rel in builds if rel.split("/")[0] not in DERIVED and not is_temp_name(rel)]
+    # Signature, payload and expiry passed: every file that differs must be the operator's own
+    # change of an input (check_kill compares the inputs to before the build).
+    wrong = [rel for rel in differing_files(root) if rel.split("/")[0] not in ("tiles", "models")]
     if wrong:
         raise CrashFailure(f"{root}: files differ from the committed Manifest: {wrong[:3]}")
-    # Differing inputs are the operator's own change (check_kill compares them to before the build).
-    return "in-progress" if builds else "verified"
+    return "verified"
 
 
 def differing_files(root: Path) -> list[str]:
-    """Paths listed with other bytes (or missing), and unlisted non-control files."""
+    """Paths listed with other bytes (or missing), and unlisted files verify would refuse."""
     from c10.paths import is_control
+    from c10.verify import is_pending
 
     listed = {f["path"]: f["blake3"] for f in json.loads((root / "Manifest.json").read_bytes())["files"]}
     differ = []
@@ -260,7 +263,8 @@ def differing_files(root: Path) -> list[str]:
         if not path.is_file() or blake3.blake3(path.read_bytes()).hexdigest() != digest:
             differ.append(rel)
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    return sorted(differ + [rel for rel in present - set(listed) if not is_control(rel)])
+    unlisted = [rel for rel in present - set(listed) if not is_control(rel)]
+    return sorted(differ + [rel for rel in unlisted if not is_pending(root, rel)])
 
 
 def check_kill(root: Path, fx: dict, inputs: dict, had_manifest: bool) -> str:

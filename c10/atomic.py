@@ -48,24 +48,38 @@ def storage_error(target: Path, exc: OSError) -> StorageError:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
-    """Yield a temp path beside `target`; on success fsync it and rename it over `target`.
+def atomic_path(target: str | os.PathLike, mode: int = 0o644,
+                staging: str | os.PathLike | None = None, rename: bool = True) -> Iterator[Path]:
+    """Yield a temp path beside `target` (or in `staging`, a dir of the same file system that
+    verify never reads: a kill then leaves nothing in shipped dirs); on success fsync it and
+    rename it over `target`.
 
     For writers that only take a file name (faiss, onnxruntime, OpenVINO). On any error the
     temp file is removed, `target` is left as it was, and an OSError becomes a StorageError.
     A failed fsync is never retried: the kernel may already have dropped the dirty pages
     and cleared the error, so a second fsync could report success for lost data.
+    rename=False: only create the temp file (and remove it if it is still there at the end).
     """
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        if staging is not None:
+            os.makedirs(staging, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=staging or target.parent)
         os.close(fd)
     except StorageError:
         raise
     except OSError as exc:
         raise storage_error(target, exc) from None
     tmp_path = Path(tmp)
+    if not rename:
+        try:
+            os.chmod(tmp_path, mode)
+            yield tmp_path
+        finally:
+            with contextlib.suppress(OSError):
+                tmp_path.unlink()
+        return
     try:
         yield tmp_path
         os.chmod(tmp_path, mode)
@@ -83,10 +97,38 @@ def atomic_path(target: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
         raise storage_error(target, exc) from None
 
 
-def write_bytes(target: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
-    """Atomically replace `target` with `data`."""
-    with atomic_path(target, mode) as tmp:
+def write_bytes(target: str | os.PathLike, data: bytes, mode: int = 0o644,
+                staging: str | os.PathLike | None = None) -> None:
+    """Atomically replace `target` with `data` (temp file in `staging` if given, see atomic_path)."""
+    with atomic_path(target, mode, staging) as tmp:
         _write_all(tmp, data)
+
+
+def write_together(items: list[tuple[Path, bytes]], staging: str | os.PathLike | None = None) -> None:
+    """Replace several files in order with the smallest window between them: every temp file is
+    written and fsynced first, then the renames run back to back, then each directory is fsynced
+    (the Manifest pair: a kill can fall only between two renames)."""
+    with contextlib.ExitStack() as stack:
+        temps = [stack.enter_context(atomic_path(target, staging=staging, rename=False)) for target, _ in items]
+        for tmp, (_, data) in zip(temps, items):
+            _write_all(tmp, data)
+            _fsync_file(tmp)
+        try:
+            for tmp, (target, _) in zip(temps, items):
+                os.replace(tmp, target)
+            for directory in dict.fromkeys(Path(target).parent for target, _ in items):
+                fsync_dir(directory)
+        except OSError as exc:
+            raise storage_error(Path(items[0][0]), exc) from None
+
+
+def move_into(staged: Path, target: Path) -> None:
+    """Rename a finished, fsynced file (made by a writer that takes a path) over `target`, durably."""
+    try:
+        os.replace(staged, target)
+        fsync_dir(Path(target).parent)
+    except OSError as exc:
+        raise storage_error(Path(target), exc) from None
 
 
 def _write_all(path: Path, data: bytes) -> None:
@@ -100,9 +142,10 @@ def _write_all(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def write_text(target: str | os.PathLike, text: str, mode: int = 0o644) -> None:
+def write_text(target: str | os.PathLike, text: str, mode: int = 0o644,
+               staging: str | os.PathLike | None = None) -> None:
     """Atomically replace `target` with UTF-8 `text`."""
-    write_bytes(target, text.encode("utf-8"), mode)
+    write_bytes(target, text.encode("utf-8"), mode, staging)
 
 
 def is_temp_name(name: str) -> bool:

@@ -108,6 +108,9 @@ def cmd_verify(args) -> int:
     print(json.dumps(verify_to_json(result)) if args.json else
           f"c10 verify: OK {root}: Manifest v{result.version}, {result.files} files, "
           f"{result.bytes / 1e6:.1f} MB checked in {result.elapsed:.2f} s")
+    if result.pending and not args.json:
+        print(f"c10 verify: note: {result.pending} shard/index file(s) of an unfinished build are not in the "
+              f"Manifest (nothing loads them); the next `doit build_cache` in {root} commits or removes them")
     return 0
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from c10.atomic import is_temp_name
-from c10.paths import CONTROL_DIR, CONTROL_FILES, is_control
+from c10.paths import CONTROL_DIR, CONTROL_FILES, STAGING_DIR, is_control
 
 # Wholly owned by the graph: an undeclared file here is a dead output and is removed by the build.
 OWNED_DIRS = ("shards", "index")
@@ -39,24 +39,34 @@ def find_orphans(root: Path, declared: set[str], scanned: str | None = None,
     return sorted([rel for rel in walked if rel not in declared and not is_control(rel)] + list(scanned_orphans))
 
 
-def remove_dead(root: Path, declared: set[str]) -> list[str]:
-    """Delete undeclared files in graph-owned dirs and writers' temp files in derived dirs."""
-    removed = []
+def dead_files(root: Path, keep: set[str], also_keep: Callable[[], set[str]] = set) -> list[str]:
+    """Files in graph-owned dirs outside `keep` and `also_keep()` (asked only if needed: it may
+    parse the Manifest), and writers' temp files in derived dirs; never a symlink."""
+    candidates = []
     for top in DERIVED_DIRS:
-        if not (root / top).is_dir():
-            continue
-        for rel in list(walk_files(root / top)):
-            full = f"{top}/{rel}"
-            dead = is_temp_name(Path(rel).name) or (top in OWNED_DIRS and full not in declared)
-            if dead and not (root / full).is_symlink():
-                (root / full).unlink()
-                removed.append(full)
-        _prune_empty_dirs(root / top)
+        if (root / top).is_dir():
+            for rel in walk_files(root / top):
+                full = f"{top}/{rel}"
+                if is_temp_name(Path(rel).name) or (top in OWNED_DIRS and full not in keep):
+                    candidates.append(full)
+    kept = also_keep() if any(not is_temp_name(Path(c).name) for c in candidates) else set()
+    return [rel for rel in candidates if rel not in kept and not (root / rel).is_symlink()]
+
+
+def remove_dead(root: Path, keep: set[str], also_keep: Callable[[], set[str]] = set) -> list[str]:
+    """Delete what dead_files lists, and killed writers' temp files of control files."""
+    removed = dead_files(root, keep, also_keep)
+    for rel in removed:
+        (root / rel).unlink()
+    for top in DERIVED_DIRS:
+        if removed and (root / top).is_dir():
+            _prune_empty_dirs(root / top)
     return removed + _remove_dead_temps(root)
 
 
 def _remove_dead_temps(root: Path) -> list[str]:
-    """Temp files of killed writers of root control files (the Manifest pair) and in .c10/."""
+    """Temp files of killed writers: of root control files, in .c10/, and everything staged in
+    .c10/tmp/ (under the build lock, once every writer of this build has finished)."""
     ours = tuple(f".{name}." for name in CONTROL_FILES)
     removed = []
     for top in ("", CONTROL_DIR):
@@ -66,6 +76,12 @@ def _remove_dead_temps(root: Path) -> list[str]:
                         and (top or entry.name.startswith(ours)):
                     os.unlink(entry.path)
                     removed.append(f"{top}/{entry.name}" if top else entry.name)
+    if (root / STAGING_DIR).is_dir():
+        staged = list(walk_files(root / STAGING_DIR))
+        for rel in staged:
+            os.unlink(root / STAGING_DIR / rel)
+        _prune_empty_dirs(root / STAGING_DIR)
+        removed += [f"{STAGING_DIR}/{rel}" for rel in staged]
     return removed
 
 

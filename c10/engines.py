@@ -6,10 +6,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from c10.atomic import write_text
+from c10.atomic import move_into, write_text
 from c10.backends import AUTO_ORDER, Backend, Runner, get_backend
+from c10.hashcache import blake3_file
 from c10.errors import (CalibrationCacheError, ConfigError, EngineBuildError,
                         EngineMismatchError, ModelError)
+from c10.paths import ENGINES_DIR, STAGING_DIR
 
 __all__ = ["EngineSpec", "ModelInfo", "Backend", "Runner", "get_backend", "engine_key",
            "key_material", "engine_path", "sidecar_path", "build_engine", "load_engine",
@@ -94,23 +96,29 @@ def sidecar_path(engine: Path) -> Path:
 
 
 def build_engine(spec: EngineSpec, backend: Backend, engines_dir: Path) -> tuple[Path, bool]:
-    """Reuse the engine for this key if it and its sidecar exist, else compile it: (path, built)."""
+    """Reuse the engine for this key if it and its sidecar exist, else compile it: (path, built).
+
+    The engine is compiled in .c10/tmp/ and moved in after its sidecar, which records its blake3:
+    whatever a kill leaves in engines/ proves itself to `c10 verify` (a pending engine)."""
     path = engine_path(engines_dir, spec, backend)
     material = key_material(spec, backend)
     key = engine_key(spec, backend)
     if path.is_file() and _read_sidecar(sidecar_path(path)).get("key") == key:
         return path, False
-    info = backend.compile(spec, path)
+    staged = Path(engines_dir).parent / STAGING_DIR / ENGINES_DIR / path.name
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    info = backend.compile(spec, staged)
     sidecar = {
         "key": key,
         "model": spec.model,
         "material": material,
         "host_metadata": backend.host_metadata(),
         "build": info or {},
-        "engine_size": path.stat().st_size,
+        "engine_size": staged.stat().st_size,
+        "engine_blake3": blake3_file(staged),
     }
-    # The sidecar is written last: an engine without one is rebuilt, never trusted.
-    write_text(sidecar_path(path), json.dumps(sidecar, sort_keys=True, indent=2) + "\n")
+    write_text(sidecar_path(path), json.dumps(sidecar, sort_keys=True, indent=2) + "\n", staging=staged.parent)
+    move_into(staged, path)
     return path, True
 
 

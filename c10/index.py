@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from c10 import atomic
+from c10 import refs
 from c10.config import Index
 from c10.errors import IndexBuildError
 from c10.paths import index_relpaths
@@ -59,24 +59,24 @@ def _set_hnsw(index, params: IndexParams, faiss) -> None:
         hnsw.efSearch = params.ef_search
 
 
-def build_index(root: Path, model: str, shard_relpaths: Sequence[str], params: IndexParams) -> int:
-    """Write the model's index and id map atomically; returns the number of rows."""
+def build_index(root: Path, model: str, shard_paths: Sequence[Path], params: IndexParams) -> tuple[int, list[dict]]:
+    """Write the model's index and id map under their content names: (rows, their two entries)."""
     import faiss
 
-    desc, ids = load_descriptors([root / p for p in shard_relpaths])
+    desc, ids = load_descriptors(shard_paths)
     index = make_index(desc, params)
     index_rel, ids_rel = index_relpaths(model)
-    atomic.write_bytes(root / index_rel, faiss.serialize_index(index).tobytes())
     buf = io.BytesIO()
     np.save(buf, ids, allow_pickle=False)
-    atomic.write_bytes(root / ids_rel, buf.getvalue())
-    return len(ids)
+    return len(ids), [refs.publish(root, index_rel, faiss.serialize_index(index).tobytes()),
+                      refs.publish(root, ids_rel, buf.getvalue())]
 
 
 def load_index(root: Path, model: str):
     """(index, ids) of a built cache, for queries."""
     import faiss
 
-    index_rel, ids_rel = index_relpaths(model)
-    index = faiss.read_index(str(root / index_rel), faiss.IO_FLAG_MMAP_IFC)
-    return index, np.load(root / ids_rel, allow_pickle=False)
+    files = refs.locate(root, list(index_relpaths(model)))
+    index_path, ids_path = (files[rel] for rel in index_relpaths(model))
+    index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC)
+    return index, np.load(ids_path, allow_pickle=False)

@@ -9,8 +9,9 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from c10 import atomic
+from c10 import refs
 from c10.errors import DescriptorBatchError
+from c10.paths import ref_relpath
 from c10.preprocess import Preprocessing, load_tensor
 from c10.shards import ShardStats, TileRecord, tile_rows
 
@@ -81,10 +82,11 @@ def pack_features(records: Sequence[TileRecord], feats: Features, ident: str) ->
     return buf.getvalue()
 
 
-def build_local_shard(root: Path, out_rel: str, records: Sequence[TileRecord], extract: Extractor,
+def build_local_shard(root: Path, logical: str, records: Sequence[TileRecord], extract: Extractor,
                       ident: str) -> ShardStats:
-    """Write one local-feature shard, extracting only tiles the previous shard lacks for this identity."""
-    previous = _previous_rows(Path(root) / out_rel, bytes.fromhex(ident)[:8])
+    """Write one local-feature shard under its content name, extracting only tiles the build's
+    current shard of `logical` lacks for this identity."""
+    previous = _previous_rows(refs.reusable_path(root, logical), bytes.fromhex(ident)[:8])
     rows = [previous.get((r.tile.id, r.blake3)) for r in records]
     todo = [i for i, row in enumerate(rows) if row is None]
     fresh = extract([Path(root) / records[i].tile.path for i in todo]) if todo else None
@@ -92,14 +94,15 @@ def build_local_shard(root: Path, out_rel: str, records: Sequence[TileRecord], e
         rows[i] = fresh[j]
     shapes = {(f.keypoints.shape, f.descriptors.shape) for f in rows}
     if len(shapes) != 1:
-        raise DescriptorBatchError(f"{out_rel}: the engine's keypoint count or descriptor size differs "
-                                   f"from the previous shard's; delete {out_rel} and run `doit build_cache` again")
+        raise DescriptorBatchError(f"{logical}: the engine's keypoint count or descriptor size differs from "
+                                   f"the previous shard's; remove its ref (`rm {ref_relpath(logical)}`), then run "
+                                   "`doit build_cache`")
     feats = Features(*(np.stack([getattr(f, n) for f in rows]) for n in OUTPUTS))
     if not all(np.all(np.isfinite(getattr(feats, n))) for n in OUTPUTS):
-        raise DescriptorBatchError(f"{out_rel}: the local-feature engine produced NaN/inf; "
+        raise DescriptorBatchError(f"{logical}: the local-feature engine produced NaN/inf; "
                                    "check the model, then run `doit build_cache` again")
-    atomic.write_bytes(Path(root) / out_rel, pack_features(records, feats, ident))
-    return ShardStats(len(records), len(todo), len(records) - len(todo))
+    entry = refs.publish(root, logical, pack_features(records, feats, ident))
+    return ShardStats(len(records), len(todo), len(records) - len(todo), entry)
 
 
 def read_features(path: str | Path) -> np.ndarray:
@@ -107,8 +110,10 @@ def read_features(path: str | Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def _previous_rows(path: Path, tag: bytes) -> dict:
+def _previous_rows(path: Path | None, tag: bytes) -> dict:
     """(tile id, blake3) -> Features of one tile in an existing shard of the same identity."""
+    if path is None:
+        return {}
     try:
         rows = read_features(path)
     except (OSError, ValueError, EOFError):
@@ -122,12 +127,12 @@ def _previous_rows(path: Path, tag: bytes) -> dict:
     return out
 
 
-def tile_features(root: Path, shard_rels: Iterable[str], tiles: Iterable[tuple[int, int, int]]) -> dict:
+def tile_features(shard_paths: Iterable[Path], tiles: Iterable[tuple[int, int, int]]) -> dict:
     """(z, x, y) -> Features of one tile, read from the shards that hold them."""
     wanted = {tuple(t) for t in tiles}
     found = {}
-    for rel in shard_rels:
-        for r in read_features(Path(root) / rel):
+    for path in shard_paths:
+        for r in read_features(path):
             tid = (int(r["z"]), int(r["x"]), int(r["y"]))
             if tid in wanted:
                 found[tid] = Features(r["keypoints"], r["descriptors"], r["scores"])

@@ -10,6 +10,7 @@ from PIL import Image
 
 from c10.local_shards import Features, run_local, tile_features
 from c10.paths import shard_relpath
+from c10.refs import locate
 from c10.preprocess import Preprocessing, open_tile, to_tensor
 from c10.rerank import Verified, rerank
 
@@ -29,7 +30,7 @@ class Verifier:
         """Candidates (tile id, similarity) re-ranked by LightGlue matches with `image`, most first."""
         b = self.block
         rels = sorted({shard_relpath(self.local_model, (z, x // b, y // b)) for (z, x, y), _ in candidates})
-        feats = tile_features(self.root, rels, [t for t, _ in candidates])
+        feats = tile_features(locate(self.root, rels).values(), [t for t, _ in candidates])
         return rerank(self.matcher_runner, self.local_features(image), candidates, feats)
 
     def verify_hits(self, image: Image.Image, hits) -> list[Verified]:

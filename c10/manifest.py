@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from c10 import atomic
 from c10.errors import ManifestWriteError, VerifyError
-from c10.paths import ENVELOPE_NAME, MANIFEST_NAME, is_control
+from c10.paths import ENVELOPE_NAME, MANIFEST_NAME, STAGING_DIR, is_control
 from c10.signing import PAYLOAD_TYPE, keyid, sign_envelope, ssh_fingerprint
 
 SCHEMA_VERSION = 1
@@ -259,13 +259,15 @@ def write_signed_manifest(cache_root: Path, manifest_bytes: bytes, key: Ed25519P
     with different bytes. (Manifest first would leave an unsigned new Manifest.json beside
     the old envelope: also rejected, but the newest version would then be unsigned.)
     The next build completes such a cut commit first thing under its lock (roll_forward).
+    Both files are written and fsynced before the first rename: the cut can only fall between
+    two back-to-back renames.
     """
     loads_manifest(manifest_bytes)  # never sign bytes the verifier would refuse to parse
     envelope = sign_envelope(manifest_bytes, PAYLOAD_TYPE, key)
     root = Path(cache_root)
     try:
-        atomic.write_bytes(root / ENVELOPE_NAME, _canonical(envelope) + b"\n")
-        atomic.write_bytes(root / MANIFEST_NAME, manifest_bytes)
+        atomic.write_together([(root / ENVELOPE_NAME, _canonical(envelope) + b"\n"),
+                               (root / MANIFEST_NAME, manifest_bytes)], staging=root / STAGING_DIR)
     except OSError as exc:
         raise ManifestWriteError(f"cannot write the Manifest in {root}: {exc}; free space or "
                                  f"fix permissions, then `doit build_cache`") from None
@@ -340,7 +342,7 @@ def roll_forward(cache_root: Path) -> int | None:
             return None  # not a commit we cut short: next_version() names the problem
         if old["version"] >= newer["version"] or old["cache_id"] != newer["cache_id"]:
             return None
-    atomic.write_bytes(root / MANIFEST_NAME, payload)
+    atomic.write_bytes(root / MANIFEST_NAME, payload, staging=root / STAGING_DIR)
     return newer["version"]
 
 

@@ -1,15 +1,12 @@
 """Stale derived files: engines of other keys and writers' leftovers, listed and removed only on request."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from c10.atomic import is_temp_name
 from c10.coverage import walk_files
-from c10.paths import ENGINES_DIR
+from c10.paths import ENGINE_NAME, ENGINES_DIR
 
-# What c10 itself writes into engines/: {model}-{64-hex key}.{onnx,blob,plan} and its .json sidecar.
-ENGINE_NAME = re.compile(r"^[A-Za-z0-9_.-]+-[0-9a-f]{64}\.(onnx|blob|plan|json)$")
 
 
 def stale_files(root: Path, declared: set[str]) -> tuple[list[str], list[str]]:

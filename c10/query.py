@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from c10.errors import DescriptorBatchError, IndexBuildError
+from c10.errors import C10Error, DescriptorBatchError, IndexBuildError
 from c10.preprocess import Preprocessing, open_tile, to_tensor
 from c10.shards import l2_normalize
 from c10.tiles import TileId, center_latlon
@@ -77,7 +77,7 @@ def load_index_checked(root: Path, model: str):
 
     try:
         return load_index(root, model)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, C10Error) as exc:
         raise IndexBuildError(f"{root}: no readable index of model {model!r} ({str(exc).splitlines()[0]}); "
                               f"run `doit build_cache` in {root} first") from None
 

@@ -14,8 +14,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from c10 import atomic
+from c10 import refs
 from c10.errors import DescriptorBatchError
+from c10.paths import ref_relpath
 from c10.preprocess import Preprocessing, load_tensor
 from c10.tiles import Tile
 
@@ -45,6 +46,7 @@ class ShardStats:
     tiles: int
     embedded: int
     reused: int
+    entry: dict | None = None  # the written file: path (content-named), size, blake3
 
 
 Embedder = Callable[[Sequence[Path]], np.ndarray]
@@ -147,28 +149,31 @@ def pack_shard(records: Sequence[TileRecord], desc: np.ndarray, ident: str) -> b
     return buf.getvalue()
 
 
-def build_shard(root: Path, out_rel: str, records: Sequence[TileRecord], embed: Embedder,
+def build_shard(root: Path, logical: str, records: Sequence[TileRecord], embed: Embedder,
                 ident: str) -> ShardStats:
-    """Write one shard, embedding only tiles that the previous shard lacks for this identity."""
-    previous = _previous_rows(root / out_rel, bytes.fromhex(ident)[:8])
+    """Write one shard under its content name, embedding only tiles that the build's current
+    shard of `logical` lacks for this identity; stats.entry names the new file (for its ref)."""
+    previous = _previous_rows(refs.reusable_path(root, logical), bytes.fromhex(ident)[:8])
     reuse = [previous.get((r.tile.id, r.blake3)) for r in records]
     todo = [i for i, vec in enumerate(reuse) if vec is None]
     fresh = embed([root / records[i].tile.path for i in todo]) if todo else None
     for j, i in enumerate(todo):
         reuse[i] = fresh[j]
     if len({len(v) for v in reuse}) != 1:
-        raise DescriptorBatchError(f"{out_rel}: the engine's descriptor size differs from the previous "
-                                   f"shard's; delete {out_rel} and run `doit build_cache` again")
+        raise DescriptorBatchError(f"{logical}: the engine's descriptor size differs from the previous "
+                                   f"shard's; remove its ref (`rm {ref_relpath(logical)}`), then run `doit build_cache`")
     desc = np.stack(reuse).astype(np.float32)
     if not np.all(np.isfinite(desc)):
-        raise DescriptorBatchError(f"{out_rel}: the engine produced NaN/inf descriptors; "
+        raise DescriptorBatchError(f"{logical}: the engine produced NaN/inf descriptors; "
                                    "check the model, then run `doit build_cache` again")
-    atomic.write_bytes(root / out_rel, pack_shard(records, desc, ident))
-    return ShardStats(len(records), len(todo), len(records) - len(todo))
+    entry = refs.publish(root, logical, pack_shard(records, desc, ident))
+    return ShardStats(len(records), len(todo), len(records) - len(todo), entry)
 
 
-def _previous_rows(path: Path, tag: bytes) -> dict:
+def _previous_rows(path: Path | None, tag: bytes) -> dict:
     """(tile id, blake3) -> descriptor of an existing shard of the same identity; empty if none."""
+    if path is None:
+        return {}
     try:
         rows = read_shard(path)
     except (OSError, ValueError, EOFError):

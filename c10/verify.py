@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -15,10 +16,12 @@ import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from c10 import atomic
+from c10.engines import canonical_json
 from c10.errors import VerifyError
 from c10.hashcache import MMAP_MIN, blake3_file as hash_file, hash_fd, read_fd  # noqa: F401  (hash_file: for writers and tests)
 from c10.manifest import is_safe_path, loads_manifest, parse_time, path_problem
-from c10.paths import CONTROL_DIR, CONTROL_FILES, ENVELOPE_NAME, MANIFEST_NAME, is_control
+from c10.paths import (CONTROL_DIR, CONTROL_FILES, ENGINE_NAME, ENGINES_DIR, ENVELOPE_NAME, MANIFEST_NAME,
+                       is_control, split_tagged)
 from c10.signing import verify_envelope_signers
 
 # Stable: scripts and the aircraft's arming logic branch on these. Never renumber.
@@ -55,6 +58,7 @@ class VerifyResult:
     keyid: str
     elapsed: float
     state_updated: bool = False
+    pending: int = 0  # content-named files of an unfinished build, listed by no Manifest yet
 
 
 @dataclass
@@ -96,12 +100,12 @@ def _verify(root, trusted, now, state_path, airborne, threshold, start) -> Verif
     state = _check_rollback(manifest, payload, state_path)
     _check_expiry(manifest, now)
     total, tree = _check_files(root, manifest["files"])
-    _check_coverage(tree, {f["path"] for f in manifest["files"]})
+    pending = _check_coverage(root, tree, {f["path"] for f in manifest["files"]})
     if airborne is not None:
         _check_platform(manifest["engines"], airborne)
     updated = _record_state(state_path, state, manifest, payload, signers)
     return VerifyResult(manifest["cache_id"], manifest["version"], len(manifest["files"]),
-                        total, ",".join(signers), time.perf_counter() - start, updated)
+                        total, ",".join(signers), time.perf_counter() - start, updated, pending)
 
 
 # ---------------------------------------------------------------- 1-2: envelope
@@ -340,8 +344,9 @@ def _check_stat(rel: str, st: os.stat_result, size: int) -> None:
 
 # ---------------------------------------------------------------- 6-7: coverage, platform
 
-def _check_coverage(tree: _Tree, listed: set[str]) -> None:
-    """Exactly the listed files plus control files; no symlink or special file anywhere."""
+def _check_coverage(root: Path, tree: _Tree, listed: set[str]) -> int:
+    """Exactly the listed files plus control files plus pending files; no symlink or special file
+    anywhere. Returns the number of pending files."""
     if tree.symlinks:
         rel = sorted(tree.symlinks)[0]
         raise VerifyError("symlink", f"{rel} is a symlink; caches hold no symlinks (not even to "
@@ -350,11 +355,70 @@ def _check_coverage(tree: _Tree, listed: set[str]) -> None:
         rel = sorted(tree.specials)[0]
         raise VerifyError("special-file", f"{rel} is a FIFO, device or socket; remove it "
                           f"(`rm {rel}`)", rel)
-    extra = sorted(tree.files - listed)
+    unlisted = sorted(tree.files - listed)
+    extra = [rel for rel in unlisted if not is_pending(root, rel)]
     if extra:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise VerifyError("extra-file", f"{extra[0]}{more} not listed in the Manifest; remove "
                           f"(`rm {extra[0]}`), or {_REBUILD}", extra[0])
+    return len(unlisted)
+
+
+def is_pending(root: Path, rel: str) -> bool:
+    """A file a build wrote beside the committed ones before it was stopped (or before it removed
+    them after its commit), which proves itself, so no Manifest is needed to know it is c10's own
+    and nothing loads it: a shard or index file named by the blake3 of its bytes; an engine
+    sidecar named by the hash of the key material it holds; an engine whose sidecar records its
+    blake3. Anything else unlisted is an extra file."""
+    split = split_tagged(rel)
+    if split is not None:
+        digest = _regular_file_hash(root / rel)
+        return digest is not None and digest.startswith(split[1])
+    engine = ENGINE_NAME.match(rel.removeprefix(ENGINES_DIR + "/")) if rel.startswith(ENGINES_DIR + "/") else None
+    if engine is None or "/" in rel.removeprefix(ENGINES_DIR + "/"):
+        return False
+    sidecar = _engine_sidecar(root / ENGINES_DIR / f"{engine['model']}-{engine['key']}.json", engine["key"])
+    if sidecar is None or engine["ext"] == "json":
+        return sidecar is not None
+    return sidecar.get("engine_blake3") == _regular_file_hash(root / rel)
+
+
+def _engine_sidecar(path: Path, key: str) -> dict | None:
+    """A sidecar whose key material hashes to `key` (the name it carries), else None."""
+    try:
+        data = json.loads(read_regular(path, _CONTROL_MAX))
+        material = canonical_json(data["material"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ok = data.get("key") == key == hashlib.sha256(material.encode()).hexdigest()
+    return data if ok else None
+
+
+def _regular_file_hash(path: Path) -> str | None:
+    """blake3 of a regular, singly linked file, opened without following symlinks; None otherwise."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        return hash_fd(fd, st.st_size) if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """A regular file's bytes (at most `limit`), never through a symlink or from a FIFO."""
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            raise OSError(errno.EINVAL, "not a regular file of a sane size")
+        return read_fd(fd, st.st_size)
+    finally:
+        os.close(fd)
 
 
 def _check_platform(engines: list[dict], airborne: dict) -> None:

@@ -74,7 +74,7 @@ def build_shard(name: str, rel: str) -> dict:
 
     stats = build(graph.root, rel, records, embed, plan.ident)
     hashes.save(min_interval=30.0)  # rewriting every tile's hash after each small shard costs more than it saves
-    return {"embedded": stats.embedded, "reused": stats.reused}
+    return {"embedded": stats.embedded, "reused": stats.reused, "refs": _published(graph, {rel: stats.entry})}
 
 
 def build_local_shard(name: str, rel: str) -> dict:
@@ -84,7 +84,36 @@ def build_local_shard(name: str, rel: str) -> dict:
     runner = _runner(graph, name)
     stats = build(graph.root, rel, records, lambda paths: extract_tiles(runner, paths, prep), plan.ident)
     hashes.save(min_interval=30.0)
-    return {"extracted": stats.embedded, "reused": stats.reused}
+    return {"extracted": stats.embedded, "reused": stats.reused, "refs": _published(graph, {rel: stats.entry})}
+
+
+def _published(graph: Graph, written: dict[str, dict]) -> dict[str, dict]:
+    """The refs an action published (doit saves them for refs_current); their hashes are known."""
+    hashes = hash_cache()
+    for entry in written.values():
+        hashes.remember(entry["path"], os.stat(graph.root / entry["path"]), entry["blake3"])
+    return written
+
+
+def refs_current(task, values) -> bool:
+    """doit uptodate of shard and index tasks: their refs are the ones doit recorded (not rewritten
+    by a killed run) and name files whose bytes are still those (a deleted or damaged shard is rebuilt)."""
+    from c10.refs import read_ref
+
+    recorded, root, hashes = values.get("refs"), load_graph().root, hash_cache()
+    if not recorded or len(recorded) != len(task.targets):
+        return False
+    for logical, entry in recorded.items():
+        if read_ref(root, logical) != entry or _digest(hashes, entry["path"]) != entry["blake3"]:
+            return False
+    return True
+
+
+def _digest(hashes, rel: str) -> str | None:
+    try:
+        return hashes.hash(rel)[0]
+    except OSError:
+        return None
 
 
 def _size_hash(hashes, rel: str) -> tuple[int, str]:
@@ -102,13 +131,44 @@ def build_index(name: str) -> dict:
     from c10.index import build_index as build
 
     graph = _begin()
-    rows = build(graph.root, name, sorted(graph.plans[name].shards), graph.config.index)
-    return {"rows": rows}
+    plan = graph.plans[name]
+    rows, entries = build(graph.root, name, [_current(graph, rel) for rel in sorted(plan.shards)],
+                          graph.config.index)
+    return {"rows": rows, "refs": _published(graph, dict(zip(plan.index_rels, entries)))}
+
+
+def _current(graph: Graph, logical: str) -> Path:
+    from c10.errors import IndexBuildError
+    from c10.refs import current_path
+
+    path = current_path(graph.root, logical)
+    if path is None:
+        raise IndexBuildError(f"{graph.root}: the build has no {logical} (its ref .c10/refs/{logical}.json is "
+                              "missing or damaged); run `doit build_cache` again")
+    return path
+
+
+def committed_owned(graph: Graph):
+    """committed() -> the shards and index files the last Manifest lists, parsed on first call."""
+    from functools import cache
+
+    from c10.refs import committed_files
+
+    return cache(lambda: set(committed_files(graph.root)))
+
+
+def live_files(graph: Graph) -> set[str]:
+    """The content-named shard and index files the build's refs name now."""
+    from c10.refs import read_ref
+
+    entries = (read_ref(graph.root, rel) for rel in graph.owned_logicals())
+    return {e["path"] for e in entries if e}
 
 
 def check_coverage() -> None:
     """Remove dead graph-owned files (ninja's cleandead), then fail on any undeclared file."""
     from c10.coverage import find_orphans, remove_dead
+    from c10.refs import remove_stale_refs
     from c10.tiles import TILES_DIR
 
     graph = load_graph()
@@ -120,10 +180,12 @@ def check_coverage() -> None:
             f"{graph.root}: no tiles in scope (bbox {list(graph.config.area.bbox)}, zooms "
             f"{list(graph.config.area.zooms)}); fetch tiles into tiles/{{z}}/{{x}}/{{y}}.jpg first "
             f"(or `c10 import {graph.root} SOURCE`), then re-run `doit build_cache`")
-    declared = graph.declared(tiles=False)
-    removed = remove_dead(graph.root, declared)
+    declared, live, committed = graph.declared(tiles=False), live_files(graph), committed_owned(graph)
+    # shards/ and index/ keep the build's current files and, until the next commit, the last Manifest's
+    removed = remove_dead(graph.root, live, committed) + remove_stale_refs(graph.root, set(graph.owned_logicals()))
     # tiles/ was listed file by file when the graph loaded: its orphans are known, no second walk
-    orphans = find_orphans(graph.root, declared, TILES_DIR, graph.strays + [t.path for t in graph.out_of_scope])
+    orphans = find_orphans(graph.root, declared | live, TILES_DIR, graph.strays + [t.path for t in graph.out_of_scope])
+    orphans = [rel for rel in orphans if rel not in committed()] if orphans else orphans
     if orphans:
         raise ManifestCoverageError(_orphan_message(graph, orphans))
     for rel in removed:
@@ -189,12 +251,14 @@ def prune(apply: bool) -> None:
 
 
 def manifest_deps(graph: Graph) -> list[str]:
-    """Every shipped file but the tiles, whose sizes and hashes the shards carry."""
+    """Every shipped file but the tiles (whose sizes and hashes the shards carry); shards and
+    index files through the refs that name them."""
+    from c10.paths import ref_relpath
+
     deps = [str(Path(graph.root / rel)) for rel in graph.shipped_inputs()]
     for plan in graph.plans.values():
-        deps += [plan.engine_rel, plan.sidecar_rel, *plan.shards]
-        deps += list(plan.index_rels) if plan.shards else []
-    return deps
+        deps += [plan.engine_rel, plan.sidecar_rel]
+    return deps + [ref_relpath(rel) for rel in graph.owned_logicals()]
 
 
 def manifest_settings(graph: Graph) -> dict:
@@ -219,11 +283,12 @@ def write_manifest() -> dict:
         host=host_info(graph), tools=tool_versions(), tiles_hash=tiles_hash, files=files,
         cache_id=cache_id or uuid.uuid4().hex, engines=_engine_entries(graph))
     data = mf.dumps_manifest(body)
+    hash_cache().save()  # before the commit: after it, only the leftovers' removal may still fail
     try:
         mf.write_signed_manifest(graph.root, data, session.signing_key(lambda: load_key(graph)))
     finally:
         session.drop_key()
-    hash_cache().save()
+    _collect_garbage(graph, {f.path for f in files})
     return {"version": body["version"], "files": len(files), "expires": body["expires"]}
 
 
@@ -239,6 +304,18 @@ def manifest_fresh(task, values) -> bool:
     return dt.datetime.fromisoformat(expires.replace("Z", "+00:00")) - now() > RESIGN_MARGIN
 
 
+def _collect_garbage(graph: Graph, listed: set[str]) -> None:
+    """After the commit: the previous Manifest's shards and index files it no longer lists go
+    (a failure here only leaves them for the next build's coverage gate: the commit stands)."""
+    from c10.coverage import remove_dead
+
+    try:
+        remove_dead(graph.root, listed, set)
+    except OSError as exc:
+        print(f"warning: the new Manifest is committed, but its predecessor's files were not all "
+              f"removed ({exc}); the next `doit build_cache` removes them")
+
+
 def _file_entries(graph: Graph) -> list:
     from c10.manifest import FileEntry
     from c10.shards import tile_facts
@@ -248,18 +325,37 @@ def _file_entries(graph: Graph) -> list:
     entries = {}
     for plan in graph.embedding_plans():
         for rel in plan.shards:
-            for tid, (size, digest) in tile_facts(graph.root / rel).items():
+            for tid, (size, digest) in tile_facts(_current(graph, rel)).items():
                 entries[paths[tid]] = FileEntry(paths[tid], size, digest, "tile")
     for rel, kind in _derived_files(graph):
         digest, st = hashes.hash(rel)
         entries[rel] = FileEntry(rel, st.st_size, digest, kind)
+    for logical, kind in _owned_files(graph):  # hashed when written, checked by refs_current
+        entry = _ref_entry(graph, logical)
+        entries[entry["path"]] = FileEntry(entry["path"], entry["size"], entry["blake3"], kind)
     return list(entries.values())
+
+
+def _ref_entry(graph: Graph, logical: str) -> dict:
+    from c10.refs import read_ref
+
+    entry = read_ref(graph.root, logical)
+    if entry is None:
+        _current(graph, logical)  # raises the missing-ref error
+    return entry
 
 
 def _derived_files(graph: Graph) -> list[tuple[str, str]]:
     out = [(rel, "model") for rel in graph.shipped_inputs()]
     for plan in graph.plans.values():
         out += [(plan.engine_rel, "engine"), (plan.sidecar_rel, "engine-meta")]
+    return out
+
+
+def _owned_files(graph: Graph) -> list[tuple[str, str]]:
+    """(logical path, kind) of every shard and index file."""
+    out = []
+    for plan in graph.plans.values():
         out += [(rel, "shard") for rel in plan.shards]
         out += [(rel, "index") for rel in (plan.index_rels if plan.shards else ())]
     return out

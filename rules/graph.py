@@ -58,12 +58,20 @@ class Graph:
         return [p for p in self.plans.values() if p.model.role in SHARD_ROLES]
 
     def declared(self, tiles: bool = True) -> set[str]:
-        """Every non-control file the graph reads or writes, relative to the root (tiles=False: all
-        but the tiles, for the coverage gate, which has the load-time scan of tiles/)."""
+        """Every non-control file the graph reads or writes outside shards/ and index/ (content-named,
+        see c10.refs), relative to the root (tiles=False: all but the tiles, for the coverage gate,
+        which has the load-time scan of tiles/)."""
         files = {t.path for t in self.tiles} if tiles else set()
         for plan in self.plans.values():
-            files |= {plan.engine_rel, plan.sidecar_rel, *plan.shards, *(plan.index_rels if plan.shards else ())}
+            files |= {plan.engine_rel, plan.sidecar_rel}
         return files | set(self.shipped_inputs())
+
+    def owned_logicals(self) -> list[str]:
+        """Logical paths of every shard and index file (each a ref in .c10/refs/)."""
+        out = []
+        for plan in self.plans.values():
+            out += [*plan.shards, *(plan.index_rels if plan.shards else ())]
+        return out
 
     def shipped_inputs(self) -> list[str]:
         """Model files that live inside the cache (they ship with it)."""

@@ -9,9 +9,9 @@ from doit import loader
 from doit.control import TaskControl
 from doit.dependency import Dependency
 
-from c10.coverage import DERIVED_DIRS, OWNED_DIRS, find_orphans
-from c10.atomic import is_temp_name
+from c10.coverage import dead_files, find_orphans
 from c10.tiles import Scope
+from rules.actions import committed_owned, live_files
 from rules.graph import Graph
 
 
@@ -115,19 +115,12 @@ def _callable_name(utd) -> str:
 def area_facts(graph: Graph) -> dict:
     """Tiles expected/present, and what the coverage gate would remove or refuse (read-only)."""
     area = graph.config.area
-    declared = graph.declared()
+    declared, live, committed = graph.declared(), live_files(graph), committed_owned(graph)
     expected = Scope(area.bbox, area.zooms).expected_count()
-    undeclared = find_orphans(graph.root, declared)
-    dead = [rel for rel in undeclared if _dead(graph.root, rel)]
-    orphans = [rel for rel in undeclared if not _dead(graph.root, rel)]
+    dead = dead_files(graph.root, live, committed)
+    orphans = [rel for rel in find_orphans(graph.root, declared | live) if rel not in set(dead)]
+    orphans = [rel for rel in orphans if rel not in committed()] if orphans else orphans
     return {"root": str(graph.root), "bbox": list(area.bbox), "zooms": list(area.zooms),
             "require_complete": area.require_complete, "tiles_expected": expected,
             "tiles_present": len(graph.tiles), "tiles_missing": expected - len(graph.tiles),
             "dead": dead, "orphans": orphans, "manifest": (graph.root / "Manifest.json").is_file()}
-
-
-def _dead(root: Path, rel: str) -> bool:
-    """What the coverage gate removes itself (c10.coverage.remove_dead): not an orphan."""
-    top = rel.split("/", 1)[0]
-    dead = top in OWNED_DIRS or is_temp_name(Path(rel).name)
-    return top in DERIVED_DIRS and dead and not (root / rel).is_symlink()

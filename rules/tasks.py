@@ -7,6 +7,7 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from c10.errors import C10Error
+from c10.paths import ref_relpath
 from rules import actions, session
 from rules.graph import load_graph
 from rules.session import action
@@ -49,10 +50,11 @@ def task_shards():
                 "name": rel.removeprefix("shards/").removesuffix(".npy"),
                 "doc": f"{len(tiles)} tiles of {rel}",
                 "file_dep": [t.path for t in tiles],
-                "targets": [rel],
+                # the target is the ref naming the shard's content-named file (c10.refs)
+                "targets": [ref_relpath(rel)],
                 "task_dep": [f"engines:{plan.model.name}"],
                 # the tile list is in the key: a removed tile must rebuild its shard
-                "uptodate": [config_changed(_shard_key(plan.ident, tiles))],
+                "uptodate": [config_changed(_shard_key(plan.ident, tiles)), actions.refs_current],
                 "actions": [(action(build), [plan.model.name, rel])],
             }
 
@@ -74,9 +76,9 @@ def task_index():
         yield {
             "name": plan.model.name,
             "doc": f"FAISS {graph.config.index.factory} index over {len(graph.tiles)} tiles",
-            "file_dep": list(plan.shards),
-            "targets": list(plan.index_rels),
-            "uptodate": [config_changed(actions.index_params(graph))],
+            "file_dep": [ref_relpath(rel) for rel in plan.shards],
+            "targets": [ref_relpath(rel) for rel in plan.index_rels],
+            "uptodate": [config_changed(actions.index_params(graph)), actions.refs_current],
             "actions": [(action(actions.build_index), [plan.model.name])],
         }
 

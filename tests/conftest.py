@@ -84,3 +84,19 @@ def built(root: Path, capsys) -> str:
     code, out = build(root, capsys)
     assert code == 0, out
     return out
+
+
+def current(root: Path, logical: str) -> Path:
+    """The content-named file the build's ref names for `logical` (e.g. shards/global/15/1-2.npy)."""
+    from c10.refs import current_path
+
+    path = current_path(root, logical)
+    assert path is not None and path.is_file(), f"no current {logical} in {root}"
+    return path
+
+
+def current_files(root: Path, top: str) -> dict[str, Path]:
+    """logical path -> current file of every ref under .c10/refs/{top} (e.g. shards/global)."""
+    refs = root / ".c10/refs"
+    logicals = [p.relative_to(refs).as_posix().removesuffix(".json") for p in sorted((refs / top).rglob("*.json"))]
+    return {rel: current(root, rel) for rel in logicals}

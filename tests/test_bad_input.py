@@ -14,7 +14,7 @@ from PIL import Image
 from c10.cli import main as c10_main
 from c10.errors import CacheRootMissingError
 from c10.run import run_build
-from conftest import make_cache
+from conftest import current, make_cache
 
 NOT_LOST = ("tiles", "models", "engines", "shards", "index")
 
@@ -90,14 +90,14 @@ def test_a_tile_of_another_pixel_size_is_resized_like_every_tile(built, capsys):
 
     tile = tiles_of(built)[7]
     x, y = int(tile.parent.name), int(tile.stem)
-    shard = built / f"shards/global/15/{x // 4}-{y // 4}.npy"
-    before = _descriptor(read_shard(shard), x, y)
+    shard = f"shards/global/15/{x // 4}-{y // 4}.npy"
+    before = _descriptor(read_shard(current(built, shard)), x, y)
     with Image.open(tile) as img:  # a 2x "retina" tile of the same ground, among 128-px tiles
         buf = io.BytesIO()
         img.resize((img.width * 2, img.height * 2), Image.BICUBIC).save(buf, "JPEG", quality=90)
     tile.write_bytes(buf.getvalue())
     succeeds(built, capsys)
-    after = _descriptor(read_shard(shard), x, y)
+    after = _descriptor(read_shard(current(built, shard)), x, y)
     assert float(before @ after) > 0.95  # the same footprint: nearly the same descriptor
 
 
@@ -235,14 +235,15 @@ def test_disk_full_while_writing_a_shard(built, capsys, monkeypatch):
     real_write = os.write
 
     def full_for_shards(fd, data):
-        if "/shards/" in os.readlink(f"/proc/self/fd/{fd}"):
+        # shards are staged in .c10/tmp/ under their content names, then renamed into shards/
+        if re.search(r"/\.c10/tmp/\.\d+-\d+\.[0-9a-f]{16}\.npy\.", os.readlink(f"/proc/self/fd/{fd}")):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", full_for_shards)
     out = fails(built, capsys, "StorageError", "No space left on device", "the disk is full: free space",
                 "doit build_cache", "previous Manifest stays in force")
-    assert re.search(r"shards/global/15/\d+-\d+\.npy: cannot write it", out), out
+    assert re.search(r"shards/global/15/\d+-\d+\.[0-9a-f]{16}\.npy: cannot write it", out), out
     monkeypatch.setattr(os, "write", real_write)
     assert snapshot(built) == before
     assert not [p for p in built.rglob("*.tmp")]

@@ -6,7 +6,7 @@ import re
 
 from c10 import netgen
 from c10.run import run_build
-from conftest import executed
+from conftest import current_files, executed
 
 
 def run(root, capsys, *args):
@@ -39,7 +39,7 @@ def test_new_weights_give_a_new_engine_and_reembed(cache, capsys):
     code, out = run(cache, capsys)
     ran = executed(out)
     assert "engines:global" in ran and "index:global" in ran
-    assert len([t for t in ran if t.startswith("shards:")]) == len(list((cache / "shards").rglob("*.npy")))
+    assert len([t for t in ran if t.startswith("shards:")]) == len(current_files(cache, "shards"))
     # the old engine is not deleted by a build: the gate names it and the command that removes it
     assert code != 0 and "doit prune" in out and old[0] in out
     assert run(cache, capsys, "prune", "--apply")[0] == 0

@@ -46,7 +46,8 @@ class FaultAt:
             return f"{self.name} dir after {self._last}"
         name = os.path.basename(target)
         match = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", name)  # atomic_path's temp name -> its target
-        self._last = match.group(1) if match else name
+        # content names differ between the tile states a run alternates: compare them untagged
+        self._last = re.sub(r"\.[0-9a-f]{16}\.", ".", match.group(1) if match else name)
         return f"{self.name} {self._last}"
 
 
@@ -117,11 +118,12 @@ def test_every_kth_call_fails_cleanly_and_the_next_build_converges(name, world, 
         hit.append(fault.sites[k - 1])
     print(f"{name}: {k - 1} faults: {seen}; sites: {hit}")
     assert hit == dry.sites  # every call of the build failed once, in the same order
-    assert seen.get("in-progress") and seen.get("torn-commit") and seen.get("verified")
+    assert seen.get("verified") and set(seen) <= {"torn-commit", "verified", "succeeded"}
+    # both Manifest files are written and fsynced before the first rename: only a rename can tear
+    assert bool(seen.get("torn-commit")) == (name == "replace")
 
 
 def _fault_then_repair(root, fx, reference, fault, capsys, monkeypatch) -> str:
-    before = (root / "Manifest.json").read_bytes()
     inputs = crash.inputs_of(root)
     code, out = _build(root, capsys, fault, monkeypatch)
     where = f"os.{fault.name} fault at call {fault.k}:\n{out[-2000:]}"
@@ -138,9 +140,7 @@ def _fault_then_repair(root, fx, reference, fault, capsys, monkeypatch) -> str:
         assert "StorageError" in out or "ManifestWriteError" in out, where
         assert "doit build_cache" in out, where
         outcome = crash.check_kill(root, fx, inputs, had_manifest=True)
-        assert outcome in ("verified", "in-progress", "torn-commit"), where
-        if outcome == "in-progress":
-            assert (root / "Manifest.json").read_bytes() == before, where
+        assert outcome in ("verified", "torn-commit"), where  # the committed Manifest holds
     code, out = _build(root, capsys)
     assert code == 0, f"repair after {where}\n{out}"
     assert (crash.ROLLED in out) == (outcome == "torn-commit"), out

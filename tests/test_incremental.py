@@ -12,7 +12,7 @@ import pytest
 
 from c10 import netgen
 from c10.shards import read_shard
-from conftest import build, built, executed
+from conftest import build, built, current, current_files, executed
 
 SECOND = '''
 [models.second]
@@ -23,12 +23,13 @@ input_size = [64, 64]
 
 
 def files(root: Path, sub: str) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / sub).rglob("*")) if p.is_file()}
+    """logical path -> bytes of the build's current shard or index files under `sub`."""
+    return {rel: path.read_bytes() for rel, path in current_files(root, sub).items()}
 
 
 def shard_tasks(root: Path, model: str) -> list[str]:
-    return sorted(f"shards:{model}/{p.relative_to(root / 'shards').with_suffix('').as_posix().split('/', 1)[1]}"
-                  for p in (root / "shards" / model).rglob("*.npy"))
+    return sorted(f"shards:{rel.removeprefix('shards/').removesuffix('.npy')}"
+                  for rel in current_files(root, f"shards/{model}"))
 
 
 def with_second_model(cache: Path) -> Path:
@@ -45,21 +46,23 @@ def set_in_second(cache: Path, line: str) -> None:
 
 def test_removed_block_loses_its_shard_and_nothing_is_left_behind(cache, capsys):
     built(cache, capsys)
-    victim = sorted((cache / "shards/global/15").iterdir())[1]
-    bx, by = map(int, victim.stem.split("-"))
+    logical, victim = sorted(current_files(cache, "shards/global/15").items())[1]
+    bx, by = map(int, Path(logical).stem.split("-"))
     for tile in (cache / "tiles/15").rglob("*.jpg"):
         if int(tile.parent.name) // 4 == bx and int(tile.stem) // 4 == by:
             tile.unlink()
     code, out = build(cache, capsys)
     assert code == 0, out
     assert executed(out) == ["index:global", "coverage", "manifest"]
-    assert f"removed dead shards/global/15/{victim.name}" in out and not victim.exists()
+    # its ref goes at the coverage gate, its file once the new Manifest no longer lists it
+    assert f"removed dead .c10/refs/{logical}.json" in out and not victim.exists()
     left = {p.relative_to(cache).as_posix() for p in (cache / "shards").rglob("*")}
     manifest = (cache / "Manifest.json").read_text()
     assert all(rel in manifest for rel in left if rel.endswith(".npy")) and victim.name not in manifest
     assert not [rel for rel in left if not rel.endswith(".npy") and rel.count("/") > 2]  # no temp files or dirs
-    assert {int(r["x"]) // 4 for r in read_shard(cache / "index/global.ids.npy")} != set() and \
-        not any(int(r["x"]) // 4 == bx and int(r["y"]) // 4 == by for r in read_shard(cache / "index/global.ids.npy"))
+    ids = read_shard(current(cache, "index/global.ids.npy"))
+    assert {int(r["x"]) // 4 for r in ids} != set() and \
+        not any(int(r["x"]) // 4 == bx and int(r["y"]) // 4 == by for r in ids)
     assert executed(build(cache, capsys)[1]) == ["coverage"]
 
 
@@ -132,11 +135,11 @@ def test_added_tile_embeds_one_tile_and_reuses_its_block(cache, capsys, tmp_path
     shutil.move(tile, tmp_path / "held.jpg")
     built(cache, capsys)
     x, y = int(tile.parent.name), int(tile.stem)
-    shard = cache / f"shards/global/15/{x // 4}-{y // 4}.npy"
-    before = {(int(r["x"]), int(r["y"])): r["desc"].copy() for r in read_shard(shard)}
+    shard = f"shards/global/15/{x // 4}-{y // 4}.npy"
+    before = {(int(r["x"]), int(r["y"])): r["desc"].copy() for r in read_shard(current(cache, shard))}
     shutil.move(tmp_path / "held.jpg", tile)
     built(cache, capsys)
-    after = {(int(r["x"]), int(r["y"])): r["desc"] for r in read_shard(shard)}
+    after = {(int(r["x"]), int(r["y"])): r["desc"] for r in read_shard(current(cache, shard))}
     assert after.keys() - before.keys() == {(x, y)}
     assert all(np.array_equal(after[k], v) for k, v in before.items())
     values = task_values(cache, f"shards:global/15/{x // 4}-{y // 4}")

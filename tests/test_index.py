@@ -12,12 +12,12 @@ from c10.index import IndexParams, build_index, load_index
 from c10.run import run_build
 from c10.shards import TileRecord, l2_normalize, pack_shard
 from c10.tiles import Tile
-from conftest import make_cache
+from conftest import current, make_cache
 
 IDENT = "ef" * 32
 
 
-def write_shards(root: Path, n_blocks: int = 5, per_block: int = 40, dim: int = 24, seed: int = 0) -> list[str]:
+def write_shards(root: Path, n_blocks: int = 5, per_block: int = 40, dim: int = 24, seed: int = 0) -> list[Path]:
     """Shards of random unit descriptors; block b holds tiles x = b, y = 0..per_block-1."""
     rng = np.random.default_rng(seed)
     rels = []
@@ -25,22 +25,24 @@ def write_shards(root: Path, n_blocks: int = 5, per_block: int = 40, dim: int = 
         recs = [TileRecord(Tile(16, b, y, f"tiles/16/{b}/{y}.jpg"), 100 + y, f"{b:02x}{y:02x}" * 16)
                 for y in range(per_block)]
         desc = l2_normalize(rng.standard_normal((per_block, dim)).astype(np.float32))
-        rel = f"shards/g/16/{b}-0.npy"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(pack_shard(recs, desc, IDENT))
+        rel = root / f"shards/g/16/{b}-0.npy"
+        rel.parent.mkdir(parents=True, exist_ok=True)
+        rel.write_bytes(pack_shard(recs, desc, IDENT))
         rels.append(rel)
     return rels
 
 
 def index_bytes(root: Path) -> tuple[bytes, bytes]:
-    return (root / "index/g.faiss").read_bytes(), (root / "index/g.ids.npy").read_bytes()
+    return current(root, "index/g.faiss").read_bytes(), current(root, "index/g.ids.npy").read_bytes()
 
 
 @pytest.mark.parametrize("factory", ["Flat", "HNSW16,Flat"])
 def test_same_descriptors_give_the_same_bytes_whatever_the_shard_order(tmp_path, factory):
     rels = write_shards(tmp_path)
     params = IndexParams(factory=factory, ef_construction=40, ef_search=32)
-    assert build_index(tmp_path, "g", rels, params) == 200
+    rows, entries = build_index(tmp_path, "g", rels, params)
+    assert rows == 200 and [e["path"] for e in entries] == [
+        f"index/g.{entries[0]['blake3'][:16]}.faiss", f"index/g.ids.{entries[1]['blake3'][:16]}.npy"]
     first = index_bytes(tmp_path)
     build_index(tmp_path, "g", list(reversed(rels)), params)
     assert index_bytes(tmp_path) == first
@@ -52,14 +54,14 @@ def test_rows_map_to_tiles_and_find_themselves(tmp_path):
     index, ids = load_index(tmp_path, "g")
     assert [tuple(map(int, r)) for r in ids] == sorted((16, b, y) for b in range(5) for y in range(40))
     assert faiss.downcast_index(index).hnsw.efSearch == 48
-    shard = np.load(tmp_path / rels[3])
+    shard = np.load(rels[3])
     _, rows = index.search(np.ascontiguousarray(shard["desc"][:10]), 1)
     assert [tuple(map(int, ids[r])) for r in rows[:, 0]] == [(16, 3, y) for y in range(10)]
 
 
 def test_l2_metric_and_bad_factory(tmp_path):
     rels = write_shards(tmp_path, n_blocks=2)
-    assert build_index(tmp_path, "g", rels, IndexParams(metric="l2")) == 80
+    assert build_index(tmp_path, "g", rels, IndexParams(metric="l2"))[0] == 80
     with pytest.raises(IndexBuildError, match="index.factory = 'HNSW-oops'"):
         build_index(tmp_path, "g", rels, IndexParams(factory="HNSW-oops"))
 

@@ -12,7 +12,7 @@ from c10.rerank import rerank
 from c10.run import run_build
 from c10.shards import TileRecord
 from c10.tiles import Tile
-from conftest import executed, make_cache
+from conftest import current, executed, make_cache
 
 K, DIM = 32, 16
 LOCAL_TOML = f'''
@@ -50,7 +50,7 @@ def test_cold_build_writes_local_shards_then_noop(local_cache, capsys):
     rows = np.concatenate([read_features(p) for p in shards])
     assert len(rows) == len(list((local_cache / "tiles").rglob("*.jpg")))
     assert rows["keypoints"].shape[1:] == (K, 2) and rows["descriptors"].shape[1:] == (K, DIM)
-    assert not (local_cache / "index" / "local.faiss").exists()
+    assert not list((local_cache / "index").glob("local*")) and not (local_cache / ".c10/refs/index/local.faiss.json").exists()
     manifest = (local_cache / "Manifest.json").read_text()
     assert "shards/local/15/" in manifest
     assert build(local_cache, capsys) == ["coverage"]
@@ -114,15 +114,15 @@ def test_a_block_extracts_only_its_new_tiles_and_is_byte_deterministic(inputs, t
 
     ident = "ab" * 32
     build_local_shard(root, "shards/local/15/0-0.npy", records(root, tiles[:2]), extract, ident)
-    first = (root / "shards/local/15/0-0.npy").read_bytes()
+    first = current(root, "shards/local/15/0-0.npy").read_bytes()
     stats = build_local_shard(root, "shards/local/15/0-0.npy", records(root, tiles), extract, ident)
     assert asked == [2, 1] and (stats.embedded, stats.reused) == (1, 2)
-    feats = tile_features(root, ["shards/local/15/0-0.npy"], [t.id for t in tiles])
+    feats = tile_features([current(root, "shards/local/15/0-0.npy")], [t.id for t in tiles])
     assert [float(feats[t.id].scores[0]) for t in tiles] == [1.0, 1.0, 2.0]
     stats = build_local_shard(root, "shards/local/15/0-0.npy", records(root, tiles), extract, "cd" * 32)
     assert stats.embedded == 3  # another engine or preprocessing: nothing is reused
     build_local_shard(root, "shards/local/15/0-0.npy", records(root, tiles[:2]), lambda ps: fake_features(len(ps), value=1.0), ident)
-    assert (root / "shards/local/15/0-0.npy").read_bytes() == first
+    assert current(root, "shards/local/15/0-0.npy").read_bytes() == first
 
 
 class CountingMatcher:

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from c10 import atomic, manifest as mf
+from c10 import manifest as mf
 from c10.errors import ManifestWriteError, VerifyError
 from c10.manifest import FileEntry, build_manifest, dumps_manifest, loads_manifest
 from c10.paths import is_control
@@ -151,7 +151,8 @@ def test_write_signed_manifest_pair(tmp_path):
     env = json.loads((tmp_path / "Manifest.json.dsse").read_bytes())
     assert base64.b64decode(env["payload"]) == data
     assert env["payloadType"] == "application/vnd.c10.manifest+json"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["Manifest.json", "Manifest.json.dsse"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c10", "Manifest.json", "Manifest.json.dsse"]
+    assert not list((tmp_path / ".c10").rglob("*.*"))  # temp files staged there, all renamed
 
 
 def test_write_refuses_unparsable_bytes(tmp_path):
@@ -165,20 +166,21 @@ def test_kill_between_the_two_writes_is_rejected_and_never_reuses_a_version(tmp_
     key = Ed25519PrivateKey.generate()
     mf.write_signed_manifest(tmp_path, dumps_manifest(_manifest(version=1, files=[],
                                                                 engines=[])), key)
-    written, real = [], atomic.write_bytes
+    written, real = [], os.replace
 
-    def killed_after_first(target, data, mode=0o644):
+    def killed_after_first(src, dst):
         if written:
             raise KeyboardInterrupt("killed")  # stands in for SIGKILL between the renames
-        written.append(os.path.basename(target))
-        real(target, data, mode)
+        written.append(os.path.basename(dst))
+        real(src, dst)
 
-    monkeypatch.setattr(atomic, "write_bytes", killed_after_first)
+    monkeypatch.setattr(os, "replace", killed_after_first)
     with pytest.raises(KeyboardInterrupt):
         mf.write_signed_manifest(tmp_path, dumps_manifest(_manifest(version=2, files=[],
                                                                     engines=[])), key)
-    monkeypatch.setattr(atomic, "write_bytes", real)
+    monkeypatch.setattr(os, "replace", real)
     assert written == ["Manifest.json.dsse"]
+    assert not list((tmp_path / ".c10").rglob("*.*"))  # the staged Manifest.json temp went too
     with pytest.raises(VerifyError) as info:
         verify_cache(tmp_path, trusted={keyid(key): key.public_key()}, now=T0, state_path=None)
     assert info.value.reason == "envelope-mismatch"

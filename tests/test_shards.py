@@ -14,6 +14,7 @@ from c10.preprocess import Preprocessing, load_tensor
 from c10.shards import (TileRecord, build_shard, embed_tiles, l2_normalize, pack_shard, read_shard,
                         tile_facts)
 from c10.tiles import Tile
+from conftest import current
 
 PREP = Preprocessing((32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 IDENT = "ab" * 32
@@ -89,7 +90,8 @@ def test_rebuild_embeds_only_new_or_changed_tiles(runner, tiles):
     recs = records(root, tiles[:9])
     again = build_shard(root, "shards/g/15/0-0.npy", recs, embed, IDENT)
     assert (again.embedded, again.reused) == (1, 8) and embed.calls == [8, 1]
-    rows = read_shard(root / "shards/g/15/0-0.npy")
+    assert again.entry["path"] == f"shards/g/15/0-0.{again.entry['blake3'][:16]}.npy" != first.entry["path"]
+    rows = read_shard(current(root, "shards/g/15/0-0.npy"))
     np.testing.assert_allclose(rows["desc"], one_by_one(runner, tiles[:9]), atol=1e-5)
     changed = [recs[0].__class__(r.tile, r.size, "00" * 32) if i == 3 else r for i, r in enumerate(recs)]
     assert build_shard(root, "shards/g/15/0-0.npy", changed, embed, IDENT).embedded == 1

@@ -2,18 +2,22 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import blake3
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from c10 import manifest as mf
 from c10.errors import VerifyError
+from c10.engines import canonical_json
 from c10.manifest import FileEntry
+from c10.paths import tagged_relpath
 from c10.signing import PAYLOAD_TYPE, generate_key, keyid, load_signing_key, sign_envelope
 from c10.verify import EXIT_CODES, MMAP_MIN, VerifyResult, hash_file, verify_cache, verify_to_json
 
@@ -178,6 +182,63 @@ def test_extra_file(cache, rel):
     if rel == ".c10":
         shutil.rmtree(cache.root / ".c10")
     (cache.root / rel).write_bytes(b"smuggled")
+    assert cache.reason() == "extra-file"
+
+
+# ---------------------------------------------------------------- pending files of a stopped build
+
+def hash_file_bytes(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def _pending_shard(cache, data=b"\x93NUMPY next generation"):
+    rel = tagged_relpath("shards/net/18/0-1.npy", hash_file_bytes(data))
+    (cache.root / rel).write_bytes(data)
+    return rel
+
+
+def test_a_stopped_builds_content_named_files_are_pending_not_extra(cache):
+    _pending_shard(cache)
+    assert cache.verify().pending == 1
+
+
+@pytest.mark.parametrize("attack", ["wrong-tag", "outside-shards", "symlink", "hardlink"])
+def test_a_pending_name_proves_nothing_by_itself(cache, attack, tmp_path):
+    rel = _pending_shard(cache)
+    full = cache.root / rel
+    if attack == "wrong-tag":
+        full.write_bytes(b"other bytes under that name")
+    elif attack == "outside-shards":
+        full.rename(cache.root / "tiles/18/1" / Path(rel).name)
+    elif attack == "symlink":
+        (tmp_path / "target").write_bytes(full.read_bytes())
+        full.unlink()
+        full.symlink_to(tmp_path / "target")
+    else:
+        os.link(full, tmp_path / "second-link")
+    assert cache.reason() == {"symlink": "symlink"}.get(attack, "extra-file")
+
+
+def _engine_pair(material: dict) -> tuple[str, dict]:
+    key = hashlib.sha256(canonical_json(material).encode()).hexdigest()
+    return f"engines/net-{key}", {"key": key, "material": material}
+
+
+def test_a_new_engine_and_its_sidecar_are_pending_when_they_prove_each_other(cache):
+    stem, sidecar = _engine_pair({"onnx_hash": "ab" * 32, "backend": "onnxruntime"})
+    engine = b"compiled engine bytes"
+    (cache.root / f"{stem}.json").write_text(json.dumps({**sidecar, "engine_blake3": hash_file_bytes(engine)}))
+    assert cache.verify().pending == 1  # a kill between the sidecar and the engine's rename
+    (cache.root / f"{stem}.onnx").write_bytes(engine)
+    assert cache.verify().pending == 2
+    (cache.root / f"{stem}.onnx").write_bytes(b"another engine")
+    assert cache.reason() == "extra-file"
+
+
+def test_an_engine_sidecar_must_hash_to_its_name(cache):
+    stem, sidecar = _engine_pair({"onnx_hash": "ab" * 32})
+    sidecar["material"]["onnx_hash"] = "cd" * 32
+    (cache.root / f"{stem}.json").write_text(json.dumps(sidecar))
     assert cache.reason() == "extra-file"
 
 
