@@ -228,31 +228,33 @@ def torn_files(root: Path) -> list[str]:
     return bad
 
 
-def classify(root: Path, fx: dict, had_manifest: bool) -> str:
-    """What a kill left: verified, torn-commit or no-manifest (else CrashFailure)."""
+def classify(root: Path, fx: dict, had_manifest: bool) -> tuple[str, int]:
+    """What a kill left: (verified, torn-commit or no-manifest, number of pending files), else CrashFailure."""
     manifest, envelope = (root / "Manifest.json").exists(), (root / "Manifest.json.dsse").exists()
     if not manifest and not envelope:
         if had_manifest:
             raise CrashFailure(f"{root}: the committed Manifest disappeared")
-        return "no-manifest"
+        return "no-manifest", 0
     try:
-        verify_cache(root, trusted=fx["trusted"], now=dt.datetime.now(dt.timezone.utc), state_path=None)
-        return "verified"
+        result = verify_cache(root, trusted=fx["trusted"], now=dt.datetime.now(dt.timezone.utc), state_path=None)
+        return "verified", result.pending
     except VerifyError as exc:
         if exc.reason == "envelope-mismatch" or (exc.reason == "missing-manifest" and envelope):
-            return "torn-commit"
+            return "torn-commit", 0
         if exc.reason not in FILE_REASONS:  # signature, payload, rollback or expiry: the commit itself
             raise CrashFailure(f"{root}: the committed Manifest does not verify: {exc.reason}: {exc}") from None
     # Signature, payload and expiry passed: every file that differs must be the operator's own
     # change of an input (check_kill compares the inputs to before the build).
-    wrong = [rel for rel in differing_files(root) if rel.split("/")[0] not in ("tiles", "models")]
+    differ, pending = differing_files(root)
+    wrong = [rel for rel in differ if rel.split("/")[0] not in ("tiles", "models")]
     if wrong:
         raise CrashFailure(f"{root}: files differ from the committed Manifest: {wrong[:3]}")
-    return "verified"
+    return "verified", pending
 
 
-def differing_files(root: Path) -> list[str]:
-    """Paths listed with other bytes (or missing), and unlisted files verify would refuse."""
+def differing_files(root: Path) -> tuple[list[str], int]:
+    """(paths listed with other bytes or missing, and unlisted files verify would refuse;
+    the number of unlisted files it accepts as pending)."""
     from c10.paths import is_control
     from c10.verify import is_pending
 
@@ -264,10 +266,11 @@ def differing_files(root: Path) -> list[str]:
             differ.append(rel)
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     unlisted = [rel for rel in present - set(listed) if not is_control(rel)]
-    return sorted(differ + [rel for rel in unlisted if not is_pending(root, rel)])
+    refused = [rel for rel in unlisted if not is_pending(root, rel)]
+    return sorted(differ + refused), len(unlisted) - len(refused)
 
 
-def check_kill(root: Path, fx: dict, inputs: dict, had_manifest: bool) -> str:
+def check_kill(root: Path, fx: dict, inputs: dict, had_manifest: bool) -> tuple[str, int]:
     if inputs_of(root) != inputs:
         raise CrashFailure(f"{root}: an input file changed")
     torn = torn_files(root)
@@ -302,7 +305,7 @@ def run(kills: int, seed: int, work: Path, per_episode: tuple[int, int] = (1, 3)
     check_converged(base, fx, refs["B"])
     stats = {"kills": 0, "failures": 0, "failure_details": [], "outcomes": {}, "stages": {}, "windows": {},
              "roll_forwards": 0, "finished_before_kill": 0, "episodes": {"cold": 0, "incremental": 0},
-             "converged": 0}
+             "converged": 0, "kills_leaving_pending_files": 0}
     # A first attempt's (seconds, seconds until its first task), re-measured as the host's load changes.
     spans = {"cold": [cold], "incremental": [inc]}
     state, n = "B", 0
@@ -351,8 +354,9 @@ def _episode(rng, work, fx, refs, base, state, n, stats, spans, target, per_epis
         stats["windows"][window] = stats["windows"].get(window, 0) + 1
         stage = stage_at_kill(out)
         stats["stages"][stage] = stats["stages"].get(stage, 0) + 1
-        outcome = check_kill(root, fx, inputs, had_manifest)
+        outcome, pending = check_kill(root, fx, inputs, had_manifest)
         stats["outcomes"][outcome] = stats["outcomes"].get(outcome, 0) + 1
+        stats["kills_leaving_pending_files"] += pending > 0
         had_manifest = had_manifest or outcome != "no-manifest"
     _, out = complete_build(root)
     stats["roll_forwards"] += ROLLED in out

@@ -139,7 +139,7 @@ def _fault_then_repair(root, fx, reference, fault, capsys, monkeypatch) -> str:
     else:
         assert "StorageError" in out or "ManifestWriteError" in out, where
         assert "doit build_cache" in out, where
-        outcome = crash.check_kill(root, fx, inputs, had_manifest=True)
+        outcome, _ = crash.check_kill(root, fx, inputs, had_manifest=True)
         assert outcome in ("verified", "torn-commit"), where  # the committed Manifest holds
     code, out = _build(root, capsys)
     assert code == 0, f"repair after {where}\n{out}"
@@ -211,7 +211,7 @@ def test_a_commit_cut_between_its_renames_is_rolled_forward(two_versions, capsys
         (root / "Manifest.json").write_bytes(pairs[1][0])
     else:  # the same on a cache's first commit
         (root / "Manifest.json").unlink()
-    assert crash.classify(root, fx, had_manifest=True) == "torn-commit"
+    assert crash.classify(root, fx, had_manifest=True)[0] == "torn-commit"
     code, out = _build(root, capsys)
     assert code == 0 and crash.ROLLED in out and "signed version 2" in out, out
     assert (root / "Manifest.json").read_bytes() == pairs[2][0]  # the signed payload, not a re-sign
