@@ -10,7 +10,8 @@ SETTINGS = {
     "index": "index parameters changed (factory, metric, efConstruction, efSearch)",
     "manifest": "request, signing key or tile count changed",
 }
-CALLABLES = {"manifest_fresh": "the Manifest expires within a day: it is re-signed"}
+CALLABLES = {"manifest_fresh": "the Manifest expires within a day: it is re-signed",
+             "refs_current": "its file is missing or damaged, or a stopped build left another one current"}
 SHOWN = 3
 
 

@@ -76,6 +76,17 @@ def test_settings_changes_and_the_coverage_gate(cache, capsys):
     assert "removes 1 dead file(s): shards/global/15/999-999.npy" in page
 
 
+def test_a_deleted_shard_file_is_named_as_the_reason(cache, capsys):
+    from c10.refs import current_path
+
+    built(cache, capsys)
+    shard = sorted((cache / ".c10/refs/shards/global/15").iterdir())[0]
+    logical = shard.relative_to(cache / ".c10/refs").as_posix().removesuffix(".json")
+    current_path(cache, logical).unlink()
+    task = "shards:" + logical.removeprefix("shards/").removesuffix(".npy")
+    assert steps(cache)[task] == ["its file is missing or damaged, or a stopped build left another one current"]
+
+
 def test_status_works_while_a_build_holds_the_lock(cache, capsys):
     built(cache, capsys)
     holder = BuildLock(cache)
