@@ -27,13 +27,50 @@ def reference(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     return arr.transpose(2, 0, 1)
 
 
+def tolerance(resize: str) -> float:
+    """Bilinear and area resize in float (c10's matmuls); Pillow rounds to 8 bits after each of its
+    two passes, so they may differ by up to one grey level. Bicubic and nearest are Pillow's own."""
+    return 1.001 / (255 * min(STD)) if resize in ("bilinear", "area") else 1e-5
+
+
 @pytest.mark.parametrize("order", ["rgb", "bgr"])
 @pytest.mark.parametrize("resize", ["bilinear", "bicubic", "nearest", "area"])
 def test_tensor_matches_the_formula(order, resize):
     prep = Preprocessing((24, 32), MEAN, STD, order, resize)
     out = to_tensor(image(), prep)
     assert out.shape == (3, 24, 32) and out.dtype == np.float32 and out.flags.c_contiguous
-    np.testing.assert_allclose(out, reference(image(), prep), atol=1e-5)
+    np.testing.assert_allclose(out, reference(image(), prep), atol=tolerance(resize))
+
+
+@pytest.mark.parametrize("resize", ["bilinear", "area"])
+@pytest.mark.parametrize("src,dst", [((256, 256), (224, 224)), ((256, 256), (518, 518)), ((480, 640), (224, 224)),
+                                     ((256, 256), (100, 77)), ((7, 9), (30, 31)), ((300, 200), (3, 2)),
+                                     ((1, 1), (5, 5)), ((5, 5), (1, 1)), ((256, 256), (256, 224))])
+def test_matmul_resize_is_pillows_filter_at_any_scale(resize, src, dst):
+    img = image(*src, seed=sum(src))
+    prep = Preprocessing(dst, MEAN, STD, "bgr", resize)
+    np.testing.assert_allclose(to_tensor(img, prep), reference(img, prep), atol=tolerance(resize))
+
+
+def test_resize_keeps_a_flat_image_flat_to_the_borders():
+    """Every output's weights sum to 1, the zero padding included: no dark or bright edge."""
+    prep = Preprocessing((224, 224), MEAN, STD)
+    out = to_tensor(Image.new("RGB", (256, 256), (200, 100, 50)), prep)
+    want = (np.array([200, 100, 50]) / 255 - np.array(MEAN)) / np.array(STD)
+    np.testing.assert_allclose(out, np.broadcast_to(want[:, None, None], out.shape), atol=1e-5)
+
+
+def test_resize_is_deterministic_across_sizes_and_threads():
+    """Per-thread scratch buffers are reused: a tensor depends only on its image, bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prep = Preprocessing((224, 224), MEAN, STD)
+    tiles, other = [image(256, 256, seed) for seed in range(8)], image(300, 400, 9)
+    first = [to_tensor(t, prep) for t in tiles]
+    to_tensor(other, prep)
+    with ThreadPoolExecutor(4) as pool:
+        again = list(pool.map(lambda t: to_tensor(t, prep), tiles * 4))
+    assert all(np.array_equal(a, first[i % 8]) for i, a in enumerate(again))
 
 
 def test_bgr_is_rgb_with_channels_reversed():
