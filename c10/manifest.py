@@ -8,15 +8,16 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import blake3
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from c10 import atomic
 from c10.errors import ManifestWriteError, VerifyError
 from c10.paths import ENVELOPE_NAME, MANIFEST_NAME, STAGING_DIR, is_control
-from c10.signing import PAYLOAD_TYPE, keyid, sign_envelope, ssh_fingerprint
+
+if TYPE_CHECKING:  # c10.signing (cryptography) is imported only to sign: a no-op build never does
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 SCHEMA_VERSION = 1
 KINDS = frozenset({"tile", "model", "engine", "engine-meta", "shard", "index", "report"})
@@ -239,6 +240,8 @@ def check_key_allowed(key, allowed_keyids: list[str] | None) -> None:
     """
     if not allowed_keyids:
         return
+    from c10.signing import keyid, ssh_fingerprint
+
     kid, fpr = keyid(key), ssh_fingerprint(key)
     allowed = {a.strip() for a in allowed_keyids}
     if kid in {a.lower() for a in allowed} or fpr in allowed:
@@ -263,6 +266,8 @@ def write_signed_manifest(cache_root: Path, manifest_bytes: bytes, key: Ed25519P
     two back-to-back renames.
     """
     loads_manifest(manifest_bytes)  # never sign bytes the verifier would refuse to parse
+    from c10.signing import PAYLOAD_TYPE, sign_envelope
+
     envelope = sign_envelope(manifest_bytes, PAYLOAD_TYPE, key)
     root = Path(cache_root)
     try:
@@ -383,6 +388,8 @@ def _payload_tail(env) -> bytes | None:
 
 
 def _envelope_payload(path: Path) -> tuple[bytes | None, dict]:
+    from c10.signing import PAYLOAD_TYPE
+
     try:
         envelope = json.loads(path.read_bytes())
         if envelope.get("payloadType") != PAYLOAD_TYPE:
