@@ -55,15 +55,19 @@ def engine_rate(runner, images: int, batch: int, shape: tuple) -> tuple[float, f
 def shard_rate(root: Path, name: str) -> tuple[float, float, int]:
     """(tiles/s, CPU ms per tile, tiles) of every shard action of `name`, from no shards and no hash
     cache (a cold stage: hashing, decoding, inference, packing and the atomic writes)."""
+    from c10.paths import ref_relpath
     from rules import actions, graph as graph_mod
 
     graph = graph_mod.load_graph(root)
-    for rel in graph.plans[name].shards:
-        (root / rel).unlink(missing_ok=True)
+    for rel in graph.plans[name].shards:  # without its ref a shard's previous rows are not reused
+        (root / ref_relpath(rel)).unlink(missing_ok=True)
     (root / ".c10" / "hashes-tiles.json").unlink(missing_ok=True)
     graph_mod._HASHES.pop(root, None)
     start, cpu = time.perf_counter(), time.process_time()
     embedded = sum(actions.build_shard(name, rel)["embedded"] for rel in graph.plans[name].shards)
+    if embedded != len(graph.tiles):
+        raise SystemExit(f"bench/embed.py: {embedded} of {len(graph.tiles)} tiles embedded; "
+                         "the shard stage reused rows, so its rate would be meaningless")
     return embedded / (time.perf_counter() - start), (time.process_time() - cpu) / embedded * 1e3, embedded
 
 
