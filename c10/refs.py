@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import blake3
@@ -19,8 +20,19 @@ def write_artifact(root: Path, logical: str, data: bytes) -> dict:
     A new name never replaces a file the committed Manifest lists (same bytes, same name)."""
     digest = blake3.blake3(data).hexdigest()
     rel = tagged_relpath(logical, digest)
-    atomic.write_bytes(Path(root) / rel, data, staging=Path(root) / STAGING_DIR)
+    if not _holds(Path(root) / rel, len(data), digest):  # an unchanged id map, a reverted tile
+        atomic.write_bytes(Path(root) / rel, data, staging=Path(root) / STAGING_DIR)
     return {"path": rel, "size": len(data), "blake3": digest}
+
+
+def _holds(path: Path, size: int, digest: str) -> bool:
+    """A regular file with exactly these bytes is already there (hashing is cheaper than an fsync)."""
+    try:
+        st = os.lstat(path)
+        return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == size \
+            and blake3_file(path) == digest
+    except OSError:
+        return False
 
 
 def publish(root: Path, logical: str, data: bytes) -> dict:
