@@ -44,9 +44,16 @@ class Model:
     calibration: Path | None = None
 
     def preprocessing(self) -> dict[str, Any]:
-        """The settings that change a descriptor: part of every shard's key."""
+        """The settings that change a descriptor, and the version of the code that applies them
+        (c10.preprocess): part of every shard's key."""
         return {"input_size": self.input_size, "mean": self.mean, "std": self.std,
-                "channel_order": self.channel_order, "resize": self.resize}
+                "channel_order": self.channel_order, "resize": self.resize, "code": PREPROCESSING_CODE}
+
+
+# Bump when c10.preprocess computes a tensor differently for the same settings (2: bilinear and
+# area resizes as float matmuls instead of Pillow's 8-bit passes), so that existing shards are
+# re-embedded once instead of mixing descriptors the query side no longer reproduces.
+PREPROCESSING_CODE = 2
 
 
 @dataclass(frozen=True)

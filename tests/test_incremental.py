@@ -83,6 +83,16 @@ def test_preprocessing_change_reembeds_every_shard_of_that_model_only(cache, cap
         assert {task_values(cache, t)["reused"] for t in shard_tasks(cache, "second")} == {0}
 
 
+def test_new_preprocessing_code_reembeds_every_shard(cache, capsys, monkeypatch):
+    from c10 import config
+
+    built(cache, capsys)
+    monkeypatch.setattr(config, "PREPROCESSING_CODE", config.PREPROCESSING_CODE + 1)
+    code, out = build(cache, capsys)
+    assert code == 0, out
+    assert sorted(t for t in executed(out) if t.startswith("shards:")) == shard_tasks(cache, "global")
+
+
 def test_new_weights_of_one_model_redo_that_model_only(cache, capsys):
     with_second_model(cache)
     built(cache, capsys)
