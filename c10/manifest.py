@@ -284,18 +284,22 @@ def next_version(cache_root: Path) -> int:
 
 
 def previous_identity(cache_root: Path) -> tuple[int, str | None]:
-    """(next version, previous cache id or None), reading each previous file once."""
-    root = Path(cache_root)
-    found = [_previous_of(root / MANIFEST_NAME, False), _previous_of(root / ENVELOPE_NAME, True)]
-    found = [m for m in found if m is not None]
+    """(next version, previous cache id or None), reading each previous file once and parsing
+    the pair once when they agree (the committed state)."""
+    paths = (Path(cache_root) / MANIFEST_NAME, Path(cache_root) / ENVELOPE_NAME)
+    raw = [_previous_bytes(paths[0], False), _previous_bytes(paths[1], True)]
+    if raw[0] is not None and raw[0] == raw[1]:
+        raw[1] = None
+    found = [_parse_previous(path, data) for path, data in zip(paths, raw) if data is not None]
     if not found:
         return 1, None
     newest = max(found, key=lambda m: m["version"])
     return newest["version"] + 1, newest["cache_id"]
 
 
-def _previous_of(path: Path, is_envelope: bool) -> dict | None:
-    """Read a previous Manifest without trusting it for anything but 'never go lower'."""
+def _previous_bytes(path: Path, is_envelope: bool) -> bytes | None:
+    """A previous Manifest's bytes (an envelope's payload), read without trusting it for anything
+    but 'never go lower'."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -303,8 +307,13 @@ def _previous_of(path: Path, is_envelope: bool) -> dict | None:
     except OSError as exc:
         raise _unreadable_previous(path, exc.strerror) from None
     try:
-        if is_envelope:
-            data = base64.b64decode(json.loads(data)["payload"], validate=True)
+        return base64.b64decode(json.loads(data)["payload"], validate=True) if is_envelope else data
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _unreadable_previous(path, str(exc)) from None
+
+
+def _parse_previous(path: Path, data: bytes) -> dict:
+    try:
         return loads_manifest(data)
     except (VerifyError, ValueError, KeyError, TypeError) as exc:
         raise _unreadable_previous(path, str(exc)) from None
