@@ -8,9 +8,9 @@ from pathlib import Path
 
 from c10.atomic import move_into, write_text
 from c10.backends import AUTO_ORDER, Backend, Runner, get_backend
-from c10.hashcache import blake3_file
 from c10.errors import (CalibrationCacheError, ConfigError, EngineBuildError,
                         EngineMismatchError, ModelError)
+from c10.hashcache import blake3_file
 from c10.paths import ENGINES_DIR, STAGING_DIR
 
 __all__ = ["EngineSpec", "ModelInfo", "Backend", "Runner", "get_backend", "engine_key",
