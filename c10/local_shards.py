@@ -5,7 +5,7 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import BinaryIO, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -86,7 +86,7 @@ def build_local_shard(root: Path, logical: str, records: Sequence[TileRecord], e
                       ident: str) -> ShardStats:
     """Write one local-feature shard under its content name, extracting only tiles the build's
     current shard of `logical` lacks for this identity."""
-    previous = _previous_rows(refs.reusable_path(root, logical), bytes.fromhex(ident)[:8])
+    previous = _previous_rows(refs.reusable_bytes(root, logical), bytes.fromhex(ident)[:8])
     rows = [previous.get((r.tile.id, r.blake3)) for r in records]
     todo = [i for i, row in enumerate(rows) if row is None]
     fresh = extract([Path(root) / records[i].tile.path for i in todo]) if todo else None
@@ -105,17 +105,17 @@ def build_local_shard(root: Path, logical: str, records: Sequence[TileRecord], e
     return ShardStats(len(records), len(todo), len(records) - len(todo), entry)
 
 
-def read_features(path: str | Path) -> np.ndarray:
+def read_features(path: str | Path | BinaryIO) -> np.ndarray:
     """A local-feature shard's structured rows (no pickle)."""
     return np.load(path, allow_pickle=False)
 
 
-def _previous_rows(path: Path | None, tag: bytes) -> dict:
+def _previous_rows(data: bytes | None, tag: bytes) -> dict:
     """(tile id, blake3) -> Features of one tile in an existing shard of the same identity."""
-    if path is None:
+    if data is None:
         return {}
     try:
-        rows = read_features(path)
+        rows = read_features(io.BytesIO(data))
     except (OSError, ValueError, EOFError):
         return {}
     if rows.dtype.names is None or not {"ident", "blake3", *OUTPUTS} <= set(rows.dtype.names):

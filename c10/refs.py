@@ -77,17 +77,17 @@ def current_path(root: Path, logical: str) -> Path | None:
     return Path(root) / entry["path"] if entry else None
 
 
-def reusable_path(root: Path, logical: str) -> Path | None:
-    """The ref's file for `logical` if its bytes are still the ones written (a rebuild reuses its
-    rows: a damaged file must not pass its damage on), else None."""
+def reusable_bytes(root: Path, logical: str) -> bytes | None:
+    """The bytes of the ref's file for `logical` if they are still the ones written (a rebuild
+    reuses its rows: a damaged file must not pass its damage on), else None; read once."""
     entry = read_ref(root, logical)
     if entry is None:
         return None
-    path = Path(root) / entry["path"]
     try:
-        return path if blake3_file(path) == entry["blake3"] else None
+        data = (Path(root) / entry["path"]).read_bytes()
     except OSError:
         return None
+    return data if blake3.blake3(data).hexdigest() == entry["blake3"] else None
 
 
 _COMMITTED: dict[tuple, dict[str, str]] = {}  # by Manifest.json's stat: queries ask per image

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -123,7 +123,7 @@ def l2_normalize(desc: np.ndarray) -> np.ndarray:
     return (desc / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def read_shard(path: str | Path) -> np.ndarray:
+def read_shard(path: str | Path | BinaryIO) -> np.ndarray:
     """A shard's structured rows (no pickle)."""
     return np.load(path, allow_pickle=False)
 
@@ -153,7 +153,7 @@ def build_shard(root: Path, logical: str, records: Sequence[TileRecord], embed: 
                 ident: str) -> ShardStats:
     """Write one shard under its content name, embedding only tiles that the build's current
     shard of `logical` lacks for this identity; stats.entry names the new file (for its ref)."""
-    previous = _previous_rows(refs.reusable_path(root, logical), bytes.fromhex(ident)[:8])
+    previous = _previous_rows(refs.reusable_bytes(root, logical), bytes.fromhex(ident)[:8])
     reuse = [previous.get((r.tile.id, r.blake3)) for r in records]
     todo = [i for i, vec in enumerate(reuse) if vec is None]
     fresh = embed([root / records[i].tile.path for i in todo]) if todo else None
@@ -170,12 +170,12 @@ def build_shard(root: Path, logical: str, records: Sequence[TileRecord], embed: 
     return ShardStats(len(records), len(todo), len(records) - len(todo), entry)
 
 
-def _previous_rows(path: Path | None, tag: bytes) -> dict:
+def _previous_rows(data: bytes | None, tag: bytes) -> dict:
     """(tile id, blake3) -> descriptor of an existing shard of the same identity; empty if none."""
-    if path is None:
+    if data is None:
         return {}
     try:
-        rows = read_shard(path)
+        rows = read_shard(io.BytesIO(data))
     except (OSError, ValueError, EOFError):
         return {}
     if rows.dtype.names is None or not {"ident", "desc", "blake3"} <= set(rows.dtype.names):
