@@ -133,17 +133,12 @@ def _check_payload_matches(root: Path, payload: bytes) -> None:
 def _read_control(root: Path, name: str) -> bytes:
     """Read a root control file without following a symlink planted in its place."""
     try:
-        fd = os.open(root / name, _OPEN_FLAGS)
+        data = _read_regular(root / name, _CONTROL_MAX)
     except OSError as exc:
         raise _open_failure(name, exc) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _CONTROL_MAX:
-            raise VerifyError("special-file", f"{name} is not a regular file of sane size; "
-                              f"{_REBUILD}", name)
-        return read_fd(fd, st.st_size)
-    finally:
-        os.close(fd)
+    if data is None:
+        raise VerifyError("special-file", f"{name} is not a regular file of sane size; {_REBUILD}", name)
+    return data
 
 
 def _open_failure(rel: str, exc: OSError) -> VerifyError:
@@ -375,7 +370,7 @@ def is_pending(root: Path, rel: str) -> bool:
         digest = _regular_file_hash(root / rel)
         return digest is not None and digest.startswith(split[1])
     engine = ENGINE_NAME.match(rel.removeprefix(ENGINES_DIR + "/")) if rel.startswith(ENGINES_DIR + "/") else None
-    if engine is None or "/" in rel.removeprefix(ENGINES_DIR + "/"):
+    if engine is None:  # (the name pattern has no "/": engines/ holds no subdirectories)
         return False
     sidecar = _engine_sidecar(root / ENGINES_DIR / f"{engine['model']}-{engine['key']}.json", engine["key"])
     if sidecar is None or engine["ext"] == "json":
@@ -386,7 +381,7 @@ def is_pending(root: Path, rel: str) -> bool:
 def _engine_sidecar(path: Path, key: str) -> dict | None:
     """A sidecar whose key material hashes to `key` (the name it carries), else None."""
     try:
-        data = json.loads(read_regular(path, _CONTROL_MAX))
+        data = json.loads(_read_regular(path, _CONTROL_MAX) or b"")
         material = canonical_json(data["material"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -409,14 +404,13 @@ def _regular_file_hash(path: Path) -> str | None:
         os.close(fd)
 
 
-def read_regular(path: Path, limit: int) -> bytes:
-    """A regular file's bytes (at most `limit`), never through a symlink or from a FIFO."""
+def _read_regular(path: Path, limit: int) -> bytes | None:
+    """A regular file's bytes, None if it is not one or holds more than `limit`; opened without
+    following a symlink or blocking on a FIFO (open errors are raised)."""
     fd = os.open(path, _OPEN_FLAGS)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
-            raise OSError(errno.EINVAL, "not a regular file of a sane size")
-        return read_fd(fd, st.st_size)
+        return read_fd(fd, st.st_size) if stat.S_ISREG(st.st_mode) and st.st_size <= limit else None
     finally:
         os.close(fd)
 

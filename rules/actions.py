@@ -138,14 +138,19 @@ def build_index(name: str) -> dict:
 
 
 def _current(graph: Graph, logical: str) -> Path:
-    from c10.errors import IndexBuildError
-    from c10.refs import current_path
+    return graph.root / _ref_entry(graph, logical)["path"]
 
-    path = current_path(graph.root, logical)
-    if path is None:
+
+def _ref_entry(graph: Graph, logical: str) -> dict:
+    """The build's current entry for `logical`, or IndexBuildError saying what to run."""
+    from c10.errors import IndexBuildError
+    from c10.refs import read_ref
+
+    entry = read_ref(graph.root, logical)
+    if entry is None:
         raise IndexBuildError(f"{graph.root}: the build has no {logical} (its ref .c10/refs/{logical}.json is "
                               "missing or damaged); run `doit build_cache` again")
-    return path
+    return entry
 
 
 def committed_owned(graph: Graph):
@@ -334,15 +339,6 @@ def _file_entries(graph: Graph) -> list:
         entry = _ref_entry(graph, logical)
         entries[entry["path"]] = FileEntry(entry["path"], entry["size"], entry["blake3"], kind)
     return list(entries.values())
-
-
-def _ref_entry(graph: Graph, logical: str) -> dict:
-    from c10.refs import read_ref
-
-    entry = read_ref(graph.root, logical)
-    if entry is None:
-        _current(graph, logical)  # raises the missing-ref error
-    return entry
 
 
 def _derived_files(graph: Graph) -> list[tuple[str, str]]:
