@@ -7,7 +7,7 @@ from PIL import Image
 
 from c10.config import Model
 from c10.errors import ConfigError, DescriptorBatchError
-from c10.preprocess import Preprocessing, load_tensor, open_tile, to_tensor
+from c10.preprocess import Preprocessing, decode, load_tensor, open_tile, to_tensor
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -119,3 +119,31 @@ def test_unreadable_tile_names_the_file_and_the_next_step(tmp_path, content):
         load_tensor(path, Preprocessing((16, 16), MEAN, STD))
     assert str(path) in str(err.value) and "re-download or delete" in str(err.value)
     assert "doit build_cache" in str(err.value)
+
+
+@pytest.mark.parametrize("mode, subsampling", [("RGB", 0), ("RGB", 2), ("L", 0), ("CMYK", 0)])
+def test_jpeg_decodes_to_pillows_pixels(tmp_path, mode, subsampling):
+    """simplejpeg (RGB and grey JPEGs) and Pillow (CMYK, which simplejpeg refuses) give the same pixels."""
+    path = tmp_path / "t.jpg"
+    image(64, 48, seed=3).convert(mode).save(path, "JPEG", quality=90, subsampling=subsampling)
+    pixels = decode(path)
+    assert pixels.shape == (64, 48, 3) and pixels.dtype == np.uint8
+    np.testing.assert_array_equal(pixels, np.asarray(Image.open(path).convert("RGB")))
+    np.testing.assert_array_equal(np.asarray(open_tile(path)), pixels)
+
+
+def test_a_jpeg_cut_short_in_its_scan_is_refused(tmp_path):
+    """simplejpeg would fill the missing rows grey; the strict decode hands it to Pillow, which refuses."""
+    path = tmp_path / "cut.jpg"
+    image(256, 256).save(path, "JPEG", quality=95)
+    path.write_bytes(path.read_bytes()[:-2000])
+    with pytest.raises(DescriptorBatchError, match="corrupt, truncated"):
+        decode(path)
+
+
+def test_a_jpeg_over_pillows_pixel_limit_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "big.jpg"
+    image(64, 64).save(path, "JPEG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses past twice its limit
+    with pytest.raises(DescriptorBatchError, match="not a tile"):
+        decode(path)
