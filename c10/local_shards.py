@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Sequence
@@ -12,6 +11,7 @@ import numpy as np
 from c10 import refs
 from c10.errors import DescriptorBatchError
 from c10.paths import ref_relpath
+from c10.pools import worker_pool
 from c10.preprocess import Preprocessing, load_tensor
 from c10.shards import ShardStats, TileRecord, tile_rows
 
@@ -55,19 +55,13 @@ def run_local(runner, batch: np.ndarray) -> Features:
     return Features(*(np.asarray(out[name], np.float32) for name in OUTPUTS))
 
 
-def extract_tiles(runner, paths: Sequence[Path], prep: Preprocessing, threads: int = 2) -> Features:
-    """Local features of `paths`, one image per run; decoding of the next overlaps inference."""
+def extract_tiles(runner, paths: Sequence[Path], prep: Preprocessing, workers: int | None = None) -> Features:
+    """Local features of `paths`, one image per call: each worker decodes a tile and runs it on
+    one of the engine's streams (as embed_tiles does with batches), results in order."""
     if not paths:
         return Features(*(np.zeros((0,), np.float32) for _ in OUTPUTS))
-    parts, ahead = [], 2 * threads  # a bounded window of decoded tiles, not the whole block
-    with ThreadPoolExecutor(threads, "c10-local") as pool:
-        pending = [pool.submit(load_tensor, p, prep) for p in paths[:ahead]]
-        for i in range(len(paths)):
-            tensor = pending[i].result()
-            if i + ahead < len(paths):
-                pending.append(pool.submit(load_tensor, paths[i + ahead], prep))
-            pending[i] = None
-            parts.append(run_local(runner, tensor[None]))
+    workers = workers or max(getattr(runner, "streams", 1), 2)
+    parts = list(worker_pool("local", workers).map(lambda p: run_local(runner, load_tensor(p, prep)[None]), paths))
     return Features(*(np.concatenate([getattr(f, n) for f in parts]) for n in OUTPUTS))
 
 

@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +17,12 @@ import numpy as np
 from c10 import refs
 from c10.errors import DescriptorBatchError
 from c10.paths import ref_relpath
+from c10.pools import worker_pool
 from c10.preprocess import Preprocessing, load_tensor
 from c10.tiles import Tile
 
-# Decoding threads: Pillow and numpy drop the GIL, so on 2 cores two threads decode batch
-# i+1 while the engine runs batch i. Measured (bench/embed.py, busy 2-core host): niced decode
-# threads starve behind other processes and the engine then waits for them, so they run at
-# normal priority; 1 or 2 threads give the same throughput.
+# Embedding workers when the engine has one stream (a GPU): each decodes whole batches, so
+# several decode while the engine runs another's batch. Pillow, simplejpeg and numpy drop the GIL.
 DECODE_THREADS = min(4, os.cpu_count() or 1)
 
 
@@ -54,68 +53,52 @@ Runner = Callable[[np.ndarray], np.ndarray]
 
 
 def embed_tiles(runner: Runner, paths: Sequence[Path], prep: Preprocessing, batch_size: int = 32,
-                threads: int = DECODE_THREADS, progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """L2-normalised descriptors of `paths`, in order: batch i+1 is decoded into one of two
-    preallocated buffers while the engine runs on the other (no per-batch stack or copy)."""
+                workers: int | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """L2-normalised descriptors of `paths`, in order. Each worker takes a whole batch, decodes it
+    into its own buffer and runs it on one of the engine's streams: every core is always either
+    decoding or inferring, and no engine thread waits for a decoder on its core."""
     n = len(paths)
     if not n:
         return np.zeros((0, 0), np.float32)
-    size = min(batch_size, n)
-    buffers = [np.empty((size, *prep.shape), np.float32) for _ in range(1 if n <= size else 2)]
-    pool = decode_pool(threads)
-    out, pending = [], _fill(pool, buffers[0], paths[:size], prep)
+    streams = getattr(runner, "streams", 1)
+    workers = workers or max(streams, DECODE_THREADS)
+    size = _batch(n, batch_size, workers)
+    run = getattr(runner, "stream", runner)
+    futures = [worker_pool("embed", workers).submit(_embed_batch, run, paths[i:i + size], prep, size)
+               for i in range(0, n, size)]
+    out = []
     try:
-        for i, start in enumerate(range(0, n, size)):
-            count = _collect(pending)
-            if start + size < n:
-                pending = _fill(pool, buffers[(i + 1) % 2], paths[start + size:start + 2 * size], prep)
-            desc = np.asarray(runner(buffers[i % 2][:count]), dtype=np.float32)
-            out.append(desc.reshape(count, -1))
+        for future in futures:  # in order: the first failing tile's DescriptorBatchError is raised
+            out.append(future.result())
             if progress is not None:
-                progress(count)
+                progress(len(out[-1]))
     finally:
-        for future in pending:  # the engine failed: stop decoding into buffers nobody reads
+        for future in futures:  # a tile or the engine failed: do not decode batches nobody reads
             future.cancel()
-        wait(pending)
+        wait(futures)
     return l2_normalize(np.concatenate(out))
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
+def _batch(n: int, batch_size: int, workers: int) -> int:
+    """The batch size that splits `n` tiles into a multiple of `workers` batches of at most
+    `batch_size`: the workers finish together instead of one running the last batch alone."""
+    batches = -(-n // batch_size)
+    batches = min(n, -(-batches // workers) * workers)
+    return -(-n // batches)
 
 
-def _forget_pools() -> None:
-    """In a forked child (`doit -n N` workers): the parent's threads and lock state did not come along."""
-    global _POOLS_LOCK
-    _POOLS.clear()
-    _POOLS_LOCK = threading.Lock()
+_BUFFERS = threading.local()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pools)
-
-
-def decode_pool(threads: int = DECODE_THREADS) -> ThreadPoolExecutor:
-    """The process's decoding threads: started once, not per shard (a thread start costs ms on a busy host)."""
-    with _POOLS_LOCK:
-        if threads not in _POOLS:
-            _POOLS[threads] = ThreadPoolExecutor(threads, "c10-decode")
-        return _POOLS[threads]
-
-
-def _fill(pool: ThreadPoolExecutor, buffer: np.ndarray, batch: Sequence[Path], prep: Preprocessing) -> list:
-    return [pool.submit(load_tensor, path, prep, buffer[j]) for j, path in enumerate(batch)]
-
-
-def _collect(futures: list) -> int:
-    """Wait for a batch; the first failing tile's DescriptorBatchError is raised, the rest cancelled."""
-    for future in futures:
-        if future.exception() is not None:
-            for other in futures:
-                other.cancel()
-            wait(futures)
-            raise future.exception()
-    return len(futures)
+def _embed_batch(run: Runner, paths: Sequence[Path], prep: Preprocessing, size: int) -> np.ndarray:
+    """One batch decoded into this worker's buffer (reused: fresh pages cost as much as a resize), then run."""
+    shape = (size, *prep.shape)
+    if getattr(_BUFFERS, "shape", None) != shape:
+        _BUFFERS.shape, _BUFFERS.array = shape, np.empty(shape, np.float32)
+    batch = _BUFFERS.array[:len(paths)]
+    for j, path in enumerate(paths):
+        load_tensor(path, prep, batch[j])
+    return np.array(run(batch), dtype=np.float32).reshape(len(paths), -1)  # a copy: the buffer is reused
 
 
 def l2_normalize(desc: np.ndarray) -> np.ndarray:

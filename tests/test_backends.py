@@ -6,10 +6,13 @@ pretend that the builder or the runner ran.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from test_engines_models import images, reference, row_cosine, spec_for
 
@@ -38,6 +41,23 @@ def test_openvino_engine_agrees_with_fp32_reference(tmp_path, onnx_file, precisi
         out = runner(batch)
         assert out.shape == (n, 16)
         assert row_cosine(out, reference(onnx_file, batch)).min() >= 0.999
+
+
+@pytest.mark.parametrize("backend", [OnnxRuntimeBackend(), OpenVinoBackend()], ids=["onnxruntime", "openvino"])
+def test_streams_run_at_once_and_a_batch_split_over_them_is_the_whole(tmp_path, onnx_file, backend):
+    """Embedding workers call run_stream from several threads; runner(batch) splits over the streams."""
+    spec = spec_for(onnx_file, batch=(1, 8, 16))
+    runner = load_engine(build_engine(spec, backend, tmp_path)[0], spec, backend)
+    assert runner.streams == (os.cpu_count() if backend.name == "onnxruntime" else runner.streams) >= 1
+    batches = [images(8, seed=s) for s in range(6)]
+    alone = [runner.stream(b) for b in batches]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(runner.stream, batches))
+    for a, t, b in zip(alone, together, batches):
+        np.testing.assert_allclose(t, a, atol=1e-5)
+        assert row_cosine(a, reference(onnx_file, b)).min() >= 0.999
+    runner.streams = 3  # a split into three parts, whatever this host's core count
+    np.testing.assert_allclose(runner(batches[0]), alone[0], atol=1e-5)
 
 
 def test_openvino_reuses_and_rejects_another_cpu(tmp_path, onnx_file):

@@ -11,7 +11,7 @@ from c10 import engines, netgen
 from c10.errors import DescriptorBatchError
 from c10.hashcache import blake3_file
 from c10.preprocess import Preprocessing, load_tensor
-from c10.shards import (TileRecord, build_shard, embed_tiles, l2_normalize, pack_shard, read_shard,
+from c10.shards import (TileRecord, _batch, build_shard, embed_tiles, l2_normalize, pack_shard, read_shard,
                         tile_facts)
 from c10.tiles import Tile
 from conftest import current
@@ -49,14 +49,22 @@ def one_by_one(runner, paths) -> np.ndarray:
     return l2_normalize(np.concatenate([runner(load_tensor(p, PREP)[None]) for p in paths]))
 
 
-@pytest.mark.parametrize("batch, threads", [(4, 1), (4, 2), (32, 2), (1, 3)])
-def test_pipeline_gives_the_one_by_one_descriptors_in_order(runner, tiles, batch, threads):
+@pytest.mark.parametrize("batch, workers", [(4, 1), (4, 2), (32, 2), (1, 3)])
+def test_pipeline_gives_the_one_by_one_descriptors_in_order(runner, tiles, batch, workers):
     seen = []
-    desc = embed_tiles(runner, tiles, PREP, batch, threads=threads, progress=seen.append)
+    desc = embed_tiles(runner, tiles, PREP, batch, workers=workers, progress=seen.append)
     assert desc.shape == (11, 16) and desc.dtype == np.float32
     np.testing.assert_allclose(desc, one_by_one(runner, tiles), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-5)
     assert sum(seen) == 11
+
+
+@pytest.mark.parametrize("n, batch, workers, size", [(256, 32, 2, 32), (200, 32, 2, 25), (10, 32, 2, 5),
+                                                     (1, 32, 4, 1), (11, 4, 3, 4), (64, 32, 1, 32)])
+def test_batches_split_evenly_over_the_workers(n, batch, workers, size):
+    """At most `batch` tiles a batch, and no worker runs the last batch alone while the others idle."""
+    assert _batch(n, batch, workers) == size
+    assert -(-n // size) % workers == 0 or n < workers
 
 
 def test_a_corrupt_tile_fails_the_batch_naming_it(runner, tiles, tmp_path):
@@ -103,7 +111,7 @@ def test_shard_bytes_are_deterministic_and_carry_the_tile_facts(runner, tiles):
     recs = records(root, tiles)
     desc = embed_tiles(runner, tiles, PREP, 4)
     data = pack_shard(recs, desc, IDENT)
-    assert data == pack_shard(recs, embed_tiles(runner, tiles, PREP, 4, threads=1), IDENT)
+    assert data == pack_shard(recs, embed_tiles(runner, tiles, PREP, 4, workers=1), IDENT)
     out = root / "one.npy"
     out.write_bytes(data)
     facts = tile_facts(out)

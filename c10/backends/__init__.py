@@ -23,20 +23,51 @@ _VERSION_RE = re.compile(r"""^__version__\s*=\s*["']([^"']+)["']""", re.M)
 
 
 class Runner:
-    """A loaded engine: `run(feeds)` gives every output, `runner(batch)` the first one."""
+    """A loaded engine. `run_stream(feeds)` runs one call on one of its `streams` (a core, an
+    OpenVINO request, a CUDA stream), waiting while all are busy; `run(feeds)` splits a batch
+    over every stream; `runner(batch)` and `runner.stream(batch)` give the first output of each.
+
+    Throughput comes from several calls at once, one per stream, not from one call spread over
+    every core: an op spread over the cores waits for its slowest thread, and the thread that
+    shares its core with a tile being decoded is always the slowest (bench/embed.py)."""
 
     input_names: list[str]
     output_names: list[str]
+    streams = 1
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run_stream(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Every output for `feeds`, a batch split over the streams (rows are independent)."""
+        import numpy as np
+
+        from c10.pools import worker_pool
+
+        # Split along the batch only when every input shares it (a matcher's may not).
+        lengths = {len(v) for v in feeds.values()}
+        parts = min(self.streams, next(iter(lengths))) if len(lengths) == 1 else 1
+        if parts <= 1:
+            return self.run_stream(feeds)
+        bounds = np.linspace(0, next(iter(lengths)), parts + 1).astype(int)
+        chunks = [{k: v[lo:hi] for k, v in feeds.items()} for lo, hi in zip(bounds[:-1], bounds[1:])]
+        rest = [worker_pool("streams", self.streams - 1).submit(self.run_stream, c) for c in chunks[1:]]
+        first = self.run_stream(chunks[0])  # the caller's thread runs one part itself
+        return [np.concatenate(parts) for parts in zip(first, *(f.result() for f in rest))]
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(self._feeds(batch))[0]
+
+    def stream(self, batch: np.ndarray) -> np.ndarray:
+        """The first output of one call on one stream: what each embedding worker runs."""
+        return self.run_stream(self._feeds(batch))[0]
+
+    def _feeds(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         if len(self.input_names) != 1:
             raise EngineBuildError(
                 f"this engine has {len(self.input_names)} inputs {self.input_names}; "
                 "call runner.run({name: array, ...}) instead of runner(batch)")
-        return self.run({self.input_names[0]: batch})[0]
+        return {self.input_names[0]: batch}
 
 
 def run_chunked(run, feeds: dict, max_batch: int | None) -> list:

@@ -1,8 +1,8 @@
 """OpenVINO backend: a CPU-compiled model exported as a blob, tied to the CPU's ISA and OpenVINO version."""
 from __future__ import annotations
 
+import queue
 import re
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,38 +87,31 @@ class OpenVinoBackend(Backend):
 
 
 class OvRunner(Runner):
-    """Splits each batch over the compiled model's optimal number of requests (one per stream)."""
+    """One stream per infer request (the THROUGHPUT hint's optimal number); `run_stream` takes a
+    free request, so several threads run at once and a batch split over them keeps every core busy."""
 
     def __init__(self, compiled, max_batch: int | None) -> None:
         self.compiled = compiled
-        streams = int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") or 1)
-        self.requests = [compiled.create_infer_request() for _ in range(max(1, streams))]
+        requests = [compiled.create_infer_request()
+                    for _ in range(max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") or 1)))]
+        self.streams = len(requests)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()  # infer requests are not reentrant
+        for request in requests:
+            self._free.put(request)
         self.input_names = [i.get_any_name() for i in compiled.inputs]
         self.output_names = [o.get_any_name() for o in compiled.outputs]
         self.max_batch = max_batch
-        # Infer requests are not reentrant: `doit -n N` shard threads take turns (each call
-        # already keeps every core busy through the streams).
-        self._busy = threading.Lock()
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        with self._busy:
-            return run_chunked(self._run, feeds, self.max_batch)
+    def run_stream(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request = self._free.get()
+        try:
+            return run_chunked(lambda part: self._infer(request, part), feeds, self.max_batch)
+        finally:
+            self._free.put(request)
 
-    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _infer(self, request, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import numpy as np
 
-        # Split along the batch only when every input shares it (a matcher's may not).
-        lengths = {len(v) for v in feeds.values()}
-        n = next(iter(lengths)) if len(lengths) == 1 else 0
-        parts = max(1, min(len(self.requests), n))
-        bounds = np.linspace(0, n, parts + 1).astype(int)
-        used = self.requests[:parts]
-        for request, lo, hi in zip(used, bounds[:-1], bounds[1:]):
-            chunk = feeds if parts == 1 else {k: v[lo:hi] for k, v in feeds.items()}
-            request.start_async(chunk, share_inputs=False)
-        for request in used:
-            request.wait()
-        # Requests reuse their output buffers: copy before the next call overwrites them.
-        outs = [[np.array(r.get_output_tensor(i).data, copy=True) for r in used]
-                for i in range(len(self.output_names))]
-        return [o[0] if parts == 1 else np.concatenate(o) for o in outs]
+        request.infer(feeds, share_inputs=False)
+        # A request reuses its output buffers: copy before its next call overwrites them.
+        return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.output_names))]

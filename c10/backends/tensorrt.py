@@ -205,7 +205,7 @@ class TrtRunner(Runner):
         self.buffers: dict[str, tuple[int, int]] = {}
         self._busy = threading.Lock()  # one execution context and stream: calls take turns
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run_stream(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         with self._busy:
             return run_chunked(self._run, feeds, self.max_batch)
 
