@@ -50,8 +50,9 @@ def write_ref(root: Path, logical: str, entry: dict) -> None:
 
 def read_ref(root: Path, logical: str) -> dict | None:
     """The entry a ref names, or None if it is missing or not one of ours."""
-    try:
-        entry = json.loads((Path(root) / ref_relpath(logical)).read_bytes())
+    try:  # os-level: every no-op build reads every ref (refs_current)
+        with open(os.path.join(root, ref_relpath(logical)), "rb") as f:
+            entry = json.loads(f.read())
     except (OSError, ValueError):
         return None
     split = split_tagged(str(entry.get("path"))) if isinstance(entry, dict) else None
