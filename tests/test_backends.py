@@ -17,7 +17,7 @@ import pytest
 from test_engines_models import images, reference, row_cosine, spec_for
 
 from c10 import backends
-from c10.backends.onnxruntime import OnnxRuntimeBackend
+from c10.backends.onnxruntime import OnnxRuntimeBackend, ort_streams
 from c10.backends.openvino import OpenVinoBackend
 from c10.backends.tensorrt import TensorRTBackend
 from c10.engines import build_engine, engine_key, get_backend, load_engine, sidecar_path
@@ -48,7 +48,7 @@ def test_streams_run_at_once_and_a_batch_split_over_them_is_the_whole(tmp_path, 
     """Embedding workers call run_stream from several threads; runner(batch) splits over the streams."""
     spec = spec_for(onnx_file, batch=(1, 8, 16))
     runner = load_engine(build_engine(spec, backend, tmp_path)[0], spec, backend)
-    assert runner.streams == (os.cpu_count() if backend.name == "onnxruntime" else runner.streams) >= 1
+    assert runner.streams == (ort_streams(os.cpu_count())[0] if backend.name == "onnxruntime" else runner.streams) >= 1
     batches = [images(8, seed=s) for s in range(6)]
     alone = [runner.stream(b) for b in batches]
     with ThreadPoolExecutor(3) as pool:
@@ -58,6 +58,11 @@ def test_streams_run_at_once_and_a_batch_split_over_them_is_the_whole(tmp_path, 
         assert row_cosine(a, reference(onnx_file, b)).min() >= 0.999
     runner.streams = 3  # a split into three parts, whatever this host's core count
     np.testing.assert_allclose(runner(batches[0]), alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("cpus, want", [(1, (1, 1)), (2, (2, 1)), (8, (8, 1)), (12, (8, 2)), (64, (8, 8))])
+def test_ort_runs_one_thread_per_stream_up_to_a_cap(cpus, want):
+    assert ort_streams(cpus) == want
 
 
 def test_openvino_reuses_and_rejects_another_cpu(tmp_path, onnx_file):

@@ -52,15 +52,29 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        # One thread per call and one call per core (Runner.streams): ORT's own intra-op threads
-        # wait at every op for the one that shares its core with a decoding tile. Measured on
-        # 2 cores (bench/embed.py): tiles embedded at 0.88 of the raw engine with one call on
-        # two threads, 0.92 with two calls on one thread each; the raw engine is no slower.
-        options.intra_op_num_threads = 1
+        streams, threads = ort_streams(os.cpu_count() or 1)
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Waiting intra-op threads sleep instead of spinning on cores that decode tiles.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return OrtRunner(session, os.cpu_count() or 1)
+        return OrtRunner(session, streams)
+
+
+# Several calls at once, one thread each (Runner.streams), rather than one call on every core:
+# ORT's intra-op threads wait at every op for the one that shares its core with a decoding tile.
+# Measured on 2 cores (bench/embed.py): tiles embedded at 0.88 of the raw engine with one call
+# on two threads, 0.92 with two calls on one thread each; the raw engine is no slower. Each
+# stream holds a batch's activations, so a large host gets at most MAX_STREAMS streams of
+# several threads each (not measured here: these machines have 2 cores).
+MAX_STREAMS = 8
+
+
+def ort_streams(cpus: int) -> tuple[int, int]:
+    """(concurrent calls, intra-op threads per call) for `cpus` cores."""
+    streams = max(1, min(cpus, MAX_STREAMS))
+    return streams, -(-cpus // streams)
 
 
 class OrtRunner(Runner):
