@@ -56,7 +56,7 @@ class Preprocessing:
 def decode(path: str | Path | io.BytesIO) -> np.ndarray:
     """An image file's pixels as (H, W, 3) uint8 RGB, or DescriptorBatchError naming it and what to do.
     JPEG through libjpeg-turbo straight into numpy (simplejpeg: the same pixels as Pillow's decode,
-    which bundles the same library, in 0.26 ms instead of 0.6 ms per 256 px tile with the array copy,
+    which bundles the same library, in ~0.3 ms instead of ~0.7 ms per 256 px tile with the array copy,
     CPU the decode threads take from inference); anything else, or a JPEG simplejpeg refuses
     (truncated, say), through Pillow, which decodes it or says why it cannot."""
     try:
