@@ -40,20 +40,12 @@ class Runner:
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Every output for `feeds`, a batch split over the streams (rows are independent)."""
-        import numpy as np
-
         from c10.pools import worker_pool
 
-        # Split along the batch only when every input shares it (a matcher's may not).
-        lengths = {len(v) for v in feeds.values()}
-        parts = min(self.streams, next(iter(lengths))) if len(lengths) == 1 else 1
-        if parts <= 1:
-            return self.run_stream(feeds)
-        bounds = np.linspace(0, next(iter(lengths)), parts + 1).astype(int)
-        chunks = [{k: v[lo:hi] for k, v in feeds.items()} for lo, hi in zip(bounds[:-1], bounds[1:])]
+        chunks = split_batch(feeds, self.streams)
         rest = [worker_pool("streams", self.streams - 1).submit(self.run_stream, c) for c in chunks[1:]]
         first = self.run_stream(chunks[0])  # the caller's thread runs one part itself
-        return [np.concatenate(parts) for parts in zip(first, *(f.result() for f in rest))]
+        return join_outputs([first, *(f.result() for f in rest)])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.run(self._feeds(batch))[0]
@@ -70,16 +62,33 @@ class Runner:
         return {self.input_names[0]: batch}
 
 
+def split_batch(feeds: dict, parts: int) -> list[dict]:
+    """`feeds` cut along the batch into at most `parts` near-equal chunks; whole when the inputs
+    do not share a batch length (a matcher's may not)."""
+    lengths = {len(v) for v in feeds.values()}
+    parts = min(parts, next(iter(lengths))) if len(lengths) == 1 else 1
+    if parts <= 1:
+        return [feeds]
+    n = lengths.pop()
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [{k: v[lo:hi] for k, v in feeds.items()} for lo, hi in zip(bounds, bounds[1:])]
+
+
+def join_outputs(results: list[list]) -> list:
+    """The outputs of calls on consecutive chunks of one batch, joined along the batch."""
+    if len(results) == 1:
+        return results[0]
+    import numpy as np
+
+    return [np.concatenate(outs) for outs in zip(*results)]
+
+
 def run_chunked(run, feeds: dict, max_batch: int | None) -> list:
     """Split a batch larger than the engine's profile into profile-sized calls."""
     sizes = {len(v) for v in feeds.values()}
-    if max_batch is None or len(sizes) != 1 or sizes.pop() <= max_batch:
+    if max_batch is None or len(sizes) != 1:
         return run(feeds)
-    import numpy as np
-
-    n = len(next(iter(feeds.values())))
-    parts = [run({k: v[i:i + max_batch] for k, v in feeds.items()}) for i in range(0, n, max_batch)]
-    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
+    return join_outputs([run(chunk) for chunk in split_batch(feeds, -(-sizes.pop() // max_batch))])
 
 
 class Backend:
