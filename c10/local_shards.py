@@ -13,7 +13,7 @@ from c10.errors import DescriptorBatchError
 from c10.paths import ref_relpath
 from c10.pools import worker_pool
 from c10.preprocess import Preprocessing, load_tensor
-from c10.shards import ShardStats, TileRecord, tile_rows
+from c10.shards import ShardStats, TileRecord, embed_workers, tile_rows
 
 OUTPUTS = ("keypoints", "descriptors", "scores")
 
@@ -60,8 +60,7 @@ def extract_tiles(runner, paths: Sequence[Path], prep: Preprocessing, workers: i
     one of the engine's streams (as embed_tiles does with batches), results in order."""
     if not paths:
         return Features(*(np.zeros((0,), np.float32) for _ in OUTPUTS))
-    workers = workers or max(getattr(runner, "streams", 1), 2)
-    parts = list(worker_pool("local", workers).map(lambda p: run_local(runner, load_tensor(p, prep)[None]), paths))
+    parts = list(worker_pool("local", workers or embed_workers(runner)).map(lambda p: run_local(runner, load_tensor(p, prep)[None]), paths))
     return Features(*(np.concatenate([getattr(f, n) for f in parts]) for n in OUTPUTS))
 
 

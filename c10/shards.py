@@ -60,8 +60,7 @@ def embed_tiles(runner: Runner, paths: Sequence[Path], prep: Preprocessing, batc
     n = len(paths)
     if not n:
         return np.zeros((0, 0), np.float32)
-    streams = getattr(runner, "streams", 1)
-    workers = workers or max(streams, DECODE_THREADS)
+    workers = workers or embed_workers(runner)
     size = _batch(n, batch_size, workers)
     run = getattr(runner, "stream", runner)
     futures = [worker_pool("embed", workers).submit(_embed_batch, run, paths[i:i + size], prep, size)
@@ -77,6 +76,11 @@ def embed_tiles(runner: Runner, paths: Sequence[Path], prep: Preprocessing, batc
             future.cancel()
         wait(futures)
     return l2_normalize(np.concatenate(out))
+
+
+def embed_workers(runner) -> int:
+    """One worker per engine stream, and at least DECODE_THREADS to keep a one-stream engine fed."""
+    return max(getattr(runner, "streams", 1), DECODE_THREADS)
 
 
 def _batch(n: int, batch_size: int, workers: int) -> int:
