@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-# onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most 13.
+# onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most 13 (1.32 reads 14).
 IR_VERSION = 10
 
 
