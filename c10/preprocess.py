@@ -204,34 +204,42 @@ def _plan(shape: tuple[int, int], prep: Preprocessing) -> tuple[_Axis, _Axis, np
     return ay, ax, vertical, np.ascontiguousarray(ax.weights.transpose(0, 2, 1))
 
 
-def _buffers(shape: tuple[int, int], ay: _Axis, ax: _Axis) -> tuple[np.ndarray, ...]:
-    """Per-thread float buffers (padded planar input, vertical pass, output blocks), reused while the
-    geometry stays the same: fresh ones cost a page fault per 4 KiB, as much as the resize itself."""
-    key = (shape, ay, ax)
-    if getattr(_scratch, "key", None) == key:
-        return _scratch.buffers
-    rows, cols = shape[0] + ay.before + ay.after, shape[1] + ax.before + ax.after
-    buffers = (np.zeros((3, rows, cols), np.float32),  # the padding stays 0 (its weights are 0)
-               np.empty((3, ay.blocks * ay.group, cols), np.float32),
-               np.empty((3, ay.blocks * ay.group, ax.blocks * ax.group), np.float32))
-    if sum(b.nbytes for b in buffers) <= _SCRATCH_MAX:
-        _scratch.key, _scratch.buffers = key, buffers
-    return buffers
+class _Kernel:
+    """One thread's resize of one geometry: its float buffers and the strided views the two matmuls
+    read and write, made once. Fresh buffers cost a page fault per 4 KiB (as much as the resize
+    itself) and remaking the views costs a tenth of it (as_strided is slow)."""
+
+    def __init__(self, shape: tuple[int, int], prep: Preprocessing) -> None:
+        ay, ax, self.vertical, self.horizontal = _plan(shape, prep)
+        (h, w), self.key = prep.input_size, (shape, prep)
+        rows, cols = shape[0] + ay.before + ay.after, shape[1] + ax.before + ax.after
+        padded = np.zeros((3, rows, cols), np.float32)  # the padding stays 0 (its weights are 0)
+        mid = np.empty((3, ay.blocks * ay.group, cols), np.float32)
+        res = np.empty((3, ay.blocks * ay.group, ax.blocks * ax.group), np.float32)
+        self.nbytes = padded.nbytes + mid.nbytes + res.nbytes
+        interior = padded[:, ay.before:ay.before + shape[0], ax.before:ax.before + shape[1]]
+        self.interior = interior[::-1] if prep.channel_order == "bgr" else interior
+        c, r, k = padded.strides
+        self.rows_in = as_strided(padded, (3, ay.blocks, ay.span, cols), (c, ay.step * r, r, k), writeable=False)
+        self.rows_out = mid.reshape(3, ay.blocks, ay.group, -1)
+        c, r, k = mid.strides
+        self.cols_in = as_strided(mid, (3, ax.blocks, mid.shape[1], ax.span), (c, ax.step * k, r, k), writeable=False)
+        self.cols_out = res.reshape(3, res.shape[1], ax.blocks, ax.group).transpose(0, 2, 1, 3)
+        self.crop, self.offset = res[:, :h, :w], prep.affine[2][:, None, None]
+
+    def __call__(self, pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
+        np.copyto(self.interior, pixels.transpose(2, 0, 1))
+        np.matmul(self.vertical, self.rows_in, out=self.rows_out)
+        np.matmul(self.cols_in, self.horizontal, out=self.cols_out)
+        return np.add(self.crop, self.offset, out=out)
 
 
 def _resample(pixels: np.ndarray, prep: Preprocessing, out: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> normalised (3, h, w) float32 `out`: vertical pass, horizontal pass."""
-    shape, (h, w) = pixels.shape[:2], prep.input_size
-    ay, ax, vertical, horizontal = _plan(shape, prep)
-    padded, mid, res = _buffers(shape, ay, ax)
-    planes = pixels.transpose(2, 0, 1)
-    np.copyto(padded[:, ay.before:ay.before + shape[0], ax.before:ax.before + shape[1]],
-              planes[::-1] if prep.channel_order == "bgr" else planes)
-    c, r, k = padded.strides
-    windows = as_strided(padded, (3, ay.blocks, ay.span, padded.shape[2]), (c, ay.step * r, r, k), writeable=False)
-    np.matmul(vertical, windows, out=mid.reshape(3, ay.blocks, ay.group, -1))
-    c, r, k = mid.strides
-    windows = as_strided(mid, (3, ax.blocks, mid.shape[1], ax.span), (c, ax.step * k, r, k), writeable=False)
-    np.matmul(windows, horizontal, out=res.reshape(3, res.shape[1], ax.blocks, ax.group).transpose(0, 2, 1, 3))
-    np.add(res[:, :h, :w], prep.affine[2][:, None, None], out=out)
-    return out
+    key = (pixels.shape[:2], prep)
+    kernel = getattr(_scratch, "kernel", None)
+    if kernel is None or kernel.key != key:
+        kernel = _Kernel(key[0], prep)
+        if kernel.nbytes <= _SCRATCH_MAX:  # keep tile-sized ones only (a query frame may be huge)
+            _scratch.kernel = kernel
+    return kernel(pixels, out)
