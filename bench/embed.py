@@ -31,7 +31,8 @@ def block_bbox(blocks: int, block: int, z: int = 16) -> tuple[float, float, floa
     return (south + 1e-7, west + 1e-7, north - 1e-7, east - 1e-7)
 
 
-def make_cache(root: Path, tiles: int, backend: str, key: Path, input_size: int, block: int) -> None:
+def make_cache(root: Path, tiles: int, backend: str, key: Path, input_size: int, block: int,
+               precision: str = "fp32") -> None:
     """A cache of ~`tiles` demo-like 256 px JPEG tiles in full blocks at one zoom, the demo's global model."""
     root.mkdir(parents=True)
     bbox = block_bbox(max(1, round(tiles / block ** 2)), block)
@@ -40,6 +41,7 @@ def make_cache(root: Path, tiles: int, backend: str, key: Path, input_size: int,
     init_cache(root, bbox=str(list(bbox)), zooms="[16]", backend=backend, size=input_size, key=str(key))
     text = (root / "c10.toml").read_text()
     text = text.split("[models.local]")[0] + "[shards]" + text.split("[shards]")[1]
+    text = text.replace('precision = "fp32"', f'precision = "{precision}"', 1)
     (root / "c10.toml").write_text(text.replace("block = 16", f"block = {block}"))
 
 
@@ -107,7 +109,8 @@ def bench_backend(workdir: Path, backend: str, args) -> dict:
     from rules import actions, graph as graph_mod, session
 
     root = workdir / f"cache-{backend}"
-    make_cache(root, args.tiles, backend, workdir / "key.pem", args.input, args.block)
+    precision = args.precision if backend == "openvino" else "fp32"  # ONNX Runtime's engine is fp32 only
+    make_cache(root, args.tiles, backend, workdir / "key.pem", args.input, args.block, precision)
     os.environ["C10_NO_PROGRESS"] = "1"
     with contextlib.redirect_stdout(sys.stderr):  # doit's progress lines: keep stdout pure JSON
         built = run_build(root, ["engines"])
@@ -141,7 +144,8 @@ def bench_backend(workdir: Path, backend: str, args) -> dict:
     e, s = (statistics.median(r[0] for r in rs) for rs in (engine, shard))
     e_cpu, s_cpu = (statistics.median(r[1] for r in rs) for rs in (engine, shard))
     p, p_cpu = (statistics.median(r[i] for r in pipeline) for i in (0, 1))
-    return {"backend": graph.plans["global"].backend.name, "tiles": tiles, "batch": plan.model.batch_size,
+    return {"backend": graph.plans["global"].backend.name, "precision": precision, "tiles": tiles,
+            "batch": plan.model.batch_size,
             "input": args.input, "engine_load_s": round(load_s, 3), "streams": runner.streams,
             "engine_images_per_s": round(e, 1), "shard_tiles_per_s": round(s, 1), "ratio": round(s / e, 3),
             "median_paired_ratio": round(statistics.median(sr[0] / er[0] for sr, er in zip(shard, engine)), 3),
@@ -165,6 +169,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backends", default="onnxruntime,openvino")
+    parser.add_argument("--precision", default="fp32", help="OpenVINO's models.global.precision (bf16: AMX hosts)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="c10-bench-embed-") as tmp:
