@@ -41,6 +41,8 @@ def make_cache(root: Path, tiles: int, backend: str, key: Path, input_size: int,
     init_cache(root, bbox=str(list(bbox)), zooms="[16]", backend=backend, size=input_size, key=str(key))
     text = (root / "c10.toml").read_text()
     text = text.split("[models.local]")[0] + "[shards]" + text.split("[shards]")[1]
+    if 'precision = "fp32"' not in text:
+        raise SystemExit("bench/embed.py: c10 init's template no longer sets precision = \"fp32\"")
     text = text.replace('precision = "fp32"', f'precision = "{precision}"', 1)
     (root / "c10.toml").write_text(text.replace("block = 16", f"block = {block}"))
 
