@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 IR_VERSION = 10
 
 
-def tiny_cnn(path: Path, size: int = 32, dim: int = 16, seed: int = 0, ir_version: int = IR_VERSION,
+def tiny_cnn(path: Path, size: int = 32, dim: int = 16, seed: int = 0,
              widths: tuple[int, ...] = (8, 16)) -> Path:
     """A conv/relu stack, global pool and projection with a dynamic batch: [N,3,size,size] -> [N,dim]."""
     rng = np.random.default_rng(seed)
@@ -34,7 +34,7 @@ def tiny_cnn(path: Path, size: int = 32, dim: int = 16, seed: int = 0, ir_versio
         nodes, "tiny_cnn",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
         [helper.make_tensor_value_info("descriptor", TensorProto.FLOAT, ["batch", dim])], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=ir_version)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
