@@ -11,7 +11,7 @@ from c10 import engines, netgen
 from c10.errors import DescriptorBatchError
 from c10.hashcache import blake3_file
 from c10.preprocess import Preprocessing, load_tensor
-from c10.shards import (TileRecord, _batch, build_shard, embed_tiles, l2_normalize, pack_shard, read_shard,
+from c10.shards import (TileRecord, _batch, _staggered, build_shard, embed_tiles, l2_normalize, pack_shard, read_shard,
                         tile_facts)
 from c10.tiles import Tile
 from conftest import current
@@ -65,6 +65,25 @@ def test_batches_split_evenly_over_the_workers(n, batch, workers, size):
     """At most `batch` tiles a batch, and no worker runs the last batch alone while the others idle."""
     assert _batch(n, batch, workers) == size
     assert -(-n // size) % workers == 0 or n < workers
+
+
+@pytest.mark.parametrize("n, batch, workers", [(256, 32, 2), (200, 32, 2), (256, 32, 4), (1000, 32, 3), (10, 32, 2),
+                                                (64, 32, 1)])
+def test_staggered_batches_start_the_workers_apart_and_end_them_together(n, batch, workers):
+    """Handed to whichever worker is free first (as the pool does), at a cost proportional to
+    size: the workers start their second batch a fraction of a batch apart and finish within two
+    tiles of each other."""
+    size = _batch(n, batch, workers)
+    sizes = _staggered(n, size, workers)
+    assert sum(sizes) == n and max(sizes) <= size and min(sizes) > 0
+    free = [0.0] * workers
+    for s in sizes:
+        free[free.index(min(free))] += s
+    if -(-n // size) >= 2 * workers:
+        assert len(set(sizes[:workers])) == workers  # every worker's first batch ends at another time
+        assert max(free) - min(free) <= 2
+    else:  # too few batches to stagger: the even split
+        assert sizes == [min(size, n - i) for i in range(0, n, size)]
 
 
 def test_a_corrupt_tile_fails_the_batch_naming_it(runner, tiles, tmp_path):
