@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import sys
 import threading
@@ -63,7 +64,7 @@ def embed_tiles(runner: Runner, paths: Sequence[Path], prep: Preprocessing, batc
     workers = workers or embed_workers(runner)
     size = _batch(n, batch_size, workers)
     run = getattr(runner, "stream", runner)
-    bounds = np.cumsum([0, *_staggered(n, size, workers)])
+    bounds = list(itertools.accumulate(_staggered(n, size, workers), initial=0))
     futures = [worker_pool("embed", workers).submit(_embed_batch, run, paths[i:j], prep, size)
                for i, j in zip(bounds[:-1], bounds[1:])]
     out = []
@@ -96,8 +97,9 @@ def _staggered(n: int, size: int, workers: int) -> list[int]:
     """Batch sizes (at most `size`) that start the workers a 1/workers batch apart and end them
     together: [size/2, size, ..., size, size/2] for two. In step, all would decode at once and
     then all infer; staggered, one decodes while the others infer, which costs less CPU (measured
-    on 2 cores: a tile decodes in 0.65 ms beside another decoder, 0.55 ms beside inference; the
-    shard stage gained 1.5 % of the raw engine's rate, 12 of 14 interleaved rounds)."""
+    on 2 cores: a tile decodes in 0.65 ms beside another decoder, 0.55 ms beside inference;
+    embedding rose from 0.831 to 0.846 of the raw engine's rate with ONNX Runtime fp32 and from
+    0.585 to 0.615 with OpenVINO bf16, medians of interleaved rounds)."""
     plain = [min(size, n - i) for i in range(0, n, size)]
     if workers < 2 or size < workers or len(plain) < 2 * workers:
         return plain
