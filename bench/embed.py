@@ -110,7 +110,7 @@ def preprocess_cost(root: Path, prep, count: int = 64) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def free_resize(enabled: bool):
+def free_resize():
     """--what-if free-resize: the resize replaced by a crop to the input size (still normalised), so
     the run shows the rate a zero-cost resize would reach. Its descriptors are wrong; only rates count."""
     import c10.preprocess as preprocess
@@ -119,8 +119,7 @@ def free_resize(enabled: bool):
         h, w = prep.input_size
         return preprocess.to_tensor(pixels[:h, :w], prep, out)
 
-    real = preprocess._resample
-    preprocess._resample = crop if enabled else real
+    real, preprocess._resample = preprocess._resample, crop
     try:
         yield
     finally:
@@ -155,7 +154,7 @@ def bench_backend(workdir: Path, backend: str, args) -> dict:
         shard_rate(root, "global")
         engine, shard, pipeline = [], [], []
         paths = [root / t.path for t in graph.tiles]
-        with free_resize(args.what_if == "free-resize"):
+        with free_resize() if args.what_if == "free-resize" else contextlib.nullcontext():
             for _ in range(args.rounds):  # interleaved: a busy neighbour slows both alike
                 *rate, tiles = shard_rate(root, "global")
                 shard.append(rate)
@@ -170,8 +169,7 @@ def bench_backend(workdir: Path, backend: str, args) -> dict:
     e_cpu, s_cpu = (statistics.median(r[1] for r in rs) for rs in (engine, shard))
     p, p_cpu = (statistics.median(r[i] for r in pipeline) for i in (0, 1))
     return {"backend": graph.plans["global"].backend.name, "precision": precision, "what_if": args.what_if,
-            "tiles": tiles,
-            "batch": plan.model.batch_size,
+            "tiles": tiles, "batch": plan.model.batch_size,
             "input": args.input, "engine_load_s": round(load_s, 3), "streams": runner.streams,
             "engine_images_per_s": round(e, 1), "shard_tiles_per_s": round(s, 1), "ratio": round(s / e, 3),
             "median_paired_ratio": round(statistics.median(sr[0] / er[0] for sr, er in zip(shard, engine)), 3),
