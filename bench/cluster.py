@@ -15,10 +15,11 @@ from pathlib import Path
 
 import distributed
 
-from c10 import cluster, demo, netgen, synth
-from c10.project import init_cache
-from c10.run import run_build
-from c10.signing import generate_key
+from c10.features import cluster
+from c10.tools import demo, netgen, synth
+from c10.tools.project import init_cache
+from c10.rules.driver import run_build
+from c10.trust.keys import generate_key
 
 ZOOM = 16
 

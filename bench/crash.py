@@ -12,7 +12,7 @@ to completion. After every kill:
 - the inputs (tiles, models, c10.toml, dodo.py) are byte-identical;
 - no file under engines/, shards/, index/ is torn (each parses), and no temp file is left there
   (writers stage their temp files in .c10/tmp/, which verify does not read);
-- the committed Manifest is checked with `c10.verify.verify_cache` and the trusted key:
+- the committed Manifest is checked with `c10.trust.verify.verify_cache` and the trusted key:
   `verified`     it verifies; in an incremental episode every file that differs from its listing
                  must be a tile the operator changed before the build (those cannot verify until
                  a build re-signs them), and the only unlisted files the shards and index files
@@ -47,12 +47,12 @@ from pathlib import Path
 
 import blake3
 
-from c10 import netgen, synth
-from c10.atomic import is_temp_name
+from c10.tools import netgen, synth
+from c10.store.atomic import is_temp_name
 from c10.errors import VerifyError
-from c10.project import init_cache
-from c10.signing import generate_key, keyid, load_signing_key, load_trusted_keys, public_key_pem
-from c10.verify import verify_cache
+from c10.tools.project import init_cache
+from c10.trust.keys import generate_key, keyid, load_signing_key, load_trusted_keys, public_key_pem
+from c10.trust.verify import verify_cache
 
 BBOX = (50.43, 30.49, 50.47, 30.56)  # ~42 tiles at zoom 15 near Kyiv, as the test fixture
 ZOOMS = (15,)
@@ -163,7 +163,7 @@ def stage_at_kill(out: str) -> str:
 
 def clean_reference(root: Path, fx: dict, state: str) -> dict[str, str]:
     """shards/ and index/ bytes of an uninterrupted build of `state` from nothing (in-process)."""
-    from c10.run import run_build
+    from c10.rules.driver import run_build
 
     new_cache(root, fx)
     set_state(root, fx, state)
@@ -204,7 +204,7 @@ def torn_files(root: Path) -> list[str]:
     import numpy as np
     import onnx
 
-    from c10.shards import read_shard
+    from c10.features.shards import read_shard
 
     bad = []
     for top in DERIVED:
@@ -255,8 +255,8 @@ def classify(root: Path, fx: dict, had_manifest: bool) -> tuple[str, int]:
 def differing_files(root: Path) -> tuple[list[str], int]:
     """(paths listed with other bytes or missing, and unlisted files verify would refuse;
     the number of unlisted files it accepts as pending)."""
-    from c10.paths import is_control
-    from c10.verify import is_pending
+    from c10.store.layout import is_control
+    from c10.trust.verify import is_pending
 
     listed = {f["path"]: f["blake3"] for f in json.loads((root / "Manifest.json").read_bytes())["files"]}
     differ = []

@@ -16,9 +16,9 @@ from pathlib import Path
 import mercantile
 import numpy as np
 
-from c10 import demo, netgen, synth
-from c10.project import init_cache
-from c10.signing import generate_key
+from c10.tools import demo, netgen, synth
+from c10.tools.project import init_cache
+from c10.trust.keys import generate_key
 
 
 def block_bbox(blocks: int, block: int, z: int = 16) -> tuple[float, float, float, float]:
@@ -68,8 +68,9 @@ def _timed(work, images: int) -> tuple[float, float]:
 def shard_rate(root: Path, name: str) -> tuple[float, float, int]:
     """(tiles/s, CPU ms per tile, tiles) of every shard action of `name`, from no shards and no hash
     cache (a cold stage: hashing, decoding, inference, packing and the atomic writes)."""
-    from c10.paths import ref_relpath
-    from rules import actions, graph as graph_mod
+    from c10.store.layout import ref_relpath
+    from c10.rules import actions
+    from c10 import plan as graph_mod
 
     graph = graph_mod.load_graph(root)
     for rel in graph.plans[name].shards:  # without its ref a shard's previous rows are not reused
@@ -85,8 +86,8 @@ def shard_rate(root: Path, name: str) -> tuple[float, float, int]:
 
 
 def pipeline_rate(runner, paths: list[Path], prep, batch: int) -> tuple[float, float]:
-    """(tiles/s, CPU ms per tile) of c10.shards.embed_tiles alone: decoding overlapped with inference."""
-    from c10.shards import embed_tiles
+    """(tiles/s, CPU ms per tile) of c10.features.embedding.embed_tiles alone: decoding overlapped with inference."""
+    from c10.features.embedding import embed_tiles
 
     start, cpu = time.perf_counter(), time.process_time()
     embed_tiles(runner, paths, prep, batch)
@@ -96,7 +97,7 @@ def pipeline_rate(runner, paths: list[Path], prep, batch: int) -> tuple[float, f
 def preprocess_cost(root: Path, prep, count: int = 64) -> tuple[float, float]:
     """Single-thread CPU ms per tile of (read + decode + resize + normalise, read + decode alone):
     what the decode threads add, and the part of it no resize can save."""
-    from c10.preprocess import decode, load_tensor
+    from c10.features.preprocess import decode, load_tensor
 
     paths = sorted((root / "tiles").rglob("*.jpg"))[:count]
     out = np.empty(prep.shape, np.float32)
@@ -113,7 +114,7 @@ def preprocess_cost(root: Path, prep, count: int = 64) -> tuple[float, float]:
 def free_resize():
     """--what-if free-resize: the resize replaced by a crop to the input size (still normalised), so
     the run shows the rate a zero-cost resize would reach. Its descriptors are wrong; only rates count."""
-    import c10.preprocess as preprocess
+    import c10.features.preprocess as preprocess
 
     def crop(pixels, prep, out):  # at the input size to_tensor only normalises
         h, w = prep.input_size
@@ -127,9 +128,10 @@ def free_resize():
 
 
 def bench_backend(workdir: Path, backend: str, args) -> dict:
-    from c10.preprocess import Preprocessing
-    from c10.run import run_build
-    from rules import actions, graph as graph_mod, session
+    from c10.features.preprocess import Preprocessing
+    from c10.rules.driver import run_build
+    from c10.rules import actions, session
+    from c10 import plan as graph_mod
 
     root = workdir / f"cache-{backend}"
     precision = args.precision if backend == "openvino" else "fp32"  # ONNX Runtime's engine is fp32 only

@@ -13,11 +13,11 @@ from pathlib import Path
 import blake3
 import numpy as np
 
-from c10.backends import cpu_info
-from c10.backends.onnxruntime import OnnxRuntimeBackend
-from c10.backends.openvino import OpenVinoBackend
-from c10.backends.tensorrt import TensorRTBackend
-from c10.engines import EngineSpec, build_engine, load_engine
+from c10.features.backends import cpu_info
+from c10.features.backends.onnxruntime import OnnxRuntimeBackend
+from c10.features.backends.openvino import OpenVinoBackend
+from c10.features.backends.tensorrt import TensorRTBackend
+from c10.features.engines import EngineSpec, build_engine, load_engine
 
 INPUT = 224
 BATCHES = (1, 8, 32)
@@ -27,7 +27,7 @@ ROUNDS = 8
 def write_model(path: Path) -> str:
     """The demo's global model when c10.netgen has it, else a comparable CNN of our own."""
     try:
-        from c10.netgen import write_global_model
+        from c10.tools.netgen import write_global_model
     except ImportError:
         write_global_model = None
     if write_global_model is not None:

@@ -17,9 +17,9 @@ import mercantile
 import numpy as np
 from PIL import Image
 
-from c10 import netgen
-from c10.project import init_cache
-from c10.signing import generate_key
+from c10.tools import netgen
+from c10.tools.project import init_cache
+from c10.trust.keys import generate_key
 
 CENTER = (30.5234, 50.4501)  # lon, lat: Kyiv
 ZOOM = 17

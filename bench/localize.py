@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from c10 import synth
-from c10.demo import make_demo
-from c10.engines import EngineSpec, build_engine, get_backend, load_engine
-from c10.localize import localize_test
+from c10.tools import synth
+from c10.tools.demo import make_demo
+from c10.features.engines import EngineSpec, build_engine, get_backend, load_engine
+from c10.query.rerank import localize_test
 
 # (backend, deformable-conv form): the form each backend compiles, plus GridSample on onnxruntime
 # to show what the OpenVINO form costs there.
@@ -27,7 +27,7 @@ CASES = (("onnxruntime", "native"), ("onnxruntime", "grid"), ("openvino", "grid"
 
 
 def recall(root: Path, queries: int, k: int, seed: int) -> dict:
-    from rules.query import open_searcher, open_verifier
+    from c10.query.open import open_searcher, open_verifier
 
     searcher, _, root = open_searcher(root)
     verifier = open_verifier(root)
@@ -43,11 +43,11 @@ def recall(root: Path, queries: int, k: int, seed: int) -> dict:
 
 def models_for(root: Path, keypoints: int, work: Path) -> dict[str, Path]:
     """Models dir per deform form: the demo's own, the other one exported here."""
-    from c10.export import MODEL_FILES, read_metadata
+    from c10.tools.export import MODEL_FILES, read_metadata
 
     have = read_metadata(root / "models" / "global.onnx")["c10.deform"]
     other = "grid" if have == "native" else "native"
-    from c10.export import nets, writer
+    from c10.tools.export import nets, writer
 
     out = work / other
     out.mkdir(parents=True)

@@ -12,7 +12,7 @@ from collections import defaultdict
 import blake3
 import numpy as np
 
-from c10 import manifest as mf
+from c10.trust import manifest as mf
 
 
 def _timed(fn):
@@ -32,7 +32,7 @@ def clustered(n: int, dim: int, seed: int, centres: int = 2000) -> np.ndarray:
 def bench_index(factory: str, data: np.ndarray, queries: np.ndarray, truth: np.ndarray,
                 source: np.ndarray) -> dict:
     """Train and add timed apart (train cost depends on the sample, add on n), one thread as in
-    c10.index.make_index; recall@10 against exact search, and how often the query's own tile is in the top 10."""
+    c10.features.index.make_index; recall@10 against exact search, and how often the query's own tile is in the top 10."""
     import faiss
 
     faiss.omp_set_num_threads(1)

@@ -10,12 +10,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from c10 import atomic
-from c10.config import CONFIG_NAME, Config, load_config, parse_config
+from c10.store import atomic
+from c10.store.layout import CONFIG_NAME
+from c10.config import Config, load_config, parse_config
 from c10.errors import (BuildLockHeldError, C10Error, CalibrationCacheError, ConfigError,  # noqa: F401
                         DescriptorBatchError, EngineBuildError, ManifestCoverageError,
                         ManifestWriteError, MissingTilesError)
-from c10.lock import require_cache_root
+from c10.store.lock import require_cache_root
 from c10.report import BuildOutcome, BuildReport
 
 __all__ = ["CacheProvisioner", "DoitCacheProvisioner", "BuildRequest", "BuildReport", "BuildOutcome",
@@ -92,50 +93,44 @@ class DoitCacheProvisioner:
 
         Hard errors raise the seed's exceptions; missing tiles return outcome FAILURE.
         """
-        from c10.run import run_build
-        from rules import actions, session
+        from c10.rules import session
+        from c10.rules.driver import run_build
 
         t0 = time.perf_counter()
         root = require_cache_root(request.cache_root)  # CP-INV-5: never created here
         text, config = request_config(root, request)
         try:
-            session.claim(root)  # another thread's build in this process: refused before any state is touched
+            # another thread's build in this process: refused before any state is touched
+            build = session.begin(root)
             # The key is checked before anything is written (CP-TC-7) and opened only here (CP-INV-7).
-            session.signing_key(lambda: actions.load_key(_KeyContext(root, config)))
-            session.ensure_locked(root)  # CP-INV-4: c10.toml is part of the build's state
+            build.operator_key(config.signing)
+            build.ensure_locked()  # CP-INV-4: c10.toml is part of the build's state
             if text is not None:
                 atomic.write_text(root / CONFIG_NAME, text)
             code = run_build(root, ["build_cache"])
+            report, error = build.report, build.error
         finally:
             session.end()
-        return _result(root, code, session.last_report(), session.last_error(), time.perf_counter() - t0)
+        return _result(root, code, report, error, time.perf_counter() - t0)
 
     def compile_engines_for_corpus(self, request: EngineCompileRequest) -> tuple[EngineCacheEntry, ...]:
         """Compile (or reuse) the engines only: no tiles, descriptors, Manifest or build lock."""
-        from c10 import engines
-        from c10.paths import ENGINES_DIR
-        from rules import graph as graphs
+        from c10.features import engines
+        from c10.plan import load_plan
+        from c10.store.hashcache import HashCache
+        from c10.store.layout import ENGINES_DIR
 
         root = require_cache_root(request.cache_root)
-        graphs.reset()
-        try:
-            graph = graphs.load_graph(root)
-            out = []
-            for name in _selected_models(graph.config, request):
-                plan = graph.plans[name]
-                _check_engine_request(graph.config, plan, request)
-                path, built = engines.build_engine(plan.spec, plan.backend, root / ENGINES_DIR)
-                out.append(EngineCacheEntry(name, plan.backend.name, plan.engine_key, path, built))
-            return tuple(out)
-        finally:
-            graphs.reset()
-
-
-class _KeyContext:
-    """What rules.actions.load_key reads from a graph, for a request not yet written to c10.toml."""
-
-    def __init__(self, root: Path, config: Config):
-        self.root, self.config = root, config
+        hashes = HashCache(root)
+        plan = load_plan(root, hashes)
+        out = []
+        for name in _selected_models(plan.config, request):
+            model_plan = plan.plans[name]
+            _check_engine_request(plan.config, model_plan, request)
+            path, built = engines.build_engine(model_plan.spec, model_plan.backend, root / ENGINES_DIR)
+            out.append(EngineCacheEntry(name, model_plan.backend.name, model_plan.engine_key, path, built))
+        hashes.save()
+        return tuple(out)
 
 
 def _result(root: Path, code: int, report: BuildReport | None, error: C10Error | None,

@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_init(args) -> int:
-    from c10.project import init_cache
+    from c10.tools.project import init_cache
 
     skipped = init_cache(args.dir)
     for name in skipped:
@@ -80,21 +80,21 @@ def cmd_init(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from c10.run import run_build
+    from c10.rules.driver import run_build
 
     return run_build(args.dir, [a for a in args.doit_args if a != "--"] or ["build_cache"])
 
 
 def cmd_demo(args) -> int:
-    from c10.demo import make_demo
+    from c10.tools.demo import make_demo
 
     return make_demo(args.dir, tiles=args.tiles, key=args.key, backend=args.backend,
                      real_models=args.real_models, keypoints=args.keypoints)
 
 
 def cmd_verify(args) -> int:
-    from c10.signing import load_trusted_keys
-    from c10.verify import verify_cache, verify_to_json
+    from c10.trust.keys import load_trusted_keys
+    from c10.trust.verify import verify_cache, verify_to_json
 
     root = args.dir.resolve()
     trusted = load_trusted_keys(args.trusted_keys or trust_store_keys())
@@ -137,7 +137,7 @@ def default_state() -> Path:
 
 def _fingerprints() -> dict:
     """This host's fingerprint per available backend (what airborne mode compares engines with)."""
-    from c10.backends import AUTO_ORDER, get_backend
+    from c10.features.backends import AUTO_ORDER, get_backend
 
     out = {}
     for name in AUTO_ORDER:
@@ -150,8 +150,8 @@ def _fingerprints() -> dict:
 
 def cmd_keygen(args) -> int:
     """Write PATH (private, 0600) and PATH.pub (public PEM for the aircraft's trust store)."""
-    from c10 import atomic
-    from c10.signing import generate_key, load_signing_key, public_key_pem, ssh_fingerprint
+    from c10.store import atomic
+    from c10.trust.keys import generate_key, load_signing_key, public_key_pem, ssh_fingerprint
 
     passphrase = _read_passphrase(args)
     kid = generate_key(args.path, passphrase)
@@ -202,8 +202,8 @@ def _operator_commands(sub) -> None:
 
 def cmd_status(args) -> int:
     """Exit 0 when a build would change nothing, 1 when it would redo work."""
-    from c10.run import build_status
-    from c10.status import render, would_change
+    from c10.rules.driver import build_status
+    from c10.tools.status import render, would_change
 
     status = build_status(args.dir)
     print(json.dumps(status, indent=1) if args.json else render(status))
@@ -211,7 +211,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_map(args) -> int:
-    from c10.coverage_map import LABELS, save_map
+    from c10.tools.tilemap import LABELS, save_map
 
     result = save_map(args.dir, args.output)
     counts = {LABELS[c]: sum(p.counts[c] for p in result.panels.values()) for c in LABELS}
@@ -222,7 +222,7 @@ def cmd_map(args) -> int:
 
 def cmd_import(args) -> int:
     """Exit 1 when tiles that differ were kept or could not be read (never silently)."""
-    from c10.importer import import_tiles, summary
+    from c10.tools.importer import import_tiles, summary
 
     result = import_tiles(args.dir, args.source, tms=args.tms, replace=args.replace)
     print(summary(result, args.dir))
@@ -237,8 +237,10 @@ def _query_commands(sub) -> None:
     cmd.add_argument("-k", type=_positive, default=5, help="how many tiles (default 5)")
     cmd.add_argument("--model", help="global model to query (default: the first in c10.toml)")
     cmd.add_argument("--json", action="store_true", help="one JSON object")
-    cmd.add_argument("--verify", action="store_true",
+    cmd.add_argument("--rerank", action="store_true",
                      help="re-rank the top-k by LightGlue matches with IMAGE (the cache's local and matcher models)")
+    # the name of c10 0.1, kept one release: "verify" now means only `c10 verify`
+    cmd.add_argument("--verify", dest="rerank", action="store_true", help=argparse.SUPPRESS)
     cmd.set_defaults(func=cmd_query)
     cmd = sub.add_parser("selftest", help="query N randomly perturbed tiles of DIR; print recall@1 and recall@5")
     cmd.add_argument("dir", type=Path)
@@ -259,44 +261,44 @@ def _positive(text: str) -> int:
 def cmd_query(args) -> int:
     from dataclasses import asdict
 
-    from c10.lock import require_cache_root
-    from c10.query import format_hits
-    from rules.query import open_searcher
+    from c10.store.lock import require_cache_root
+    from c10.query.search import format_hits
+    from c10.query.open import open_searcher
 
     searcher, model, root = open_searcher(require_cache_root(args.dir), args.model)
     hits = searcher.query_file(args.image, args.k)
-    verified = _verified(root, args.image, hits) if args.verify else None
+    reranked = _reranked(root, args.image, hits) if args.rerank else None
     if args.json:
         print(json.dumps({"cache": str(root), "image": str(args.image), "model": model,
                           "hits": [asdict(h) for h in hits]}
-                         | ({"verified": verified, "best": verified[0]} if verified else {})))
+                         | ({"reranked": reranked, "best": reranked[0]} if reranked else {})))
     else:
         print(f"c10 query: {args.image} in {root} (model {model}, {len(searcher.ids)} tiles indexed)")
         print(format_hits(hits))
-        if verified:
+        if reranked:
             print("re-ranked by LightGlue matches: " + ", ".join(
-                f"{v['z']}/{v['x']}/{v['y']} {v['matches']}" for v in verified))
-            best = verified[0]
+                f"{v['z']}/{v['x']}/{v['y']} {v['matches']}" for v in reranked))
+            best = reranked[0]
             print(f"best: tile {best['z']}/{best['x']}/{best['y']} (lat {best['lat']:.6f}, lon {best['lon']:.6f}) "
                   f"with {best['matches']} matches, retrieval rank {best['rank']}")
     return 0
 
 
-def _verified(root: Path, image: Path, hits) -> list[dict]:
+def _reranked(root: Path, image: Path, hits) -> list[dict]:
     """The hits re-ranked by LightGlue matches with the image, as JSON-able rows."""
-    from c10.preprocess import open_tile
-    from rules.query import open_verifier
+    from c10.features.preprocess import open_tile
+    from c10.query.open import open_reranker
 
     by_tile = {(h.z, h.x, h.y): h for h in hits}
-    ranked = open_verifier(root).verify_hits(open_tile(image), hits)
+    ranked = open_reranker(root).rerank_hits(open_tile(image), hits)
     return [{"z": v.tile[0], "x": v.tile[1], "y": v.tile[2], "lat": by_tile[v.tile].lat, "lon": by_tile[v.tile].lon,
              "rank": by_tile[v.tile].rank, "score": v.similarity, "matches": v.matches} for v in ranked]
 
 
 def cmd_selftest(args) -> int:
-    from c10.lock import require_cache_root
-    from c10.query import selftest
-    from rules.query import open_searcher
+    from c10.store.lock import require_cache_root
+    from c10.query.search import selftest
+    from c10.query.open import open_searcher
 
     searcher, model, root = open_searcher(require_cache_root(args.dir), args.model)
     result = selftest(searcher, root, args.n, args.strength, args.seed)
@@ -310,7 +312,7 @@ def cmd_selftest(args) -> int:
 
 def _network_commands(sub) -> None:
     """export-models: the real networks from published weights."""
-    from c10.export import ALIKED_VARIANTS, DEFAULT_KEYPOINTS
+    from c10.tools.export import ALIKED_VARIANTS, DEFAULT_KEYPOINTS
 
     cmd = sub.add_parser("export-models", help="write pretrained ALIKED (global, local) and ALIKED-LightGlue "
                                               "(matcher) as ONNX into DIR/models (needs c10[export])")
@@ -326,8 +328,8 @@ def _network_commands(sub) -> None:
 
 
 def cmd_export_models(args) -> int:
-    from c10.export import MATCHER_VARIANTS, export_models, models_toml
-    from c10.lock import require_cache_root
+    from c10.tools.export import MATCHER_VARIANTS, export_models, models_toml
+    from c10.store.lock import require_cache_root
 
     root = require_cache_root(args.dir)
     export_models(root, aliked=args.aliked, keypoints=args.keypoints, deform=args.deform, force=args.force)

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from c10.errors import ConfigError
+from c10.store.layout import CONFIG_NAME
 
-CONFIG_NAME = "c10.toml"
 SECTOR_CLASSES = ("active_conflict", "stable_rear")
 ROLES = ("global", "local", "matcher")
 BACKENDS = ("auto", "tensorrt", "openvino", "onnxruntime")

@@ -1,11 +1,47 @@
-"""The one exception tree of c10: every message says what, where, and the next command."""
+"""The one exception tree of c10: every message says what, where, and the next step."""
 from __future__ import annotations
+
+RERUN = "run `doit build_cache` again"
+BUILD_FIRST = "run `doit build_cache` in the cache first"
 
 
 class C10Error(Exception):
-    """Base of every error c10 raises on purpose; the CLI prints it as one line."""
+    """Base of every error c10 raises on purpose; the CLI prints it as one line.
+
+    The message is built from the fields: `problem; fix, then <then>`. `then` is the class's usual
+    last step (for errors of a build: run `doit build_cache` again), so no raise spells it out."""
 
     exit_code = 1
+    then = ""
+
+    def __init__(self, problem: str, fix: str = "", *, then: str | None = None):
+        self.problem, self.fix = problem, fix
+        if then is not None:
+            self.then = then
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        steps = [step for step in (self.fix, self.then) if step]
+        if len(steps) == 2:
+            return f"{self.problem}; {steps[0]}, then {steps[1]}"
+        return f"{self.problem}; {steps[0]}" if steps else self.problem
+
+    def __reduce__(self):
+        # As raised, fields and text: a Dask worker's error reaches the driver unchanged.
+        return _restore, (type(self), dict(self.__dict__), str(self))
+
+
+def _restore(cls: type, fields: dict, text: str) -> C10Error:
+    err = cls.__new__(cls)
+    Exception.__init__(err, text)
+    err.__dict__.update(fields)
+    return err
+
+
+class BuildStepError(C10Error):
+    """An error of a build step: after the fix, the next build redoes only what failed."""
+
+    then = RERUN
 
 
 class ConfigError(C10Error):
@@ -21,18 +57,18 @@ class CacheRootMissingError(C10Error):
 
 
 class TileError(C10Error):
-    """A file under tiles/ is not a valid z/x/y tile."""
+    """A file under tiles/ or an import source is not a valid z/x/y tile."""
 
 
-class ModelError(C10Error):
+class ModelError(BuildStepError):
     """An ONNX model is missing, does not parse, or disagrees with c10.toml."""
 
 
-class EngineBuildError(C10Error):
+class EngineBuildError(BuildStepError):
     """A backend failed to compile an engine (seed: propagated from the engine compiler)."""
 
 
-class CalibrationCacheError(C10Error):
+class CalibrationCacheError(BuildStepError):
     """An INT8 calibration cache is missing, unreadable, or for another model."""
 
 
@@ -40,11 +76,11 @@ class EngineMismatchError(C10Error):
     """An engine was loaded on a host whose fingerprint differs from the one it was built for."""
 
 
-class DescriptorBatchError(C10Error):
+class DescriptorBatchError(BuildStepError):
     """A tile could not be decoded or embedded (seed: propagated from the batcher)."""
 
 
-class IndexBuildError(C10Error):
+class IndexBuildError(BuildStepError):
     """FAISS could not build or write the index."""
 
 
@@ -52,7 +88,7 @@ class SigningKeyError(C10Error):
     """The operator key is missing, unreadable, unsafe, or its passphrase is wrong."""
 
 
-class ManifestWriteError(C10Error):
+class ManifestWriteError(BuildStepError):
     """The Manifest could not be signed or written (key not allowed, key load, disk)."""
 
 
@@ -75,14 +111,14 @@ class VerifyError(C10Error):
         self.path = path
 
 
-class MissingTilesError(C10Error):
+class MissingTilesError(BuildStepError):
     """Tiles of the requested area are missing (none at all, or some with area.require_complete).
 
     A soft failure: the Python API returns outcome FAILURE with this message instead of raising.
     """
 
 
-class StorageError(C10Error, OSError):
+class StorageError(BuildStepError, OSError):
     """A file could not be written durably (disk full, I/O error, read-only); never retried.
 
     Also an OSError, so code that handles a failed write keeps handling this one.

@@ -10,9 +10,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from c10 import atomic
+from c10.store import atomic
+from c10.store.layout import MANIFEST_NAME, REPORT_PATH
 
-REPORT_PATH = ".c10/report.json"
 REPORT_SCHEMA = 1
 STAGES = ("load", "engines", "shards", "index", "coverage", "manifest")
 
@@ -78,7 +78,7 @@ def _outcome(value: Any) -> BuildOutcome:
 
 def manifest_facts(root: Path) -> dict[str, Any]:
     """Path, sha256, version and build identity of the Manifest in force (all None if there is none)."""
-    path = Path(root) / "Manifest.json"
+    path = Path(root) / MANIFEST_NAME
     try:
         data = path.read_bytes()
     except OSError:

@@ -5,8 +5,8 @@ import os
 
 from doit.dependency import FileChangedChecker
 
-from c10.hashcache import stat_key
-from rules.graph import hash_cache
+from c10.rules import session
+from c10.store.hashcache import stat_key
 
 
 class Blake3Checker(FileChangedChecker):
@@ -20,11 +20,11 @@ class Blake3Checker(FileChangedChecker):
         if state[1] == file_stat.st_mtime_ns and state[0] == file_stat.st_size \
                 and state[3] == file_stat.st_ctime_ns and state[2] == file_stat.st_ino:
             return False
-        return hash_cache().hash(file_path, file_stat)[0] != state[4]
+        return session.current().hashes.hash(file_path, file_stat)[0] != state[4]
 
     def get_state(self, dep, current_state):
         st = os.stat(dep)
         if isinstance(current_state, list) and len(current_state) == 5 \
                 and tuple(current_state[:4]) == stat_key(st):
             return None
-        return [*stat_key(st), hash_cache().hash(dep, st)[0]]
+        return [*stat_key(st), session.current().hashes.hash(dep, st)[0]]

@@ -8,10 +8,8 @@ from doit.globals import Globals
 from doit.reporter import ConsoleReporter
 
 from c10.errors import C10Error
-from c10.report import BuildOutcome, BuildReport, STAGES, manifest_facts, summary, write_report
-from c10.tiles import Scope
-from rules import session
-from rules.graph import load_graph
+from c10.report import STAGES, BuildOutcome, BuildReport, manifest_facts, summary, write_report
+from c10.rules import session
 
 # Stages whose running means the cache changed (coverage always runs, build_cache is a group).
 WORK_STAGES = ("engines", "shards", "index", "manifest")
@@ -33,7 +31,7 @@ class C10Reporter(ConsoleReporter):
 
     def initialize(self, tasks, selected_tasks):
         self._report_run = "build_cache" in (selected_tasks or ())
-        self._stages["load"]["seconds"] = session.elapsed()
+        self._stages["load"]["seconds"] = session.current().elapsed()
 
     def execute_task(self, task):
         super().execute_task(task)
@@ -74,26 +72,26 @@ class C10Reporter(ConsoleReporter):
         super().complete_run()
         if not self._report_run:
             return
+        build = session.current()
         report = self.build_report()
-        session.set_report(report)
+        build.report = report
         self.write(summary(report) + "\n")
         try:
-            session.ensure_locked(report.cache_root)  # never write over a running build's report
+            build.ensure_locked()  # never write over a running build's report
             write_report(report.cache_root, report)
         except (C10Error, OSError) as exc:
             self.write(f"  report not written: {exc}\n")
 
     def build_report(self) -> BuildReport:
-        error = session.last_error()
+        build = session.current()
+        error = build.error
         failed = self._fail_msg is not None or error is not None
         values = dict(_sum_values(self._values))
         try:
-            graph = load_graph()
-            root, tiles = graph.root, _tile_counts(graph)
+            plan = build.plan()
+            tiles = _tile_counts(plan)
         except C10Error:
-            from pathlib import Path
-
-            graph, root, tiles = None, Path.cwd().resolve(), {}
+            plan, tiles = None, {}
         if failed:
             outcome = BuildOutcome.FAILURE
         elif any(self._stages[s]["ran"] for s in WORK_STAGES):
@@ -103,12 +101,12 @@ class C10Reporter(ConsoleReporter):
         return BuildReport(
             outcome=outcome, engines_built=values["engines_built"], engines_reused=values["engines_reused"],
             descriptors_generated=values["embedded"], failure_reason=str(error) if error else self._fail_msg,
-            elapsed_s=round(session.elapsed(), 3), shards_generated=self._stages["shards"]["ran"],
-            descriptors_reused=values["reused"], **manifest_facts(root), **tiles,
+            elapsed_s=round(build.elapsed(), 3), shards_generated=self._stages["shards"]["ran"],
+            descriptors_reused=values["reused"], **manifest_facts(build.root), **tiles,
             error_type=type(error).__name__ if error else None,
             stages={s: {**v, "seconds": round(v["seconds"], 3)} for s, v in self._stages.items()},
-            rebuilt_tiles=tuple(sorted(_rebuilt(graph, self._values))) if graph else (),
-            cache_root=root, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+            rebuilt_tiles=tuple(sorted(_rebuilt(plan, self._values))) if plan else (),
+            cache_root=build.root, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 
 def _changed_deps(task) -> list[str]:
@@ -144,14 +142,13 @@ def _sum_values(values: list[tuple[str, dict, list]]):
     return totals.items()
 
 
-def _tile_counts(graph) -> dict:
-    area = graph.config.area
-    expected = Scope(area.bbox, area.zooms).expected_count()
-    return {"tiles_expected": expected, "tiles_present": len(graph.tiles),
-            "tiles_missing": expected - len(graph.tiles), "require_complete": area.require_complete}
+def _tile_counts(plan) -> dict:
+    counts = plan.tile_counts()
+    return {"tiles_expected": counts.expected, "tiles_present": counts.present,
+            "tiles_missing": counts.missing, "require_complete": plan.config.area.require_complete}
 
 
-def _rebuilt(graph, values: list[tuple[str, dict, list]]) -> set[tuple[int, int, int]]:
+def _rebuilt(plan, values: list[tuple[str, dict, list]]) -> set[tuple[int, int, int]]:
     """(z, x, y) of every tile embedded in this run.
 
     A shard embeds all its tiles, or (same embedding identity) exactly the tiles it lacks with
@@ -163,7 +160,7 @@ def _rebuilt(graph, values: list[tuple[str, dict, list]]) -> set[tuple[int, int,
         if not embedded:
             continue
         rel = f"shards/{name.split(':', 1)[1]}.npy"
-        tiles = [t for plan in graph.embedding_plans() for t in plan.shards.get(rel, ())]
+        tiles = [t for mp in plan.embedding_plans() for t in mp.shards.get(rel, ())]
         if embedded < len(tiles):
             fresh = set(changed)
             tiles = [t for t in tiles if t.path in fresh]

@@ -1,110 +1,184 @@
-"""One build per process: the lock and the operator key, taken by the first action that needs them."""
+"""The state of one doit run on one cache, in one object with one lifetime: begun by the loader
+or the driver, ended by the driver (or the process's exit)."""
 from __future__ import annotations
 
-import functools
+import gc
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable
-
-from doit.exceptions import TaskFailed
 
 from c10.errors import BuildLockHeldError, C10Error
-from c10.lock import BuildLock
-
-_state: dict = {"lock": None, "key": None, "error": None, "report": None, "start": None, "thread": None}
-_mutex = threading.Lock()
-
-
-def claim(root: Path) -> None:
-    """Make this thread the process's one builder until `end()` (doit's state, the cwd and this
-    session are per process): a build another thread starts meanwhile fails at once, as a second
-    process would. Called where builds start (run_build, the API), not by actions: `doit -n N`
-    runs those in worker threads of the one build."""
-    with _mutex:
-        me = threading.get_ident()
-        if _state["thread"] not in (None, me):
-            raise BuildLockHeldError(f"{root}: another build is running in this process (pid "
-                                     f"{os.getpid()}, another thread); one process builds one cache at "
-                                     "a time: wait for it to finish, then re-run")
-        _state["thread"] = me
+from c10.plan import ModelPlan, Plan, load_plan
+from c10.store.hashcache import HashCache
+from c10.store.layout import SCAN_MEMO
+from c10.store.lock import BuildLock
+from c10.store.tiles import write_memo
 
 
-def ensure_locked(root: Path) -> None:
-    """Take the build lock once per process (a second build fails here, before writing anything)."""
-    with _mutex:
-        if _state["lock"] is None:
-            lock = BuildLock(root)
-            lock.acquire()
-            _state["lock"] = lock
+class Build:
+    """One run's plan, hash cache, lock, operator key, loaded engines, first error and report."""
 
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.started = time.perf_counter()
+        self.hashes = HashCache(self.root)
+        self.error: C10Error | None = None
+        self.report = None
+        self.lock: BuildLock | None = None
+        self._plan: Plan | C10Error | None = None
+        self._key = None
+        self._runners: dict[Path, object] = {}
+        self._mutex = threading.Lock()
+        self._gc_paused = False
 
-def signing_key(loader: Callable[[], object]):
-    """The operator key, loaded once per build by `loader` (the file is opened exactly once)."""
-    with _mutex:
-        if _state["key"] is None:
-            _state["key"] = loader()
-        return _state["key"]
+    # --- the plan, decided once -------------------------------------------------------------
 
+    def plan(self) -> Plan:
+        """The plan of this cache, loaded on first use; the request's C10Error otherwise."""
+        if self._plan is None:
+            self._pause_gc()
+            try:
+                self._plan = load_plan(self.root, self.hashes)
+            except C10Error as exc:
+                self._plan = exc
+            except BaseException:
+                self.resume_gc()
+                raise
+        if isinstance(self._plan, C10Error):
+            raise self._plan
+        return self._plan
 
-def drop_key() -> None:
-    """Forget the key as soon as the Manifest is signed (seed CP-INV-7)."""
-    _state["key"] = None
+    def replan(self) -> None:
+        """Forget the plan, the first error and the report (the API rewrote c10.toml)."""
+        self._plan, self.error, self.report = None, None, None
+        self.started = time.perf_counter()
 
+    def _pause_gc(self) -> None:
+        # 100k tiles, then doit's tasks and dep states: the collector would dominate a no-op. It
+        # stays off until the first action runs (resume_gc) or the run ends; what was loaded lives
+        # as long as the run, so it is frozen out of every later collection.
+        if not self._gc_paused:
+            self._gc_paused = True
+            gc.disable()
 
-def last_error() -> C10Error | None:
-    return _state["error"]
+    def resume_gc(self) -> None:
+        """Actions allocate freely (decoders, engines): give them the garbage collector back."""
+        if self._gc_paused:
+            self._gc_paused = False
+            gc.freeze()
+            gc.enable()
 
+    # --- what writing actions take first ----------------------------------------------------
 
-def end() -> None:
-    """Release the lock and forget the key (the in-process API calls this after each build)."""
-    with _mutex:
-        if _state["thread"] not in (None, threading.get_ident()):
-            return  # a refused thread's cleanup: the running build keeps its lock and key
-        if _state["lock"] is not None:
-            _state["lock"].release()
-        _state.update(lock=None, key=None, thread=None)
+    def begin_writing(self) -> Plan:
+        """Every writing action first checks the key (nothing written if it is refused), then locks."""
+        plan = self.plan()
+        self.resume_gc()
+        self.operator_key()
+        self.ensure_locked()
+        return plan
 
+    def ensure_locked(self) -> None:
+        """Take the build lock once per run (a second build fails here, before writing anything)."""
+        with self._mutex:
+            if self.lock is None:
+                lock = BuildLock(self.root)
+                lock.acquire()
+                self.lock = lock
 
-def clear_error() -> None:
-    _state["error"] = None
+    def operator_key(self, signing=None):
+        """The operator key of c10.toml's [signing] (or `signing`, a request not yet written),
+        loaded and checked once per build: the file is opened exactly once (seed CP-INV-7)."""
+        from c10.trust.keys import load_operator_key  # cryptography: a no-op build never signs
 
+        with self._mutex:
+            if self._key is None:
+                self._key = load_operator_key(signing or self.plan().config.signing, self.root)
+            return self._key
 
-def new_run() -> None:
-    """Forget the previous in-process run's error, report and start time."""
-    _state.update(error=None, report=None, start=None)
+    def drop_key(self) -> None:
+        """Forget the key as soon as the Manifest is signed (seed CP-INV-7)."""
+        self._key = None
 
+    def runner(self, plan: ModelPlan):
+        """The model's loaded engine, kept for the run (loading is slower than a small shard);
+        `doit -P thread` shard threads share it."""
+        from c10.features import engines
 
-def mark_start() -> None:
-    """The build's clock starts when its graph first loads (the report's elapsed_s and load stage)."""
-    if _state["start"] is None:
-        _state["start"] = time.perf_counter()
+        path = self.root / plan.engine_rel
+        with self._mutex:
+            if path not in self._runners:
+                self._runners[path] = engines.load_engine(path, plan.spec, plan.backend)
+            return self._runners[path]
 
+    def save_scan_memo(self) -> None:
+        """Write this load's tile-scan memo, by the coverage gate under the build lock (loading
+        writes nothing: `doit list`, `c10 status` work on a read-only cache)."""
+        plan = self._plan
+        if isinstance(plan, Plan) and plan.scan is not None:
+            write_memo(self.root / SCAN_MEMO, plan.scan)
+            plan.scan = None
 
-def elapsed() -> float:
-    return 0.0 if _state["start"] is None else time.perf_counter() - _state["start"]
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
 
-
-def set_report(report) -> None:
-    _state["report"] = report
-
-
-def last_report():
-    """The BuildReport of this process's last `build_cache` run (the Python API returns it)."""
-    return _state["report"]
-
-
-def action(fn: Callable) -> Callable:
-    """Adapt a domain call to doit: a C10Error becomes a TaskFailed that prints one clean line."""
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
+    def close(self, save: bool = True) -> None:
+        """Save new hashes (save=False: `c10 status` writes nothing), release the lock, forget the
+        key and the engines, give the collector back."""
         try:
-            result = fn(*args, **kwargs)
-        except C10Error as exc:
-            _state["error"] = exc
-            return TaskFailed(f"{type(exc).__name__}: {exc}")
-        return result if isinstance(result, (dict, str, TaskFailed)) else None
+            if save:
+                self.hashes.save()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+            self._key, self._runners = None, {}
+            self.resume_gc()
 
-    return run
+
+# One build per process: doit's state, the cwd and the lock are per process.
+_current: Build | None = None
+_owner: int | None = None
+_guard = threading.Lock()
+
+
+def begin(root: Path) -> Build:
+    """Make this thread the process's one builder for `root` until end(): a build another thread
+    starts meanwhile fails at once, as a second process would. The same thread gets its running
+    build back (the API begins it, the driver then runs doit in it)."""
+    root = Path(root).resolve()
+    with _guard:
+        global _current, _owner
+        me = threading.get_ident()
+        if _owner not in (None, me):
+            raise BuildLockHeldError(f"{root}: another build is running in this process (pid "
+                                     f"{os.getpid()}, another thread)",
+                                     "one process builds one cache at a time: wait for it to finish, "
+                                     "then re-run")
+        if _current is None or _current.root != root:
+            if _current is not None:
+                _current.close()
+            _current = Build(root)
+        _owner = me
+        return _current
+
+
+def current() -> Build:
+    """The running build (doit's loader or the driver began it); begun for the cwd otherwise."""
+    return _current if _current is not None else begin(Path.cwd())
+
+
+def active() -> Build | None:
+    return _current
+
+
+def end(save: bool = True) -> None:
+    """Close this thread's build; another thread's build (a refused one's cleanup) is left alone."""
+    with _guard:
+        global _current, _owner
+        if _owner not in (None, threading.get_ident()):
+            return
+        build, _current, _owner = _current, None, None
+    if build is not None:
+        build.close(save)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from c10 import netgen, synth
-from c10.project import init_cache
-from c10.signing import generate_key, keyid, load_signing_key, public_key_pem
+from c10.tools import netgen, synth
+from c10.tools.project import init_cache
+from c10.trust.keys import generate_key, keyid, load_signing_key, public_key_pem
 
 # ~40 tiles at zoom 15 near Kyiv, 4x4-tile blocks: several shards, fast to embed.
 BBOX = (50.43, 30.49, 50.47, 30.56)
@@ -55,7 +55,7 @@ def make_cache(root: Path, inputs: Path, key: tuple, *, block: int = 4, backend:
 @pytest.fixture
 def onnx_file(tmp_path) -> Path:
     """A tiny CNN with a dynamic batch (the engine and backend tests' model)."""
-    from test_engines_models import tiny_cnn
+    from tiny_models import tiny_cnn
 
     return tiny_cnn(tmp_path / "models" / "global.onnx")
 
@@ -72,7 +72,7 @@ def executed(output: str) -> list[str]:
 
 def build(root: Path, capsys, *args) -> tuple[int, str]:
     """Run doit ARGS (default build_cache) in-process on `root`: (exit code, everything printed)."""
-    from c10.run import run_build
+    from c10.rules.driver import run_build
 
     code = run_build(root, list(args) or ["build_cache"])
     out = capsys.readouterr()
@@ -86,9 +86,17 @@ def built(root: Path, capsys) -> str:
     return out
 
 
+def plan_of(root: Path):
+    """The plan of a cache as a build loads it (nothing saved)."""
+    from c10.plan import load_plan
+    from c10.store.hashcache import HashCache
+
+    return load_plan(root, HashCache(root))
+
+
 def current(root: Path, logical: str) -> Path:
     """The content-named file the build's ref names for `logical` (e.g. shards/global/15/1-2.npy)."""
-    from c10.refs import current_path
+    from c10.store.refs import current_path
 
     path = current_path(root, logical)
     assert path is not None and path.is_file(), f"no current {logical} in {root}"

@@ -15,7 +15,7 @@ from c10.api import (Bbox, BuildOutcome, BuildRequest, CacheProvisioner, DoitCac
                      EngineCompileRequest, SectorClassification, set_table_keys)
 from c10.errors import (BuildLockHeldError, CacheRootMissingError, ConfigError, DescriptorBatchError,
                         EngineBuildError, ManifestCoverageError, ManifestWriteError)
-from c10.lock import BuildLock
+from c10.store.lock import BuildLock
 from c10.report import read_report
 from conftest import BBOX, ZOOMS
 
@@ -134,7 +134,7 @@ def test_orphan_raises_and_keeps_previous_manifest(impl, cache, operator_key):  
 
 
 def test_key_outside_allowlist_raises_with_zero_writes(impl, cache, operator_key, tmp_path):  # CP-TC-7
-    from c10.signing import generate_key
+    from c10.trust.keys import generate_key
 
     impl.build_cache_artifacts(request(cache, operator_key))
     other = tmp_path / "keys" / "intruder.pem"

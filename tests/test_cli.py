@@ -7,8 +7,8 @@ import os
 import pytest
 
 from c10.cli import main
-from c10.run import run_build
-from c10.verify import EXIT_CODES
+from c10.rules.driver import run_build
+from c10.trust.verify import EXIT_CODES
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import pytest
 
 from c10.config import load_config, parse_config
 from c10.errors import ConfigError
-from c10.project import DODO_PY, init_cache
+from c10.tools.project import DODO_PY, init_cache
 
 GOOD = {"area": {"bbox": [50.4, 30.4, 50.5, 30.6], "zooms": [15]},
         "models": {"global": {"path": "models/global.onnx"}}}
@@ -60,7 +60,7 @@ def test_init_writes_a_config_that_parses_and_never_overwrites(tmp_path):
     assert (tmp_path / "dodo.py").read_text() == "# mine\n"
     cfg = load_config(tmp_path)
     assert set(cfg.models) == {"global", "local", "matcher"}
-    assert init_cache(tmp_path) == ["dodo.py", "c10.toml"]
+    assert init_cache(tmp_path) == ["dodo.py", "doit.cfg", "c10.toml"]
 
 
 def test_repo_dodo_is_what_init_writes():

@@ -1,0 +1,117 @@
+"""OpenVINO backend: a CPU-compiled model exported as a blob, tied to the CPU's ISA and OpenVINO version."""
+from __future__ import annotations
+
+import queue
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from c10.store.atomic import write_bytes
+from c10.features.backends import Backend, Runner, cpu_info, os_arch, package_version, run_chunked
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from c10.features.engines import EngineSpec, ModelInfo
+
+# The ISA extensions the OpenVINO CPU plugin dispatches on (x86 and ARM spellings).
+_ISA = re.compile(r"^(sse4_[12]|avx|avx2|fma|f16c|avx512.*|amx.*|avx_vnni.*|avxvnni.*|avx_ne_convert"
+                  r"|asimd.*|fphp|sve.*|bf16|i8mm)$")
+_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+# Measured on the shared 2-core build machine (bench/engines.py, demo global model, batch 32,
+# interleaved windows): in quiet windows a batch split over THROUGHPUT's 2 streams and one
+# LATENCY request on both cores tie (~420 img/s); with other jobs on the machine (the
+# median window, and the real case while tiles decode beside inference) the split was
+# ~1.3x faster. Batch 1 is slower with it (one stream), which tile embedding never uses.
+# The hint is applied again on import, so it is not part of the engine key.
+DEFAULT_HINT = "THROUGHPUT"
+
+
+class OpenVinoBackend(Backend):
+    """OpenVINO on the CPU; fp32, bf16 or fp16 inference precision (int8 only via TensorRT)."""
+
+    name = "openvino"
+    suffix = ".blob"
+    install_hint = "pip install 'c10[openvino]' (or: pip install openvino)"
+    precisions = ("fp32", "bf16", "fp16")
+
+    def __init__(self, performance_hint: str = DEFAULT_HINT) -> None:
+        self.performance_hint = performance_hint
+        self._core = None
+
+    def version(self) -> str:
+        return package_version("openvino", ("openvino", "openvino_nightly")) or "unknown"
+
+    def _fingerprint(self) -> dict:
+        cpu = cpu_info()
+        isa = [flag for flag in cpu["flags"] if _ISA.match(flag)]
+        return {"device": "CPU", "cpu_model": cpu["model"], "isa": isa,
+                "openvino": self.version(), "os_arch": os_arch()}
+
+    def core(self):
+        if self._core is None:
+            import openvino as ov
+            self._core = ov.Core()
+        return self._core
+
+    def _compile(self, spec: EngineSpec, model: ModelInfo, calibration: bytes | None,
+                 out: Path) -> dict:
+        import openvino as ov
+
+        core = self.core()
+        network = core.read_model(str(spec.onnx_path))
+        if spec.input_shape is not None:
+            # The image input gets the request's size and the dynamic batch profile.
+            lo, _, hi = spec.batch
+            first = network.inputs[0]
+            network.reshape({first.get_any_name(): ov.PartialShape(
+                [ov.Dimension(lo, hi), *spec.input_shape])})
+        config = {"INFERENCE_PRECISION_HINT": _PRECISION[spec.precision],
+                  "PERFORMANCE_HINT": self.performance_hint}
+        compiled = core.compile_model(network, "CPU", config)
+        blob = compiled.export_model()
+        write_bytes(out, blob.getvalue() if hasattr(blob, "getvalue") else bytes(blob))
+        actual = compiled.get_property("INFERENCE_PRECISION_HINT")
+        # The CPU may substitute (e.g. f16 runs as bf16 without avx512_fp16): record what runs.
+        return {"inference_precision": getattr(actual, "get_type_name", lambda: str(actual))(),
+                "requested_precision": _PRECISION[spec.precision],
+                "openvino_build": ov.get_version(), "performance_hint": self.performance_hint}
+
+    def _load(self, path: Path, spec: EngineSpec) -> Runner:
+        # An imported blob does not keep its inference precision: without the hint it runs the
+        # CPU's default (bf16 with AMX), ~3e-3 off an f32 engine.
+        compiled = self.core().import_model(path.read_bytes(), "CPU",
+                                            {"PERFORMANCE_HINT": self.performance_hint,
+                                             "INFERENCE_PRECISION_HINT": _PRECISION[spec.precision]})
+        return OvRunner(compiled, spec.batch[2] if spec.input_shape is not None else None)
+
+
+class OvRunner(Runner):
+    """One stream per infer request (the THROUGHPUT hint's optimal number); `run_stream` takes a
+    free request, so several threads run at once and a batch split over them keeps every core busy."""
+
+    def __init__(self, compiled, max_batch: int | None) -> None:
+        self.compiled = compiled
+        requests = [compiled.create_infer_request()
+                    for _ in range(max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") or 1)))]
+        self.streams = len(requests)
+        self._free: queue.SimpleQueue = queue.SimpleQueue()  # infer requests are not reentrant
+        for request in requests:
+            self._free.put(request)
+        self.input_names = [i.get_any_name() for i in compiled.inputs]
+        self.output_names = [o.get_any_name() for o in compiled.outputs]
+        self.max_batch = max_batch
+
+    def run_stream(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request = self._free.get()
+        try:
+            return run_chunked(lambda part: self._infer(request, part), feeds, self.max_batch)
+        finally:
+            self._free.put(request)
+
+    def _infer(self, request, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import numpy as np
+
+        request.infer(feeds, share_inputs=False)
+        # A request reuses its output buffers: copy before its next call overwrites them.
+        return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.output_names))]

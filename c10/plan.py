@@ -1,0 +1,141 @@
+"""Everything decided when the graph loads: config, tile scan, blocks, engine keys, declared files."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from c10.canonical import digest
+from c10.config import Config, Model, load_config
+from c10.errors import ModelError
+from c10.features import engines
+from c10.store.hashcache import HashCache
+from c10.store.layout import ENGINES_DIR, SCAN_MEMO, index_relpaths, shard_relpath
+from c10.store.tiles import Scan, Scope, Tile, group_blocks, read_memo, scan_tiles
+
+SHARD_ROLES = ("global", "local")  # a matcher has no per-tile output
+# Bump when what goes into an embedding identity changes: every shard is re-embedded once.
+IDENT_SCHEMA = 2
+
+
+@dataclass
+class ModelPlan:
+    """One model's engine and, for embedding roles, its shards and index."""
+
+    model: Model
+    backend: engines.Backend
+    spec: engines.EngineSpec
+    engine_key: str
+    engine_rel: str
+    sidecar_rel: str
+    shards: dict[str, list[Tile]] = field(default_factory=dict)  # shard relpath -> its tiles
+
+    @property
+    def index_rels(self) -> tuple[str, ...]:
+        """The FAISS index and its id map; none for local features (they are read per tile)."""
+        return index_relpaths(self.model.name) if self.model.role == "global" and self.shards else ()
+
+    @cached_property
+    def ident(self) -> str:
+        """Embedding identity: engine key + preprocessing; a change re-embeds every shard of the model."""
+        return digest({"schema": IDENT_SCHEMA, "engine": self.engine_key,
+                       "prep": self.model.preprocessing()})
+
+
+@dataclass(frozen=True)
+class TileCounts:
+    """Tiles of the request: expected in area.bbox/zooms, present on disk, missing."""
+
+    expected: int
+    present: int
+
+    @property
+    def missing(self) -> int:
+        return self.expected - self.present
+
+
+@dataclass
+class Plan:
+    root: Path
+    config: Config
+    tiles: list[Tile]          # in scope, canonical order
+    out_of_scope: list[Tile]
+    strays: list[str]
+    plans: dict[str, ModelPlan]
+    scan: Scan | None = None   # this load's tile scan (its memo is saved by the coverage gate)
+
+    def embedding_plans(self) -> list[ModelPlan]:
+        return [p for p in self.plans.values() if p.model.role == "global"]
+
+    def shard_plans(self) -> list[ModelPlan]:
+        """Models with per-block shards: global descriptors and local features."""
+        return [p for p in self.plans.values() if p.model.role in SHARD_ROLES]
+
+    def tile_counts(self) -> TileCounts:
+        area = self.config.area
+        return TileCounts(Scope(area.bbox, area.zooms).expected_count(), len(self.tiles))
+
+    def declared(self, tiles: bool = True) -> set[str]:
+        """Every non-control file the graph reads or writes outside shards/ and index/ (content-named,
+        see c10.store.refs), relative to the root (tiles=False: all but the tiles, for the coverage
+        gate, which has the load-time scan of tiles/)."""
+        files = {t.path for t in self.tiles} if tiles else set()
+        for plan in self.plans.values():
+            files |= {plan.engine_rel, plan.sidecar_rel}
+        return files | set(self.shipped_inputs())
+
+    def owned_logicals(self) -> list[str]:
+        """Logical paths of every shard and index file (each a ref in .c10/refs/)."""
+        out = []
+        for plan in self.plans.values():
+            out += [*plan.shards, *plan.index_rels]
+        return out
+
+    def shipped_inputs(self) -> list[str]:
+        """Model files that live inside the cache (they ship with it)."""
+        return sorted({rel for p in self.plans.values() if (rel := self.inside(p.model.path))})
+
+    def inside(self, path: Path) -> str | None:
+        """`path` relative to the root if it lies inside the cache, else None."""
+        try:
+            return Path(path).resolve().relative_to(self.root).as_posix()
+        except ValueError:
+            return None
+
+
+def load_plan(root: Path, hashes: HashCache, memo: bool = True) -> Plan:
+    """The plan of the cache at `root`; C10Error (ConfigError, ModelError...) for a bad request.
+
+    memo: list only the tile columns whose directory changed since the last saved scan."""
+    root = Path(root).resolve()
+    config = load_config(root)
+    scope = Scope(config.area.bbox, config.area.zooms)
+    scan = scan_tiles(root, read_memo(root / SCAN_MEMO) if memo else None)
+    tiles, out = scope.split(scan.tiles)
+    plans = {name: _model_plan(root, config, model, hashes) for name, model in config.models.items()}
+    for plan in plans.values():
+        if plan.model.role in SHARD_ROLES:
+            plan.shards = {shard_relpath(plan.model.name, b): ts
+                           for b, ts in group_blocks(tiles, config.shards.block).items()}
+    return Plan(root, config, tiles, out, scan.strays, plans, scan)
+
+
+def _model_plan(root: Path, config: Config, model: Model, hashes: HashCache) -> ModelPlan:
+    backend = engines.get_backend(config.engines.backend)
+    if not model.path.is_file():
+        raise ModelError(f"{model.path}: ONNX file of model `{model.name}` not found (c10.toml "
+                         f"`models.{model.name}.path`)", fix="put the file there or fix the path")
+    calibration = model.calibration
+    spec = engines.EngineSpec(
+        model=model.name, onnx_path=model.path, onnx_hash=hashes.hash_abs(model.path),
+        input_shape=(3, *model.input_size) if model.input_size and model.role != "matcher" else None,
+        precision=model.precision, workspace_mb=config.engines.workspace_mb,
+        # only the global model embeds batches; local and matcher run one image or pair at a time
+        batch=(1, model.batch_size, max(model.batch_size, 64)) if model.role == "global" else (1, 1, 1),
+        calibration_path=calibration,
+        calibration_hash=hashes.hash_abs(calibration) if calibration and calibration.is_file() else None,
+    )
+    engine = engines.engine_path(root / ENGINES_DIR, spec, backend)
+    return ModelPlan(model, backend, spec, engines.engine_key(spec, backend),
+                     engine.relative_to(root).as_posix(),
+                     engines.sidecar_path(engine).relative_to(root).as_posix())

@@ -1,0 +1,90 @@
+"""blake3 content hashes with a stat fast path and a persistent cache, so unchanged bytes are hashed once."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from c10.store import atomic
+from c10.store.layout import HASH_CACHES
+from c10.store.digest import blake3_file
+
+
+
+def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What must not change for a cached hash to stay valid (ctime catches a same-mtime rewrite)."""
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+class HashCache:
+    """Maps a relative path to (stat key, blake3); consulted only when a stat does not match."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._root = str(self.root)
+        self._buckets: dict[str, dict[str, list]] = {}
+        self._dirty: set[str] = set()
+        self._lock = threading.Lock()
+        self._saved = time.monotonic()
+
+    def _bucket(self, rel: str) -> tuple[str, dict[str, list]]:
+        name = "tiles" if rel.startswith("tiles/") else "other"
+        if name not in self._buckets:
+            try:
+                self._buckets[name] = json.loads((self.root / HASH_CACHES[name]).read_bytes())
+            except (FileNotFoundError, ValueError):
+                # A torn or missing cache only costs re-hashing; it is never trusted partially.
+                self._buckets[name] = {}
+        return name, self._buckets[name]
+
+    def lookup(self, rel: str, st: os.stat_result) -> str | None:
+        """The cached hash of `rel` if its stat key still matches."""
+        entry = self._bucket(rel)[1].get(rel)
+        if entry is not None and tuple(entry[:4]) == stat_key(st):
+            return entry[4]
+        return None
+
+    def hash(self, rel: str, st: os.stat_result | None = None) -> tuple[str, os.stat_result]:
+        """(blake3, stat) of `rel`, from the cache when its stat key matches, else computed and cached."""
+        # os.path.join, not Path: this runs once per tile of every shard a build touches
+        full = os.path.join(self._root, rel)
+        st = os.stat(full) if st is None else st
+        digest = self.lookup(rel, st)
+        if digest is None:
+            digest = blake3_file(full, st.st_size)
+            self.remember(rel, st, digest)
+        return digest, st
+
+    def remember(self, rel: str, st: os.stat_result, digest: str) -> None:
+        with self._lock:
+            name, bucket = self._bucket(rel)
+            bucket[rel] = [*stat_key(st), digest]
+            self._dirty.add(name)
+
+    def hash_abs(self, path: str | os.PathLike) -> str:
+        """blake3 of a file anywhere (models may live outside the cache), cached by its absolute path."""
+        return self.hash(str(Path(path).resolve()))[0]
+
+    def retain(self, keep: set[str]) -> None:
+        """Drop the loaded entries of every path not in `keep` (files the build no longer has), so
+        the cache does not grow forever; nothing is stat'ed, and an unloaded bucket stays as it is."""
+        with self._lock:
+            for name, bucket in self._buckets.items():
+                gone = [path for path in bucket if path not in keep]
+                for path in gone:
+                    del bucket[path]
+                if gone:
+                    self._dirty.add(name)
+
+    def save(self, min_interval: float = 0.0) -> None:
+        """Write the changed cache files atomically (not again within `min_interval` seconds)."""
+        with self._lock:
+            if self._dirty and time.monotonic() - self._saved < min_interval:
+                return
+            for name in sorted(self._dirty):
+                data = json.dumps(self._buckets[name], separators=(",", ":"), sort_keys=True).encode()
+                atomic.write_bytes(self.root / HASH_CACHES[name], data)
+            self._dirty.clear()
+            self._saved = time.monotonic()

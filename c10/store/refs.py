@@ -1,0 +1,148 @@
+"""Content-named shard and index files, and the refs that name the build's current ones."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import blake3
+
+from c10.store import atomic
+from c10.errors import C10Error
+from c10.store.digest import blake3_file
+from c10.store.layout import MANIFEST_NAME, REFS_DIR, STAGING_DIR, ref_relpath, split_tagged, tagged_relpath
+
+
+def write_artifact(root: Path, logical: str, data: bytes) -> dict:
+    """Write `data` under its content name beside `logical`; its Manifest-style entry.
+
+    A new name never replaces a file the committed Manifest lists (same bytes, same name)."""
+    digest = blake3.blake3(data).hexdigest()
+    rel = tagged_relpath(logical, digest)
+    if not _holds(Path(root) / rel, len(data), digest):  # an unchanged id map, a reverted tile
+        atomic.write_bytes(Path(root) / rel, data, staging=Path(root) / STAGING_DIR)
+    return {"path": rel, "size": len(data), "blake3": digest}
+
+
+def _holds(path: Path, size: int, digest: str) -> bool:
+    """A regular file with exactly these bytes is already there (hashing is cheaper than an fsync)."""
+    try:
+        st = os.lstat(path)
+        return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == size \
+            and blake3_file(path) == digest
+    except OSError:
+        return False
+
+
+def publish(root: Path, logical: str, data: bytes) -> dict:
+    """Write `data` under its content name, then point the ref of `logical` at it: its entry."""
+    entry = write_artifact(root, logical, data)
+    write_ref(root, logical, entry)
+    return entry
+
+
+def write_ref(root: Path, logical: str, entry: dict) -> None:
+    """Point `logical` at its new file: the step that makes it the build's current one."""
+    atomic.write_text(Path(root) / ref_relpath(logical), json.dumps(entry, sort_keys=True),
+                      staging=Path(root) / STAGING_DIR)
+
+
+def read_ref(root: Path, logical: str) -> dict | None:
+    """The entry a ref names, or None if it is missing or not one of ours."""
+    try:  # os-level: every no-op build reads every ref (refs_current)
+        with open(os.path.join(root, ref_relpath(logical)), "rb") as f:
+            entry = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    split = split_tagged(str(entry.get("path"))) if isinstance(entry, dict) else None
+    return entry if split and split[0] == logical else None
+
+
+def remove_stale_refs(root: Path, logicals: set[str]) -> list[str]:
+    """Delete refs of artifacts the graph no longer has (a block whose tiles all went); their
+    files stay until the next commit removes them (the last Manifest may list them)."""
+    top, removed = Path(root) / REFS_DIR, []
+    for dirpath, _, names in os.walk(top):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), top).replace(os.sep, "/")
+            if name.endswith(".json") and rel.removesuffix(".json") not in logicals:
+                os.unlink(os.path.join(dirpath, name))
+                removed.append(f"{REFS_DIR}/{rel}")
+    return removed
+
+
+def current_entry(root: Path, logical: str) -> dict:
+    """The build's current entry for `logical`, or IndexBuildError saying what to run."""
+    from c10.errors import IndexBuildError
+
+    entry = read_ref(root, logical)
+    if entry is None:
+        raise IndexBuildError(f"{root}: the build has no {logical} (its ref {ref_relpath(logical)} is "
+                              "missing or damaged)")
+    return entry
+
+
+def current_path(root: Path, logical: str) -> Path | None:
+    """The ref's file for `logical`, or None."""
+    entry = read_ref(root, logical)
+    return Path(root) / entry["path"] if entry else None
+
+
+def reusable_bytes(root: Path, logical: str) -> bytes | None:
+    """The bytes of the ref's file for `logical` if they are still the ones written (a rebuild
+    reuses its rows: a damaged file must not pass its damage on), else None; read once."""
+    entry = read_ref(root, logical)
+    if entry is None:
+        return None
+    try:
+        data = (Path(root) / entry["path"]).read_bytes()
+    except OSError:
+        return None
+    return data if blake3.blake3(data).hexdigest() == entry["blake3"] else None
+
+
+_COMMITTED: dict[tuple, dict[str, str]] = {}  # by Manifest.json's stat: queries ask per image
+
+
+def committed_files(root: Path) -> dict[str, str]:
+    """Content-named path -> logical path of every shard and index file Manifest.json lists.
+
+    Unverified: used only to keep those files alive and to locate them, never to trust them."""
+    path = Path(root) / MANIFEST_NAME
+    try:
+        st = path.stat()
+    except OSError:
+        return {}
+    key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key not in _COMMITTED:
+        _COMMITTED.clear()
+        _COMMITTED[key] = _read_committed(path)
+    return _COMMITTED[key]
+
+
+def _read_committed(path: Path) -> dict[str, str]:
+    try:
+        files = json.loads(path.read_bytes())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    out = {}
+    for entry in files if isinstance(files, list) else ():
+        split = split_tagged(str(entry.get("path"))) if isinstance(entry, dict) else None
+        if split:
+            out[entry["path"]] = split[0]
+    return out
+
+
+def locate(root: Path, logicals: list[str]) -> dict[str, Path]:
+    """logical -> file of a built cache: as the committed Manifest lists it (what verify checked),
+    else as the build's refs name it (a build whose Manifest is not written yet)."""
+    root = Path(root)
+    found = {logical: root / rel for rel, logical in committed_files(root).items() if logical in logicals}
+    for logical in set(logicals) - set(found):
+        path = current_path(root, logical)
+        if path is None:
+            raise C10Error(f"{root}: no {logical} in Manifest.json or the build's refs; "
+                           f"run `doit build_cache` in {root} first")
+        found[logical] = path
+    return found

@@ -1,0 +1,129 @@
+"""`c10 demo DIR`: synthetic tiles, generated networks, a throwaway key, a real build and verify."""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from pathlib import Path
+
+from c10.errors import ConfigError
+
+# Kyiv, a real bbox: the demo's tiles sit where real ones would.
+CENTER = (50.4501, 30.5234)
+ZOOMS = (15, 16)
+
+
+def demo_bbox(tiles: int, zooms: tuple[int, ...] = ZOOMS) -> tuple[float, float, float, float]:
+    """A bbox around CENTER holding about `tiles` tiles over `zooms` (each zoom quarters the count)."""
+    top = max(zooms)
+    share = sum(4.0 ** (z - top) for z in zooms)
+    side = math.sqrt(max(tiles, 4) / share)  # tiles per side at the top zoom
+    dlon = side * 360.0 / 2 ** top / 2
+    dlat = dlon * math.cos(math.radians(CENTER[0]))
+    lat, lon = CENTER
+    return (round(lat - dlat, 6), round(lon - dlon, 6), round(lat + dlat, 6), round(lon + dlon, 6))
+
+
+def demo_key_path(root: Path) -> Path:
+    """The demo's throwaway key: in the user's state dir, never inside the cache."""
+    import os
+
+    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+    return base / "c10" / "demo-keys" / f"{root.resolve().name}-{tag}.pem"
+
+
+def make_demo(root: Path, *, tiles: int = 300, key: Path | None = None, backend: str = "auto",
+              real_models: bool = False, keypoints: int = 256) -> int:
+    """Create (or refresh) the demo cache at `root`, build it, verify it, and say what was made.
+
+    real_models: pretrained ALIKED and ALIKED-LightGlue (c10 export-models) instead of generated networks."""
+    root = Path(root)
+    _check_target(root)
+    root.mkdir(parents=True, exist_ok=True)
+    key = key or demo_key_path(root)
+    t0 = time.perf_counter()
+    bbox, kid, pub = _prepare(root, tiles, key, backend, keypoints if real_models else None)
+    prep_s = time.perf_counter() - t0
+    from c10.rules.driver import run_build
+
+    t1 = time.perf_counter()
+    code = run_build(root)
+    build_s = time.perf_counter() - t1
+    if code != 0:
+        print(f"c10 demo: the build failed (exit {code}); see the message above")
+        return code
+    return _verify_and_report(root, pub, key, prep_s, build_s)
+
+
+def _check_target(root: Path) -> None:
+    """Never take over a directory the user made for something else."""
+    if root.exists() and any(root.iterdir()) and not (root / "c10.toml").exists():
+        raise ConfigError(f"{root}: exists and is not a c10 cache; pick an empty or new directory for the demo")
+
+
+def _prepare(root: Path, tiles: int, key: Path, backend: str, keypoints: int | None = None):
+    from c10.tools import netgen, synth
+    from c10.tools.project import init_cache
+    from c10.trust.keys import generate_key, keyid, load_signing_key, public_key_pem
+    from c10.store import atomic
+
+    bbox = demo_bbox(tiles)
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        generate_key(key)
+    signer = load_signing_key(key, passphrase=None, cache_root=root)
+    pub = key.with_suffix(".pub.pem")
+    atomic.write_bytes(pub, public_key_pem(signer))
+    kid = keyid(signer)
+    init_cache(root, bbox=f"[{', '.join(map(str, bbox))}]", zooms=str(list(ZOOMS)), backend=backend,
+               key=str(key), allowed=f'["{kid}"]')
+    models = root / "models"
+    if keypoints is not None:
+        networks = _real_models(root, keypoints)
+    elif not (models / "global.onnx").exists():
+        netgen.write_demo_models(models)
+    if keypoints is None:
+        networks = "3 generated ONNX networks"
+    made = synth.make_tiles(root / "tiles", bbox, ZOOMS) if not (root / "tiles").exists() else []
+    print(f"c10 demo: {len(made)} synthetic tiles over bbox {list(bbox)} at zooms {list(ZOOMS)}, "
+          f"{networks}, key {key} (keyid {kid[:16]}...)")
+    return bbox, kid, pub
+
+
+def _real_models(root: Path, keypoints: int) -> str:
+    """Export the pretrained networks into models/; where c10.toml still holds the template's
+    models (the demo wrote it), point them at the exported networks."""
+    import re
+
+    from c10.store import atomic
+    from c10.tools.export import export_models, models_toml
+    from c10.tools.project import CONFIG_TOML, DEFAULTS
+
+    export_models(root, keypoints=keypoints, log=lambda line: print(f"c10 demo: {line}"))
+    models = re.compile(r"\[models\.global\].*?(?=\[shards\])", re.S)
+    text = (root / "c10.toml").read_text()
+    found, template = models.search(text), models.search(CONFIG_TOML.format(**DEFAULTS))
+    if found and template and found.group(0) == template.group(0):  # after the export: a failure leaves it
+        atomic.write_text(root / "c10.toml", text.replace(found.group(0), models_toml(keypoints) + "\n"))
+    return f"pretrained ALIKED-n16 + ALIKED-LightGlue ({keypoints} keypoints)"
+
+
+def _verify_and_report(root: Path, pub: Path, key: Path, prep_s: float, build_s: float) -> int:
+    import datetime as dt
+
+    from c10.trust.keys import load_trusted_keys
+    from c10.trust.verify import verify_cache
+
+    state = key.parent / f"{key.stem}.verify-state.json"
+    result = verify_cache(root, trusted=load_trusted_keys([str(pub)]),
+                          now=dt.datetime.now(dt.timezone.utc), state_path=state)
+    print(f"c10 demo: built {root} in {build_s:.1f} s (inputs made in {prep_s:.1f} s)")
+    for sub in ("engines", "shards", "index"):
+        files = [p for p in (root / sub).rglob("*") if p.is_file()]
+        print(f"  {sub + '/':9} {len(files):4d} files, {sum(p.stat().st_size for p in files) / 1e6:7.2f} MB")
+    print(f"c10 verify: OK: Manifest v{result.version}, {result.files} files, "
+          f"{result.bytes / 1e6:.1f} MB checked in {result.elapsed:.2f} s")
+    print(f"next: c10 verify {root} --trusted-keys {pub}   # as the aircraft does")
+    print(f"      cd {root} && doit build_cache   # a no-op now; add tiles and it redoes only their blocks")
+    return 0

@@ -1,0 +1,387 @@
+"""The Manifest: schema, canonical bytes, the control-file allowlist, and the signed write."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import blake3
+
+from c10.canonical import canonical_json
+from c10.store import atomic
+from c10.errors import ManifestWriteError, VerifyError
+from c10.store.layout import ENVELOPE_NAME, MANIFEST_NAME, STAGING_DIR, is_control
+
+if TYPE_CHECKING:  # c10.trust.dsse (cryptography) is imported only to sign: a no-op build never does
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+SCHEMA_VERSION = 1
+KINDS = frozenset({"tile", "model", "engine", "engine-meta", "shard", "index", "report"})
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One shipped file: cache-relative POSIX path, size in bytes, blake3 hex, kind."""
+
+    path: str
+    size: int
+    blake3: str
+    kind: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "size": self.size, "blake3": self.blake3, "kind": self.kind}
+
+
+_BAD_CHARS = re.compile(r"[\x00-\x1f\\]")  # control characters and backslash
+# One component: no '/', control character or backslash, and not '.' or '..'.
+_COMPONENT = r"(?!\.\.?(?:/|$))[^/\x00-\x1f\\]+"
+_SAFE_PATH = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+
+
+def is_safe_path(relpath: object) -> bool:
+    """Relative, normalized, no '..', no control characters: one regex (the verifier's hot path)."""
+    return isinstance(relpath, str) and _SAFE_PATH.fullmatch(relpath) is not None
+
+
+def path_problem(relpath: object) -> str | None:
+    """Why `relpath` is not a safe cache-relative path, or None when it is."""
+    if is_safe_path(relpath):
+        return None
+    if not isinstance(relpath, str) or not relpath:
+        return "empty or not a string"
+    if relpath.startswith("/"):
+        return "absolute"
+    if _BAD_CHARS.search(relpath):
+        return "control character or backslash"
+    if ".." in relpath.split("/"):
+        return "contains '..'"
+    return "not normalized"
+
+
+# ---------------------------------------------------------------- build
+
+def tiles_aggregate_hash(entries: Iterable[FileEntry]) -> str:
+    """blake3 over the sorted (path, blake3) pairs of tile entries: one id for the tile set."""
+    pairs = sorted((e.path, e.blake3) for e in entries if e.kind == "tile")
+    return blake3.blake3(canonical_json(pairs)).hexdigest()
+
+
+def build_manifest(
+    *,
+    version: int,
+    issued_at: datetime,
+    expires: datetime,
+    build_identity: str,
+    request: dict,
+    host: dict,
+    tools: dict,
+    tiles_hash: str,
+    files: Iterable[FileEntry],
+    cache_id: str,
+    engines: Iterable[dict] = (),
+) -> dict:
+    """The Manifest as a plain dict; refuses inputs the verifier would reject later."""
+    files = sorted(files, key=lambda e: e.path)
+    engines = sorted((dict(e) for e in engines), key=lambda e: e.get("path", ""))
+    _check_build_inputs(version, issued_at, expires, files, engines)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "cache_id": cache_id,
+        "version": version,
+        "issued_at": _iso(issued_at),
+        "expires": _iso(expires),
+        "build_identity": build_identity,
+        "request": request,
+        "host": host,
+        "tools": tools,
+        "tiles_hash": tiles_hash,
+        "engines": engines,
+        "files": [e.to_json() for e in files],
+    }
+
+
+def _check_build_inputs(version, issued_at, expires, files, engines) -> None:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ManifestWriteError(f"Manifest version must be an integer >= 1, got {version!r}")
+    if issued_at.tzinfo is None or expires.tzinfo is None:
+        raise ManifestWriteError("Manifest issued_at/expires must be timezone-aware (UTC)")
+    if expires <= issued_at:
+        raise ManifestWriteError(f"Manifest would expire ({_iso(expires)}) before it is issued "
+                                 f"({_iso(issued_at)}); raise signing.validity in c10.toml")
+    _check_files(files)
+    _check_engines(engines, {e.path for e in files})
+
+
+def _check_files(files: list[FileEntry]) -> None:
+    for prev, entry in zip([None, *files], files):
+        problem = path_problem(entry.path) or ("control file" if is_control(entry.path) else None)
+        if problem:
+            raise ManifestWriteError(f"cannot list {entry.path!r} in the Manifest: {problem}; "
+                                     f"this is a bug in the task that declared it")
+        if prev is not None and prev.path == entry.path:
+            raise ManifestWriteError(f"{entry.path} is declared twice; fix the duplicate task target")
+        if entry.size < 0 or len(entry.blake3) != 64:
+            raise ManifestWriteError(f"{entry.path}: bad size/blake3 in its FileEntry")
+
+
+def _check_engines(engines: list[dict], listed: set[str]) -> None:
+    for eng in engines:
+        if eng.get("path") not in listed or not isinstance(eng.get("backend"), str):
+            raise ManifestWriteError(f"engine entry {eng!r} needs a backend and a path that is "
+                                     f"listed in the Manifest's files")
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse a Manifest timestamp (always UTC, `...Z`)."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+
+
+# ---------------------------------------------------------------- bytes
+
+def dumps_manifest(manifest: dict) -> bytes:
+    """Canonical bytes: sorted keys, no spaces, UTF-8, files sorted by path, one trailing newline."""
+    body = dict(manifest)
+    body["files"] = sorted(manifest.get("files", ()), key=lambda f: f["path"])
+    body["engines"] = sorted(manifest.get("engines", ()), key=lambda e: e["path"])
+    try:
+        return canonical_json(body) + b"\n"
+    except (TypeError, ValueError) as exc:
+        raise ManifestWriteError(f"Manifest is not canonical JSON ({exc}); the request or host "
+                                 f"metadata holds a non-JSON value") from None
+
+
+_REQUIRED = {"schema_version": int, "cache_id": str, "version": int, "issued_at": str,
+             "expires": str, "build_identity": str, "tiles_hash": str, "engines": list,
+             "files": list}
+
+
+def loads_manifest(data: bytes) -> dict:
+    """Parse and structurally check Manifest bytes; VerifyError(bad-manifest|schema-version)."""
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad_manifest(f"not UTF-8 JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise _bad_manifest("not a JSON object")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise VerifyError("schema-version", f"Manifest schema_version is "
+                          f"{manifest.get('schema_version')!r}, this c10 reads {SCHEMA_VERSION}; "
+                          f"use the c10 release that built it or rebuild with `doit build_cache`",
+                          MANIFEST_NAME)
+    _check_fields(manifest)
+    return manifest
+
+
+def _check_fields(manifest: dict) -> None:
+    for name, kind in _REQUIRED.items():
+        value = manifest.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _bad_manifest(f"field {name!r} missing or not {kind.__name__}")
+    try:
+        parse_time(manifest["issued_at"]), parse_time(manifest["expires"])
+    except ValueError:
+        raise _bad_manifest("issued_at/expires are not YYYY-MM-DDTHH:MM:SSZ") from None
+    paths = _entry_paths(manifest["files"])
+    for eng in manifest["engines"]:
+        if not isinstance(eng, dict) or eng.get("path") not in paths:
+            raise _bad_manifest(f"engine entry {eng!r} is not a listed file")
+
+
+def _entry_paths(files: list) -> set[str]:
+    """Type-check every entry in one tight pass (100k entries); explain only on failure."""
+    try:
+        paths = {f["path"] for f in files if _entry_ok(f)}
+    except (TypeError, KeyError):
+        paths = set()
+    if len(paths) == len(files):
+        return paths
+    bad = next((f for f in files if not _safe_entry_ok(f)), None)
+    if bad is not None:
+        raise _bad_manifest(f"file entry {bad!r} needs path, size >= 0, blake3 and kind")
+    raise _bad_manifest("a file path is listed twice")
+
+
+def _entry_ok(f: dict) -> bool:
+    # type() is, not isinstance: a JSON bool must not pass as a size
+    return (type(f["path"]) is str and type(f["size"]) is int and f["size"] >= 0
+            and type(f["blake3"]) is str and type(f["kind"]) is str)
+
+
+def _safe_entry_ok(f: object) -> bool:
+    try:
+        return _entry_ok(f)
+    except (TypeError, KeyError):
+        return False
+
+
+def _bad_manifest(what: str) -> VerifyError:
+    return VerifyError("bad-manifest", f"Manifest.json is malformed: {what}; rebuild with "
+                       f"`doit build_cache`", MANIFEST_NAME)
+
+
+# ---------------------------------------------------------------- write
+
+def write_signed_manifest(cache_root: Path, manifest_bytes: bytes, key: Ed25519PrivateKey) -> None:
+    """Sign `manifest_bytes` and write Manifest.json.dsse, THEN Manifest.json.
+
+    Why envelope first: the envelope carries the whole signed payload, so it is the commit
+    point. A kill between the two renames leaves (new envelope, old Manifest.json); the
+    verifier requires payload == Manifest.json and rejects that pair (envelope-mismatch),
+    so no mismatched state is ever accepted, and the newest signed version survives in the
+    envelope, where next_version() reads it, so a version number is never signed twice
+    with different bytes. (Manifest first would leave an unsigned new Manifest.json beside
+    the old envelope: also rejected, but the newest version would then be unsigned.)
+    The next build completes such a cut commit first thing under its lock (roll_forward).
+    Both files are written and fsynced before the first rename: the cut can only fall between
+    two back-to-back renames.
+    """
+    loads_manifest(manifest_bytes)  # never sign bytes the verifier would refuse to parse
+    from c10.trust.dsse import PAYLOAD_TYPE, sign_envelope
+
+    envelope = sign_envelope(manifest_bytes, PAYLOAD_TYPE, key)
+    root = Path(cache_root)
+    try:
+        atomic.write_together([(root / ENVELOPE_NAME, canonical_json(envelope) + b"\n"),
+                               (root / MANIFEST_NAME, manifest_bytes)], staging=root / STAGING_DIR)
+    except OSError as exc:
+        raise ManifestWriteError(f"cannot write the Manifest in {root}: {exc}; free space or "
+                                 f"fix permissions, then `doit build_cache`") from None
+
+
+def next_version(cache_root: Path) -> int:
+    """Highest version in Manifest.json or the envelope's payload, + 1 (1 for a new cache)."""
+    return previous_identity(cache_root)[0]
+
+
+def previous_identity(cache_root: Path) -> tuple[int, str | None]:
+    """(next version, previous cache id or None), reading each previous file once and parsing
+    the pair once when they agree (the committed state)."""
+    paths = (Path(cache_root) / MANIFEST_NAME, Path(cache_root) / ENVELOPE_NAME)
+    raw = [_previous_bytes(paths[0], False), _previous_bytes(paths[1], True)]
+    if raw[0] is not None and raw[0] == raw[1]:
+        raw[1] = None
+    found = [_parse_previous(path, data) for path, data in zip(paths, raw) if data is not None]
+    if not found:
+        return 1, None
+    newest = max(found, key=lambda m: m["version"])
+    return newest["version"] + 1, newest["cache_id"]
+
+
+def _previous_bytes(path: Path, is_envelope: bool) -> bytes | None:
+    """A previous Manifest's bytes (an envelope's payload), read without trusting it for anything
+    but 'never go lower'."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _unreadable_previous(path, exc.strerror) from None
+    try:
+        return base64.b64decode(json.loads(data)["payload"], validate=True) if is_envelope else data
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _unreadable_previous(path, str(exc)) from None
+
+
+def _parse_previous(path: Path, data: bytes) -> dict:
+    try:
+        return loads_manifest(data)
+    except (VerifyError, ValueError, KeyError, TypeError) as exc:
+        raise _unreadable_previous(path, str(exc)) from None
+
+
+def _unreadable_previous(path: Path, why: str) -> ManifestWriteError:
+    return ManifestWriteError(
+        f"previous {path} is unreadable ({why}), so the next Manifest version is unknown and "
+        f"aircraft would reject a lower one as a rollback; restore it from the copy on the "
+        f"aircraft or a backup, or, to deliberately restart versioning, move it away "
+        f"(`mv {path} {path}.bad`) and clear the aircraft's trusted state, then `doit build_cache`")
+
+
+def roll_forward(cache_root: Path) -> int | None:
+    """Finish a commit that a kill cut between its two renames; the version written, or None.
+
+    write_signed_manifest renames the envelope first, then Manifest.json: a kill (or a failed
+    write) in between leaves a newer signed payload beside an older or missing Manifest.json,
+    a pair the verifier rejects (envelope-mismatch). Every file that payload lists was written
+    before it was signed, so writing Manifest.json from it completes the commit the build
+    meant. Call under the build lock. The signature is left to the verifier, as for any
+    Manifest: this only copies signed bytes, it never makes an unsigned state acceptable.
+    """
+    root = Path(cache_root)
+    if _committed_in_order(root):
+        return None
+    payload, newer = _envelope_payload(root / ENVELOPE_NAME)
+    if payload is None:
+        return None
+    try:
+        current = (root / MANIFEST_NAME).read_bytes()
+    except FileNotFoundError:
+        current = None
+    if current is not None:
+        if current == payload:
+            return None
+        try:
+            old = loads_manifest(current)
+        except VerifyError:
+            return None  # not a commit we cut short: next_version() names the problem
+        if old["version"] >= newer["version"] or old["cache_id"] != newer["cache_id"]:
+            return None
+    atomic.write_bytes(root / MANIFEST_NAME, payload, staging=root / STAGING_DIR)
+    return newer["version"]
+
+
+_PAYLOAD_START = len(b'{"payload":"')  # canonical JSON sorts "payload" first
+_TAIL = 1024  # base64 chars: the payload's last 768 bytes hold its version, tiles hash and tools
+
+
+def _committed_in_order(root: Path) -> bool:
+    """Fast path for every build: the envelope's payload and Manifest.json end alike (read ~2 KiB).
+
+    The tail of a Manifest holds its version and tiles hash (keys are sorted), so equal tails
+    mean the commit finished; a cut one has an older Manifest.json (or none) and differs.
+    """
+    try:
+        with open(root / ENVELOPE_NAME, "rb") as env, open(root / MANIFEST_NAME, "rb") as man:
+            tail = _payload_tail(env)
+            if not tail:
+                return False
+            man.seek(max(0, os.fstat(man.fileno()).st_size - len(tail)))
+            return man.read() == tail
+    except (OSError, ValueError):
+        return False
+
+
+def _payload_tail(env) -> bytes | None:
+    """The decoded last bytes of an envelope's base64 payload, without reading the whole file."""
+    size = os.fstat(env.fileno()).st_size
+    env.seek(max(0, size - 4096))
+    block = env.read()
+    mark = block.rfind(b'","payloadType":"')
+    if mark < 0:
+        return None
+    end = size - len(block) + mark  # absolute offset just past the payload's last base64 char
+    start = max(_PAYLOAD_START, end - _TAIL)
+    start += (start - _PAYLOAD_START) % 4 and 4 - (start - _PAYLOAD_START) % 4
+    env.seek(start)
+    return base64.b64decode(env.read(end - start), validate=True)
+
+
+def _envelope_payload(path: Path) -> tuple[bytes | None, dict]:
+    from c10.trust.dsse import PAYLOAD_TYPE
+
+    try:
+        envelope = json.loads(path.read_bytes())
+        if envelope.get("payloadType") != PAYLOAD_TYPE:
+            return None, {}
+        payload = base64.b64decode(envelope["payload"], validate=True)
+        return payload, loads_manifest(payload)
+    except (OSError, VerifyError, ValueError, KeyError, TypeError, AttributeError):
+        return None, {}

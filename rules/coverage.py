@@ -1,0 +1,115 @@
+"""coverage: the gate that removes dead graph-owned files (ninja's cleandead) and fails the build on
+any file no task declares (seed D-C10-3: no smuggled files)."""
+from __future__ import annotations
+
+from functools import cache
+
+from c10.errors import ManifestCoverageError, MissingTilesError
+from c10.plan import Plan
+from c10.rules import session
+from c10.rules.adapters import action, plan_or_none
+from c10.store.layout import ENGINES_DIR, TILES_DIR
+from c10.store.orphans import Verdict
+
+
+def task_coverage():
+    """Gate: fail if any file under the cache is declared by no task (always runs)."""
+    if plan_or_none() is None:
+        return {"actions": None}
+    return {"actions": [action(check_coverage)], "task_dep": ["engines", "shards", "index"],
+            "verbosity": 2}
+
+
+def verdict(plan: Plan) -> Verdict:
+    """What the gate removes and what it refuses, deciding nothing twice: the one verdict of the
+    gate and of `c10 status`."""
+    from c10.store.orphans import verdict as decide
+    from c10.store.refs import committed_files, read_ref
+
+    entries = (read_ref(plan.root, rel) for rel in plan.owned_logicals())
+    live = {e["path"] for e in entries if e}
+    # shards/ and index/ keep the build's current files and, until the next commit, the last
+    # Manifest's; tiles/ was listed file by file when the plan loaded: its orphans are known
+    return decide(plan.root, plan.declared(tiles=False), live, cache(lambda: set(committed_files(plan.root))),
+                  TILES_DIR, plan.strays + [t.path for t in plan.out_of_scope])
+
+
+def check_coverage() -> None:
+    """Remove dead graph-owned files, then fail on any undeclared file."""
+    from c10.store.orphans import remove_dead
+    from c10.store.refs import remove_stale_refs
+
+    build = session.current()
+    plan = build.plan()
+    build.resume_gc()
+    build.ensure_locked()
+    _roll_forward(build)
+    if not plan.tiles:
+        area = plan.config.area
+        raise MissingTilesError(f"{plan.root}: no tiles in scope (bbox {list(area.bbox)}, zooms "
+                                f"{list(area.zooms)})", fix="fetch tiles into tiles/{z}/{x}/{y}.jpg first "
+                                f"(or `c10 import {plan.root} SOURCE`)")
+    found = verdict(plan)
+    if found.orphans:
+        raise ManifestCoverageError(_orphan_message(plan, found.orphans))
+    removed = remove_dead(plan.root, found.dead) + remove_stale_refs(plan.root, set(plan.owned_logicals()))
+    for rel in removed:
+        print(f"removed dead {rel}")
+    # hashes the checker computed this run (a mass `touch`): saved once, never computed again; the
+    # entries of files the cache no longer has are dropped
+    build.hashes.retain(_hashed_files(plan))
+    build.hashes.save()
+    build.save_scan_memo()
+    _check_complete(plan)
+
+
+def _hashed_files(plan: Plan) -> set[str]:
+    """Every path the hash cache should still know: declared files, refs and their files, models."""
+    from c10.store.layout import ref_relpath
+    from c10.store.refs import committed_files, read_ref
+
+    keep = plan.declared() | set(committed_files(plan.root))
+    for logical in plan.owned_logicals():
+        keep.add(ref_relpath(logical))
+        entry = read_ref(plan.root, logical)
+        if entry:
+            keep.add(entry["path"])
+    for model_plan in plan.plans.values():
+        keep.add(str(model_plan.model.path.resolve()))
+        if model_plan.spec.calibration_path is not None:
+            keep.add(str(model_plan.spec.calibration_path.resolve()))
+    return keep
+
+
+def _check_complete(plan: Plan) -> None:
+    """area.require_complete: the Manifest is signed only over the whole requested area."""
+    counts = plan.tile_counts()
+    if plan.config.area.require_complete and counts.missing:
+        raise MissingTilesError(
+            f"{plan.root}: {counts.missing} of {counts.expected} tiles of area.bbox/zooms are missing "
+            "and area.require_complete = true; the previous Manifest stays in force",
+            fix=f"fetch them (or `c10 import {plan.root} SOURCE`), see which with "
+                f"`c10 map {plan.root} -o map.png`")
+
+
+def _roll_forward(build) -> None:
+    """A build killed between the Manifest's two renames left a torn commit: complete it first."""
+    from c10.trust.manifest import roll_forward
+
+    version = roll_forward(build.root)
+    if version is not None:
+        print(f"warning: a build was cut between writing Manifest.json.dsse and Manifest.json; "
+              f"rolled Manifest.json forward to the signed version {version}")
+
+
+def _orphan_message(plan: Plan, orphans: list[str]) -> str:
+    shown = ", ".join(orphans[:5]) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+    hints = []
+    if any(o.startswith(ENGINES_DIR + "/") for o in orphans):
+        hints.append("`doit prune` lists stale engines and `doit prune --apply` removes them")
+    if any(o.startswith(TILES_DIR + "/") for o in orphans):
+        hints.append("tiles outside area.bbox/zooms or not named tiles/{z}/{x}/{y}.{jpg,png,webp} "
+                     "must be moved out of the cache or the area widened in c10.toml")
+    hints.append("move any other file out of the cache")
+    return (f"{len(orphans)} file(s) under {plan.root} are declared by no task: {shown}; "
+            + "; ".join(hints) + "; the previous Manifest stays in force")

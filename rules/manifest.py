@@ -1,0 +1,153 @@
+"""manifest: Manifest.json and its signed DSSE envelope, the build's single commit point."""
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import uuid
+
+from c10 import __version__
+from c10.canonical import digest
+from c10.plan import Plan
+from c10.rules import session
+from c10.rules.adapters import action, changed, plan_or_none, presigned
+from c10.store.layout import ref_relpath
+
+# A no-op build re-signs a Manifest that would expire within this margin (else it stays untouched).
+RESIGN_MARGIN = dt.timedelta(days=1)
+
+
+def task_manifest():
+    """Write Manifest.json and its signed DSSE envelope: the build's single commit point."""
+    plan = plan_or_none()
+    if plan is None:
+        return {"actions": None}
+    cfg = plan.config
+    return {
+        "file_dep": manifest_deps(plan),
+        "targets": ["Manifest.json", "Manifest.json.dsse"],
+        "task_dep": ["coverage"],
+        "uptodate": [changed({"request": cfg.request(), "key": str(cfg.signing.key), "tiles": len(plan.tiles)}),
+                     manifest_fresh],
+        "actions": [action(write_manifest)],
+    }
+
+
+def manifest_deps(plan: Plan) -> list[str]:
+    """Every shipped file but the tiles (whose sizes and hashes the shards carry); shards and
+    index files through the refs that name them."""
+    deps = [str(plan.root / rel) for rel in plan.shipped_inputs()]
+    for model_plan in plan.plans.values():
+        deps += [model_plan.engine_rel, model_plan.sidecar_rel]
+    return deps + [ref_relpath(rel) for rel in plan.owned_logicals()]
+
+
+@presigned
+def manifest_fresh(task, values) -> bool:
+    """doit uptodate: False when the last Manifest expires within RESIGN_MARGIN (frozen caches)."""
+    expires = values.get("expires")
+    if not expires:
+        return False
+    return dt.datetime.fromisoformat(expires.replace("Z", "+00:00")) - now() > RESIGN_MARGIN
+
+
+def write_manifest() -> dict:
+    """Assemble every shipped file's entry, sign, and commit (envelope, then Manifest.json)."""
+    from c10.trust import manifest as mf
+
+    build = session.current()
+    plan = build.begin_writing()
+    files = _file_entries(build, plan)
+    tiles_hash = mf.tiles_aggregate_hash(files)
+    issued = now()
+    # the anti-rollback state of verifiers is kept per cache id: carried over, or new for a new cache
+    version, cache_id = mf.previous_identity(plan.root)
+    body = mf.build_manifest(
+        version=version, issued_at=issued,
+        expires=issued + dt.timedelta(days=plan.config.signing.validity_days),
+        build_identity=build_identity(plan, tiles_hash), request=plan.config.request(),
+        host=host_info(plan), tools=tool_versions(), tiles_hash=tiles_hash, files=files,
+        cache_id=cache_id or uuid.uuid4().hex, engines=_engine_entries(plan))
+    data = mf.dumps_manifest(body)
+    build.hashes.save()  # before the commit: after it, only the leftovers' removal may still fail
+    try:
+        mf.write_signed_manifest(plan.root, data, build.operator_key())
+    finally:
+        build.drop_key()
+    _collect_garbage(plan, {f.path for f in files})
+    return {"version": body["version"], "files": len(files), "expires": body["expires"]}
+
+
+def _collect_garbage(plan: Plan, listed: set[str]) -> None:
+    """After the commit: the previous Manifest's shards and index files it no longer lists go
+    (a failure here only leaves them for the next build's coverage gate: the commit stands)."""
+    from c10.store.orphans import dead_files, remove_dead
+
+    try:
+        remove_dead(plan.root, dead_files(plan.root, listed))
+    except OSError as exc:
+        print(f"warning: the new Manifest is committed, but its predecessor's files were not all "
+              f"removed ({exc}); the next `doit build_cache` removes them")
+
+
+def _file_entries(build, plan: Plan) -> list:
+    from c10.features.shards import tile_facts
+    from c10.store.refs import current_entry
+    from c10.trust.manifest import FileEntry
+
+    paths = {t.id: t.path for t in plan.tiles}
+    entries = {}
+    for model_plan in plan.embedding_plans():
+        for rel in model_plan.shards:
+            shard = plan.root / current_entry(plan.root, rel)["path"]
+            for tid, (size, blake3) in tile_facts(shard).items():
+                entries[paths[tid]] = FileEntry(paths[tid], size, blake3, "tile")
+    for rel, kind in _derived_files(plan):
+        blake3, st = build.hashes.hash(rel)
+        entries[rel] = FileEntry(rel, st.st_size, blake3, kind)
+    for logical, kind in _owned_files(plan):  # hashed when written, checked by refs_current
+        entry = current_entry(plan.root, logical)
+        entries[entry["path"]] = FileEntry(entry["path"], entry["size"], entry["blake3"], kind)
+    return list(entries.values())
+
+
+def _derived_files(plan: Plan) -> list[tuple[str, str]]:
+    out = [(rel, "model") for rel in plan.shipped_inputs()]
+    for model_plan in plan.plans.values():
+        out += [(model_plan.engine_rel, "engine"), (model_plan.sidecar_rel, "engine-meta")]
+    return out
+
+
+def _owned_files(plan: Plan) -> list[tuple[str, str]]:
+    """(logical path, kind) of every shard and index file."""
+    out = []
+    for model_plan in plan.plans.values():
+        out += [(rel, "shard") for rel in model_plan.shards]
+        out += [(rel, "index") for rel in model_plan.index_rels]
+    return out
+
+
+def _engine_entries(plan: Plan) -> list[dict]:
+    return [{"path": p.engine_rel, "model": p.model.name, "backend": p.backend.name,
+             "key": p.engine_key, "fingerprint": p.backend.host_fingerprint()}
+            for p in plan.plans.values()]
+
+
+def build_identity(plan: Plan, tiles_hash: str) -> str:
+    """What the cache is a function of: the request, every engine key, every tile."""
+    return digest({"request": plan.config.request(), "tiles": tiles_hash,
+                   "engines": {n: p.engine_key for n, p in sorted(plan.plans.items())}})
+
+
+def host_info(plan: Plan) -> dict:
+    return {"os": platform.system(), "arch": platform.machine(), "python": platform.python_version(),
+            "backends": {p.backend.name: p.backend.host_metadata() for p in plan.plans.values()}}
+
+
+def tool_versions() -> dict:
+    import doit
+
+    return {"c10": __version__, "doit": ".".join(map(str, doit.__version__))}
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)

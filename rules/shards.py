@@ -1,0 +1,118 @@
+"""shards:{model}/{z}/{bx}-{by}: each block of tiles through a model, into a descriptor shard
+(global) or a local-feature shard (local)."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from c10.rules import session
+from c10.rules.adapters import action, changed, plan_or_none, presigned
+from c10.store.layout import ref_relpath
+
+
+def task_shards():
+    """Embed each block of tiles into a descriptor shard (global) or a local-feature shard (local)."""
+    plan = plan_or_none()
+    for model_plan in plan.shard_plans() if plan else ():
+        for rel, tiles in model_plan.shards.items():
+            yield {
+                "name": rel.removeprefix("shards/").removesuffix(".npy"),
+                "doc": f"{len(tiles)} tiles of {rel}",
+                "file_dep": [t.path for t in tiles],
+                # the target is the ref naming the shard's content-named file (c10.store.refs)
+                "targets": [ref_relpath(rel)],
+                "task_dep": [f"engines:{model_plan.model.name}"],
+                # the tile list is in the key: a removed tile must rebuild its shard
+                "uptodate": [changed(shard_key(model_plan.ident, tiles)), refs_current],
+                "actions": [(action(build_shard), [model_plan.model.name, rel])],
+            }
+
+
+def shard_key(ident: str, tiles) -> str:
+    """Embedding identity + the block's tile list, as one digest (a removed tile changes it);
+    a string, so config_changed stores it as is instead of json-dumping 100k paths per load."""
+    key = hashlib.sha256(ident.encode())
+    key.update("\n".join([t.path for t in tiles]).encode())
+    return key.hexdigest()
+
+
+def build_shard(name: str, rel: str) -> dict:
+    """One block through the model: descriptors (global) or keypoints and descriptors (local)."""
+    from c10.features.preprocess import Preprocessing
+    from c10.features.shards import DESCRIPTORS, LOCAL_FEATURES, TileRecord, build_shard
+
+    build = session.current()
+    plan = build.begin_writing()
+    model_plan = plan.plans[name]
+    records = [TileRecord(t, *_size_hash(build.hashes, t.path)) for t in model_plan.shards[rel]]
+    prep = Preprocessing.from_model(model_plan.model)
+    local = model_plan.model.role == "local"
+    compute = _local(build, model_plan, prep) if local else _global(build, plan, model_plan, rel, prep)
+    stats = build_shard(build.root, rel, records, compute, model_plan.ident,
+                        LOCAL_FEATURES if local else DESCRIPTORS)
+    build.hashes.save(min_interval=30.0)  # rewriting every tile's hash after each small shard costs more than it saves
+    return {"extracted" if local else "embedded": stats.embedded, "reused": stats.reused,
+            "refs": published(build, {rel: stats.entry})}
+
+
+def _global(build, plan, model_plan, rel, prep):
+    """compute() of a descriptor shard: this host's engine, or the workers of a Dask cluster."""
+    from c10.features.embedding import embed_tiles, progress_bar
+
+    batch = model_plan.model.batch_size
+    if plan.config.executor.kind == "dask":  # the same shard writer; descriptors come from the workers
+        from c10.features.cluster import cluster_embedder
+
+        engine = (model_plan.spec, model_plan.backend.name, model_plan.engine_key,
+                  build.root / model_plan.engine_rel)
+        embed = cluster_embedder(plan.config.executor, build.root, rel, engine, prep, batch)
+        return lambda paths: (embed(paths),)
+    runner = build.runner(model_plan)
+
+    def compute(paths):
+        with progress_bar(rel.removeprefix("shards/"), len(paths)) as advance:
+            return (embed_tiles(runner, paths, prep, batch, progress=advance),)
+
+    return compute
+
+
+def _local(build, model_plan, prep):
+    from c10.features.embedding import extract_tiles
+
+    runner = build.runner(model_plan)
+    return lambda paths: extract_tiles(runner, paths, prep).columns()
+
+
+def published(build, written: dict[str, dict]) -> dict[str, dict]:
+    """The refs an action published (doit saves them for refs_current); their hashes are known."""
+    for entry in written.values():
+        build.hashes.remember(entry["path"], os.stat(build.root / entry["path"]), entry["blake3"])
+    return written
+
+
+@presigned
+def refs_current(task, values) -> bool:
+    """doit uptodate of shard and index tasks: their refs are the ones doit recorded (not rewritten
+    by a killed run) and name files whose bytes are still those (a deleted or damaged shard is rebuilt)."""
+    from c10.store.refs import read_ref
+
+    build = session.current()
+    recorded = values.get("refs")
+    if not recorded or len(recorded) != len(task.targets):
+        return False
+    for logical, entry in recorded.items():
+        if read_ref(build.root, logical) != entry or _digest(build.hashes, entry["path"]) != entry["blake3"]:
+            return False
+    return True
+
+
+def _digest(hashes, rel: str) -> str | None:
+    try:
+        return hashes.hash(rel)[0]
+    except OSError:
+        return None
+
+
+def _size_hash(hashes, rel: str) -> tuple[int, str]:
+    digest, st = hashes.hash(rel)
+    return st.st_size, digest

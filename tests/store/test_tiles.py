@@ -1,0 +1,93 @@
+"""Tile store scanning, scope and block math."""
+from pathlib import Path
+
+import mercantile
+from hypothesis import given, settings, strategies as st
+
+from c10.store.tiles import Scope, Tile, TileId, block_of, center_latlon, group_blocks, scan_tiles, tile_ranges
+
+
+@settings(max_examples=200, deadline=None)
+@given(lat=st.floats(-80, 79), lon=st.floats(-179, 178), dlat=st.floats(1e-4, 0.5),
+       dlon=st.floats(1e-4, 0.5), z=st.integers(0, 18))
+def test_tile_ranges_match_mercantile(lat, lon, dlat, dlon, z):
+    bbox = (lat, lon, lat + dlat, lon + dlon)
+    want = {(t.x, t.y) for t in mercantile.tiles(lon, lat, lon + dlon, lat + dlat, [z])}
+    scope = Scope(bbox, [z])
+    x0, x1, y0, y1 = tile_ranges(bbox, z)
+    assert {(x, y) for x in range(x0, x1 + 1) for y in range(y0, y1 + 1)} == want
+    assert scope.expected_count() == len(want)
+
+
+@given(z=st.integers(0, 20), data=st.data())
+def test_center_is_inside_its_tile(z, data):
+    x = data.draw(st.integers(0, 2 ** z - 1))
+    y = data.draw(st.integers(0, 2 ** z - 1))
+    lat, lon = center_latlon(TileId(z, x, y))
+    assert mercantile.tile(lon, lat, z) == mercantile.Tile(x, y, z)
+
+
+def _touch(root: Path, rel: str) -> None:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_bytes(b"x")
+
+
+def test_scan_sorts_tiles_and_reports_strays(tmp_path):
+    for rel in ["tiles/15/3/2.jpg", "tiles/15/3/10.png", "tiles/14/1/1.webp",
+                "tiles/15/3/notes.txt", "tiles/15/03/1.jpg", "tiles/15/3/2.png", "tiles/x/1/1.jpg",
+                "tiles/15/3/99999.jpg", "tiles/README"]:
+        _touch(tmp_path, rel)
+    scan = scan_tiles(tmp_path)
+    assert [(t.z, t.x, t.y) for t in scan.tiles] == [(14, 1, 1), (15, 3, 2), (15, 3, 10)]
+    # 2.png duplicates 2.jpg; 99999 is beyond 2**15; 03 is not canonical
+    assert scan.strays == sorted(["tiles/15/3/notes.txt", "tiles/15/03/1.jpg", "tiles/15/3/2.png",
+                                  "tiles/x/1/1.jpg", "tiles/15/3/99999.jpg", "tiles/README"])
+
+
+def test_blocks_group_by_zoom_and_block():
+    tiles = [Tile(15, x, y, f"tiles/15/{x}/{y}.jpg") for x in (0, 15, 16) for y in (0, 17)]
+    blocks = group_blocks(tiles, 16)
+    assert list(blocks) == [(15, 0, 0), (15, 0, 1), (15, 1, 0), (15, 1, 1)]
+    assert block_of(TileId(15, 16, 17), 16) == (15, 1, 1)
+    assert [t.x for t in blocks[(15, 0, 0)]] == [0, 15]
+
+
+def _ids(scan):
+    return [(t.z, t.x, t.y) for t in scan.tiles]
+
+
+def test_scan_memo_skips_unchanged_columns_and_sees_every_change(tmp_path, monkeypatch):
+    import c10.store.tiles as tiles_mod
+
+    for rel in ["tiles/15/3/2.jpg", "tiles/15/3/10.png", "tiles/15/4/1.jpg", "tiles/15/4/notes.txt"]:
+        _touch(tmp_path, rel)
+    assert "tiles/15/3" not in scan_tiles(tmp_path, {}).memo  # changed just now: not trusted yet
+    monkeypatch.setattr(tiles_mod, "RACY_NS", 0)
+    first = scan_tiles(tmp_path, {})
+    assert first.reread == 2 and set(first.memo) == {"tiles/15/3", "tiles/15/4"}
+    again = scan_tiles(tmp_path, first.memo)
+    assert again.reread == 0 and again.tiles == first.tiles and again.strays == first.strays == ["tiles/15/4/notes.txt"]
+    assert all(type(t) is Tile for t in again.tiles)
+    _touch(tmp_path, "tiles/15/3/4.jpg")
+    (tmp_path / "tiles/15/4/1.jpg").unlink()
+    third = scan_tiles(tmp_path, again.memo)
+    assert third.reread == 2 and _ids(third) == [(15, 3, 2), (15, 3, 4), (15, 3, 10)]
+    plain = scan_tiles(tmp_path)
+    assert (third.tiles, third.strays) == (plain.tiles, plain.strays) and plain.memo is None
+
+
+def test_scan_memo_round_trips_and_a_torn_one_is_ignored(tmp_path, monkeypatch):
+    import c10.store.tiles as tiles_mod
+
+    monkeypatch.setattr(tiles_mod, "RACY_NS", 0)
+    _touch(tmp_path, "tiles/15/3/2.jpg")
+    path = tmp_path / ".c10" / "memo"
+    tiles_mod.write_memo(path, scan_tiles(tmp_path, {}))
+    assert not path.exists()  # one column re-read: not worth rewriting the memo
+    for x in range(4, 4 + tiles_mod.MEMO_MIN_REREAD):
+        _touch(tmp_path, f"tiles/15/{x}/2.jpg")
+    scan = scan_tiles(tmp_path, {})
+    tiles_mod.write_memo(path, scan)
+    assert tiles_mod.read_memo(path) == scan.memo and len(scan.memo) == 1 + tiles_mod.MEMO_MIN_REREAD
+    path.write_bytes(path.read_bytes()[:20])
+    assert tiles_mod.read_memo(path) == {}
