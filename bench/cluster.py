@@ -1,5 +1,6 @@
-"""Embedding stage tiles/s: local vs a Dask LocalCluster of 1 and 2 worker processes, and the driver's
-overhead per shard; prints JSON. Run as `env -u PYTHONDONTWRITEBYTECODE python bench/cluster.py`."""
+"""Embedding stage tiles/s: local vs a Dask LocalCluster of 1 and 2 worker processes, and the
+driver's overhead per shard; prints JSON.
+Run as `env -u PYTHONDONTWRITEBYTECODE python bench/cluster.py`."""
 from __future__ import annotations
 
 import argparse
@@ -25,12 +26,14 @@ ZOOM = 16
 
 
 def make_cache(root: Path, tiles: int, backend: str, key: Path, input_size: int, block: int) -> int:
-    """~`tiles` demo-like 256 px JPEG tiles at one zoom and the demo's global model; returns the count."""
+    """~`tiles` demo-like 256 px JPEG tiles at one zoom and the demo's global model; returns the
+    count."""
     root.mkdir(parents=True)
     bbox = demo.demo_bbox(tiles, (ZOOM,))
     synth.make_tiles(root / "tiles", bbox, (ZOOM,))
     netgen.write_global_model(root / "models" / "global.onnx", input_size=input_size)
-    init_cache(root, bbox=str(list(bbox)), zooms=f"[{ZOOM}]", backend=backend, size=input_size, key=str(key))
+    init_cache(root, bbox=str(list(bbox)), zooms=f"[{ZOOM}]", backend=backend, size=input_size,
+               key=str(key))
     text = (root / "c10.toml").read_text()
     text = text.split("[models.local]")[0] + "[shards]" + text.split("[shards]")[1]
     (root / "c10.toml").write_text(text.replace("block = 16", f"block = {block}"))
@@ -38,7 +41,8 @@ def make_cache(root: Path, tiles: int, backend: str, key: Path, input_size: int,
 
 
 def set_executor(root: Path, address: str | None) -> None:
-    """c10.toml's [executor]: local, or the cluster at `address` (not part of the request: no rebuild)."""
+    """c10.toml's [executor]: local, or the cluster at `address` (not part of the request: no
+    rebuild)."""
     text = (root / "c10.toml").read_text().split("\n[executor]")[0]
     if address:
         text += f'\n[executor]\nkind = "dask"\nscheduler = "{address}"\ntiles = "bytes"\n'
@@ -46,7 +50,8 @@ def set_executor(root: Path, address: str | None) -> None:
 
 
 def shards_stage(root: Path, doit_args: list[str]) -> float:
-    """Wall seconds of `doit shards` from no shards (tiles already hashed: only the embedding stage)."""
+    """Wall seconds of `doit shards` from no shards (tiles already hashed: only the embedding
+    stage)."""
     for shard in (root / "shards").rglob("*.npy"):
         shard.unlink()
     start = time.perf_counter()
@@ -69,7 +74,8 @@ def driver_overhead(root: Path, client, shards: int) -> dict:
     with distributed.get_task_stream(client=client) as ts:
         wall = shards_stage(root, [])
     busy, batches = compute_seconds(ts.data)
-    return {"shards": shards, "batches": batches, "stage_s": round(wall, 3), "worker_compute_s": round(busy, 3),
+    return {"shards": shards, "batches": batches, "stage_s": round(wall, 3),
+            "worker_compute_s": round(busy, 3),
             "driver_overhead_per_shard_ms": round((wall - busy) / shards * 1e3, 1)}
 
 
@@ -79,7 +85,8 @@ def main() -> None:
     parser.add_argument("--input", type=int, default=224)
     parser.add_argument("--block", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--inflight", type=int, default=4, help="doit -n with -P thread for the cluster runs")
+    parser.add_argument("--inflight", type=int, default=4,
+                        help="doit -n with -P thread for the cluster runs")
     parser.add_argument("--backend", default="onnxruntime")
     args = parser.parse_args()
     os.environ["C10_NO_PROGRESS"] = "1"
@@ -96,12 +103,15 @@ def run(work: Path, args) -> dict:
     if built != 0:
         raise SystemExit("engine build failed")
     env = {cluster.WORKER_CACHE_ENV: str(work / "worker-cache"), "C10_NO_PROGRESS": "1"}
-    clusters = {n: distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, memory_limit="2GiB",
-                                            dashboard_address=None, env=env, silence_logs=logging.ERROR) for n in (1, 2)}
+    clusters = {n: distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                            memory_limit="2GiB", dashboard_address=None, env=env,
+                                            silence_logs=logging.ERROR)
+                for n in (1, 2)}
     try:
-        variants = {"local": (None, []), **{f"dask_{n}_workers": (c.scheduler_address, ["-n", str(args.inflight),
-                                                                                         "-P", "thread"])
-                                            for n, c in clusters.items()}}
+        threaded = ["-n", str(args.inflight), "-P", "thread"]
+        variants = {"local": (None, []),
+                    **{f"dask_{n}_workers": (c.scheduler_address, threaded)
+                       for n, c in clusters.items()}}
         first = {}
         for name, (address, doit_args) in variants.items():  # warm-up: workers load the engine once
             set_executor(root, address)
@@ -119,11 +129,14 @@ def run(work: Path, args) -> dict:
         cluster.close()
         for c in clusters.values():
             c.close()
-    return {"bench": "cluster", "cpus": os.cpu_count(), "loadavg": [round(v, 2) for v in os.getloadavg()],
-            "python": sys.version.split()[0], "backend": args.backend, "tiles": tiles, "shards": shards,
+    return {"bench": "cluster", "cpus": os.cpu_count(),
+            "loadavg": [round(v, 2) for v in os.getloadavg()],
+            "python": sys.version.split()[0], "backend": args.backend, "tiles": tiles,
+            "shards": shards,
             "input": args.input, "batch": 32, "batches_per_task": cluster.BATCHES_PER_TASK,
             "doit_inflight_cluster": args.inflight,
-            "tiles_per_s": {name: round(tiles / statistics.median(w), 1) for name, w in walls.items()},
+            "tiles_per_s": {name: round(tiles / statistics.median(w), 1)
+                            for name, w in walls.items()},
             "rounds_s": {name: [round(v, 3) for v in w] for name, w in walls.items()},
             "first_run_s": first, "driver": overhead}
 

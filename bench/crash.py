@@ -1,4 +1,5 @@
-"""Crash bench: SIGKILL `doit build_cache` at random moments; the commit survives, a re-run converges. Prints JSON.
+"""Crash bench: SIGKILL `doit build_cache` at random moments; the commit survives, a re-run
+converges. Prints JSON.
 
     python bench/crash.py [--kills 300] [--seed 1] [--workdir DIR] [--keep]
 
@@ -59,6 +60,7 @@ ZOOMS = (15,)
 DERIVED = ("engines", "shards", "index")
 FILE_REASONS = {"hash-mismatch", "size-mismatch", "missing-file", "extra-file"}
 ROLLED = "rolled Manifest.json forward"
+DOIT = str(Path(sys.executable).with_name("doit"))  # the console script, never `python -m doit`
 
 
 class CrashFailure(Exception):
@@ -96,7 +98,8 @@ def new_cache(root: Path, fx: dict, block: int = 4) -> Path:
 
 
 def set_state(root: Path, fx: dict, state: str) -> None:
-    """A: every tile as made. B: tile 5 removed, tile 9 rewritten with tile 0's bytes. C: only the latter."""
+    """A: every tile as made. B: tile 5 removed, tile 9 rewritten with tile 0's bytes. C: only the
+    latter."""
     source = sorted((fx["inputs"] / "tiles").rglob("*.jpg"))
     rel = [p.relative_to(fx["inputs"]).as_posix() for p in source]
     for i in (5, 9):
@@ -115,7 +118,7 @@ def doit_build(root: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["C10_NO_PROGRESS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"  # a killed build's output up to the kill says where it was
-    return subprocess.Popen([sys.executable, "-m", "doit", "build_cache"], cwd=root, env=env,
+    return subprocess.Popen([DOIT, "build_cache"], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -180,7 +183,8 @@ def digests(root: Path, tops: tuple[str, ...], names: tuple[str, ...] = ()) -> d
     for top in tops:
         for path in sorted((root / top).rglob("*")):
             if path.is_file():
-                out[path.relative_to(root).as_posix()] = blake3.blake3(path.read_bytes()).hexdigest()
+                digest = blake3.blake3(path.read_bytes()).hexdigest()
+                out[path.relative_to(root).as_posix()] = digest
     for name in names:
         out[name] = blake3.blake3((root / name).read_bytes()).hexdigest()
     return out
@@ -229,20 +233,24 @@ def torn_files(root: Path) -> list[str]:
 
 
 def classify(root: Path, fx: dict, had_manifest: bool) -> tuple[str, int]:
-    """What a kill left: (verified, torn-commit or no-manifest, number of pending files), else CrashFailure."""
+    """What a kill left: (verified, torn-commit or no-manifest, number of pending files), else
+    CrashFailure."""
     manifest, envelope = (root / "Manifest.json").exists(), (root / "Manifest.json.dsse").exists()
     if not manifest and not envelope:
         if had_manifest:
             raise CrashFailure(f"{root}: the committed Manifest disappeared")
         return "no-manifest", 0
     try:
-        result = verify_cache(root, trusted=fx["trusted"], now=dt.datetime.now(dt.timezone.utc), state_path=None)
+        result = verify_cache(root, trusted=fx["trusted"], now=dt.datetime.now(dt.timezone.utc),
+                              state_path=None)
         return "verified", result.pending
     except VerifyError as exc:
         if exc.reason == "envelope-mismatch" or (exc.reason == "missing-manifest" and envelope):
             return "torn-commit", 0
-        if exc.reason not in FILE_REASONS:  # signature, payload, rollback or expiry: the commit itself
-            raise CrashFailure(f"{root}: the committed Manifest does not verify: {exc.reason}: {exc}") from None
+        # signature, payload, rollback or expiry: the commit itself
+        if exc.reason not in FILE_REASONS:
+            raise CrashFailure(f"{root}: the committed Manifest does not verify: "
+                               f"{exc.reason}: {exc}") from None
     # Signature, payload and expiry passed: every file that differs must be the operator's own
     # change of an input (check_kill compares the inputs to before the build).
     differ, pending = differing_files(root)
@@ -258,7 +266,8 @@ def differing_files(root: Path) -> tuple[list[str], int]:
     from c10.store.layout import is_control
     from c10.trust.verify import is_pending
 
-    listed = {f["path"]: f["blake3"] for f in json.loads((root / "Manifest.json").read_bytes())["files"]}
+    manifest = json.loads((root / "Manifest.json").read_bytes())
+    listed = {f["path"]: f["blake3"] for f in manifest["files"]}
     differ = []
     for rel, digest in listed.items():
         path = root / rel
@@ -292,7 +301,8 @@ def check_converged(root: Path, fx: dict, reference: dict) -> None:
 
 # ---------------------------------------------------------------- the run
 
-def run(kills: int, seed: int, work: Path, per_episode: tuple[int, int] = (1, 3), fx: dict | None = None) -> dict:
+def run(kills: int, seed: int, work: Path, per_episode: tuple[int, int] = (1, 3),
+        fx: dict | None = None) -> dict:
     """The bench; `fx` (as make_inputs returns) reuses a key, tiles and model made elsewhere."""
     rng = random.Random(seed)
     started = time.perf_counter()
@@ -303,10 +313,12 @@ def run(kills: int, seed: int, work: Path, per_episode: tuple[int, int] = (1, 3)
     set_state(base, fx, "B")
     inc = timed_build(base)[:2]
     check_converged(base, fx, refs["B"])
-    stats = {"kills": 0, "failures": 0, "failure_details": [], "outcomes": {}, "stages": {}, "windows": {},
-             "roll_forwards": 0, "finished_before_kill": 0, "episodes": {"cold": 0, "incremental": 0},
+    stats = {"kills": 0, "failures": 0, "failure_details": [], "outcomes": {}, "stages": {},
+             "windows": {}, "roll_forwards": 0, "finished_before_kill": 0,
+             "episodes": {"cold": 0, "incremental": 0},
              "converged": 0, "kills_leaving_pending_files": 0}
-    # A first attempt's (seconds, seconds until its first task), re-measured as the host's load changes.
+    # A first attempt's (seconds, seconds until its first task), re-measured as the host's load
+    # changes.
     spans = {"cold": [cold], "incremental": [inc]}
     state, n = "B", 0
     while stats["kills"] < kills:
@@ -345,7 +357,8 @@ def _episode(rng, work, fx, refs, base, state, n, stats, spans, target, per_epis
         total, startup = (statistics.median(t[i] for t in spans[kind][-5:]) for i in (0, 1))
         # Every other kill falls anywhere, the rest after the interpreter and graph have loaded.
         window = "whole" if stats["kills"] % 2 == 0 else "tasks"
-        killed, out, _ = killed_build(root, rng.uniform(0.0 if window == "whole" else startup, total))
+        delay = rng.uniform(0.0 if window == "whole" else startup, total)
+        killed, out, _ = killed_build(root, delay)
         stats["roll_forwards"] += ROLLED in out
         if not killed:
             stats["finished_before_kill"] += 1
@@ -368,7 +381,8 @@ def _episode(rng, work, fx, refs, base, state, n, stats, spans, target, per_epis
 
 
 def _measure(kind: str, scratch: Path, fx: dict, state: str, base: Path) -> tuple[float, float]:
-    """(seconds, seconds to the first task) of an uncut first attempt of this kind (base is left as it was)."""
+    """(seconds, seconds to the first task) of an uncut first attempt of this kind (base is left as
+    it was)."""
     if kind == "cold":
         root = new_cache(scratch, fx)
         set_state(root, fx, state)
@@ -383,7 +397,7 @@ def _measure(kind: str, scratch: Path, fx: dict, state: str, base: Path) -> tupl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--kills", type=int, default=300)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", type=Path, help="default: a temp dir, removed afterwards")

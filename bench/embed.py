@@ -1,5 +1,6 @@
 """Embedding throughput: tiles/s of the real shard action vs the same engine's images/s on pre-made
-tensors, interleaved in one run; prints JSON. Run as `env -u PYTHONDONTWRITEBYTECODE python bench/embed.py`."""
+tensors, interleaved in one run; prints JSON.
+Run as `env -u PYTHONDONTWRITEBYTECODE python bench/embed.py`."""
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,14 @@ def block_bbox(blocks: int, block: int, z: int = 16) -> tuple[float, float, floa
 
 def make_cache(root: Path, tiles: int, backend: str, key: Path, input_size: int, block: int,
                precision: str = "fp32") -> None:
-    """A cache of ~`tiles` demo-like 256 px JPEG tiles in full blocks at one zoom, the demo's global model."""
+    """A cache of ~`tiles` demo-like 256 px JPEG tiles in full blocks at one zoom, the demo's
+    global model."""
     root.mkdir(parents=True)
     bbox = block_bbox(max(1, round(tiles / block ** 2)), block)
     synth.make_tiles(root / "tiles", bbox, (16,))
     netgen.write_global_model(root / "models" / "global.onnx", input_size=input_size)
-    init_cache(root, bbox=str(list(bbox)), zooms="[16]", backend=backend, size=input_size, key=str(key))
+    init_cache(root, bbox=str(list(bbox)), zooms="[16]", backend=backend, size=input_size,
+               key=str(key))
     text = (root / "c10.toml").read_text()
     text = text.split("[models.local]")[0] + "[shards]" + text.split("[shards]")[1]
     if 'precision = "fp32"' not in text:
@@ -48,9 +51,10 @@ def make_cache(root: Path, tiles: int, backend: str, key: Path, input_size: int,
 
 
 def engine_rate(runner, images: int, batch: int, shape: tuple) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of the loaded engine on pre-made batches, `images` images in all,
-    run the faster of two ways: one call after another (each split over the engine's streams),
-    or one thread per stream each calling it with whole batches (what the embedding workers do)."""
+    """(images/s, CPU ms per image) of the loaded engine on pre-made batches, `images` images in
+    all, run the faster of two ways: one call after another (each split over the engine's
+    streams), or one thread per stream each calling it with whole batches (what the embedding
+    workers do)."""
     data = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
     sizes = [min(batch, images - done) for done in range(0, images, batch)]
     calls = _timed(lambda: [runner(data[:n]) for n in sizes], images)
@@ -68,30 +72,36 @@ def _timed(work, images: int) -> tuple[float, float]:
 def shard_rate(root: Path, name: str) -> tuple[float, float, int]:
     """(tiles/s, CPU ms per tile, tiles) of every shard action of `name`, from no shards and no hash
     cache (a cold stage: hashing, decoding, inference, packing and the atomic writes)."""
-    from c10.store.layout import ref_relpath
-    from c10.rules import actions
-    from c10 import plan as graph_mod
+    from c10.rules import session
+    from c10.rules.shards import build_shard
+    from c10.store.hashcache import HashCache
+    from c10.store.layout import HASH_CACHES, ref_relpath
 
-    graph = graph_mod.load_graph(root)
-    for rel in graph.plans[name].shards:  # without its ref a shard's previous rows are not reused
+    build = session.begin(root)  # this thread's running build: its plan, engines and lock
+    plan = build.plan()
+    shards = plan.plans[name].shards
+    for rel in shards:  # without its ref a shard's previous rows are not reused
         (root / ref_relpath(rel)).unlink(missing_ok=True)
-    (root / ".c10" / "hashes-tiles.json").unlink(missing_ok=True)
-    graph_mod._HASHES.pop(root, None)
+    (root / HASH_CACHES["tiles"]).unlink(missing_ok=True)
+    build.hashes = HashCache(build.root)  # forget the hashes in memory too: every tile is re-hashed
     start, cpu = time.perf_counter(), time.process_time()
-    embedded = sum(actions.build_shard(name, rel)["embedded"] for rel in graph.plans[name].shards)
-    if embedded != len(graph.tiles):
-        raise SystemExit(f"bench/embed.py: {embedded} of {len(graph.tiles)} tiles embedded; "
+    embedded = sum(build_shard(name, rel)["embedded"] for rel in shards)
+    if embedded != len(plan.tiles):
+        raise SystemExit(f"bench/embed.py: {embedded} of {len(plan.tiles)} tiles embedded; "
                          "the shard stage reused rows, so its rate would be meaningless")
-    return embedded / (time.perf_counter() - start), (time.process_time() - cpu) / embedded * 1e3, embedded
+    seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu
+    return embedded / seconds, cpu_s / embedded * 1e3, embedded
 
 
 def pipeline_rate(runner, paths: list[Path], prep, batch: int) -> tuple[float, float]:
-    """(tiles/s, CPU ms per tile) of c10.features.embedding.embed_tiles alone: decoding overlapped with inference."""
+    """(tiles/s, CPU ms per tile) of c10.features.embedding.embed_tiles alone: decoding overlapped
+    with inference."""
     from c10.features.embedding import embed_tiles
 
     start, cpu = time.perf_counter(), time.process_time()
     embed_tiles(runner, paths, prep, batch)
-    return len(paths) / (time.perf_counter() - start), (time.process_time() - cpu) / len(paths) * 1e3
+    seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu
+    return len(paths) / seconds, cpu_s / len(paths) * 1e3
 
 
 def preprocess_cost(root: Path, prep, count: int = 64) -> tuple[float, float]:
@@ -113,7 +123,8 @@ def preprocess_cost(root: Path, prep, count: int = 64) -> tuple[float, float]:
 @contextlib.contextmanager
 def free_resize():
     """--what-if free-resize: the resize replaced by a crop to the input size (still normalised), so
-    the run shows the rate a zero-cost resize would reach. Its descriptors are wrong; only rates count."""
+    the run shows the rate a zero-cost resize would reach. Its descriptors are wrong; only rates
+    count."""
     import c10.features.preprocess as preprocess
 
     def crop(pixels, prep, out):  # at the input size to_tensor only normalises
@@ -130,11 +141,11 @@ def free_resize():
 def bench_backend(workdir: Path, backend: str, args) -> dict:
     from c10.features.preprocess import Preprocessing
     from c10.rules.driver import run_build
-    from c10.rules import actions, session
-    from c10 import plan as graph_mod
+    from c10.rules import session
 
     root = workdir / f"cache-{backend}"
-    precision = args.precision if backend == "openvino" else "fp32"  # ONNX Runtime's engine is fp32 only
+    # ONNX Runtime's engine is fp32 only
+    precision = args.precision if backend == "openvino" else "fp32"
     make_cache(root, args.tiles, backend, workdir / "key.pem", args.input, args.block, precision)
     os.environ["C10_NO_PROGRESS"] = "1"
     with contextlib.redirect_stdout(sys.stderr):  # doit's progress lines: keep stdout pure JSON
@@ -144,18 +155,20 @@ def bench_backend(workdir: Path, backend: str, args) -> dict:
     before = os.getcwd()
     os.chdir(root)
     try:
-        graph = graph_mod.load_graph(root)
-        plan = graph.plans["global"]
+        build = session.begin(root)
+        cache_plan = build.plan()
+        plan = cache_plan.plans["global"]
         t0 = time.perf_counter()
-        runner = actions._runner(graph, "global")
+        runner = build.runner(plan)
         load_s = time.perf_counter() - t0
         prep = Preprocessing.from_model(plan.model)
         # Warm-up, discarded: the workers' threads and batch buffers and the engine's memory arena
         # are set up once per build process, not per shard.
-        engine_rate(runner, 2 * plan.model.batch_size * runner.streams, plan.model.batch_size, prep.shape)
+        engine_rate(runner, 2 * plan.model.batch_size * runner.streams, plan.model.batch_size,
+                    prep.shape)
         shard_rate(root, "global")
         engine, shard, pipeline = [], [], []
-        paths = [root / t.path for t in graph.tiles]
+        paths = [root / t.path for t in cache_plan.tiles]
         with free_resize() if args.what_if == "free-resize" else contextlib.nullcontext():
             for _ in range(args.rounds):  # interleaved: a busy neighbour slows both alike
                 *rate, tiles = shard_rate(root, "global")
@@ -165,22 +178,24 @@ def bench_backend(workdir: Path, backend: str, args) -> dict:
             pre_ms, decode_ms = preprocess_cost(root, prep)
     finally:
         session.end()
-        graph_mod.reset()
         os.chdir(before)
     e, s = (statistics.median(r[0] for r in rs) for rs in (engine, shard))
     e_cpu, s_cpu = (statistics.median(r[1] for r in rs) for rs in (engine, shard))
     p, p_cpu = (statistics.median(r[i] for r in pipeline) for i in (0, 1))
-    return {"backend": graph.plans["global"].backend.name, "precision": precision, "what_if": args.what_if,
+    return {"backend": plan.backend.name, "precision": precision, "what_if": args.what_if,
             "tiles": tiles, "batch": plan.model.batch_size,
             "input": args.input, "engine_load_s": round(load_s, 3), "streams": runner.streams,
-            "engine_images_per_s": round(e, 1), "shard_tiles_per_s": round(s, 1), "ratio": round(s / e, 3),
-            "median_paired_ratio": round(statistics.median(sr[0] / er[0] for sr, er in zip(shard, engine)), 3),
+            "engine_images_per_s": round(e, 1), "shard_tiles_per_s": round(s, 1),
+            "ratio": round(s / e, 3),
+            "median_paired_ratio": round(
+                statistics.median(sr[0] / er[0] for sr, er in zip(shard, engine)), 3),
             "paired_ratios": [round(sr[0] / er[0], 3) for sr, er in zip(shard, engine)],
             "embed_tiles_only_per_s": round(p, 1), "embed_tiles_only_ratio": round(p / e, 3),
             "engine_cpu_ms_per_image": round(e_cpu, 2), "shard_cpu_ms_per_tile": round(s_cpu, 2),
             "embed_tiles_only_cpu_ms_per_tile": round(p_cpu, 2),
             "cpu_ratio": round(e_cpu / s_cpu, 3),
-            "rounds_engine": [round(r[0], 1) for r in engine], "rounds_shard": [round(r[0], 1) for r in shard],
+            "rounds_engine": [round(r[0], 1) for r in engine],
+            "rounds_shard": [round(r[0], 1) for r in shard],
             "preprocess_ms_per_tile_1_thread": round(pre_ms, 3),
             # The best ratio any overlap can reach when decoding takes its CPU from the engine's
             # cores (a CPU engine on every core): the engine's CPU per image over that plus a
@@ -198,16 +213,19 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backends", default="onnxruntime,openvino")
-    parser.add_argument("--precision", default="fp32", help="OpenVINO's models.global.precision (bf16: AMX hosts)")
+    parser.add_argument("--precision", default="fp32",
+                        help="OpenVINO's models.global.precision (bf16: AMX hosts)")
     parser.add_argument("--what-if", choices=("free-resize",), default=None,
-                        help="free-resize: crop instead of resizing, to measure what a zero-cost resize would reach")
+                        help="free-resize: crop instead of resizing, to measure what a zero-cost "
+                             "resize would reach")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="c10-bench-embed-") as tmp:
         workdir = Path(tmp)
         generate_key(workdir / "key.pem")
         results = [bench_backend(workdir, b, args) for b in args.backends.split(",")]
-    print(json.dumps({"bench": "embed", "cpus": os.cpu_count(), "loadavg": [round(v, 2) for v in os.getloadavg()],
+    print(json.dumps({"bench": "embed", "cpus": os.cpu_count(),
+                      "loadavg": [round(v, 2) for v in os.getloadavg()],
                       "python": sys.version.split()[0], "results": results}, indent=2))
 
 

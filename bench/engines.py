@@ -1,4 +1,5 @@
-"""Engine benchmark: compile/load time, images/s at batch 1/8/32, agreement with fp32 ORT; prints JSON."""
+"""Engine benchmark: compile/load time, images/s at batch 1/8/32, agreement with fp32 ORT; prints
+JSON."""
 from __future__ import annotations
 
 import json

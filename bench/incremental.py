@@ -1,5 +1,5 @@
-"""Incremental cost: a 10k-tile cache gains 1 % new tiles (random holes: nearly every block is touched);
-each stage's time of that rebuild vs the cold build, from .c10/report.json; prints JSON.
+"""Incremental cost: a 10k-tile cache gains 1 % new tiles (random holes: nearly every block is
+touched); each stage's time of that rebuild vs the cold build, from .c10/report.json; prints JSON.
 Run as `env -u PYTHONDONTWRITEBYTECODE python bench/incremental.py`."""
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from c10.trust.keys import generate_key
 CENTER = (30.5234, 50.4501)  # lon, lat: Kyiv
 ZOOM = 17
 STAGES = ("load", "engines", "shards", "index", "coverage", "manifest")
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | {"C10_NO_PROGRESS": "1"}
+ENV = ({k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+       | {"C10_NO_PROGRESS": "1"})
+DOIT = str(Path(sys.executable).with_name("doit"))  # the console script, never `python -m doit`
 
 
 def tile_jpeg(rng: np.random.Generator, size: int) -> bytes:
@@ -35,7 +37,8 @@ def tile_jpeg(rng: np.random.Generator, size: int) -> bytes:
     return buf.getvalue()
 
 
-def layout(n: int, extra: int, seed: int, spread: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]], tuple]:
+def layout(n: int, extra: int, seed: int,
+           spread: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]], tuple]:
     """(first build's x/y, the added x/y, bbox): n + extra slots in a square; the added ones are
     random holes (`random`: nearly every block changes) or the square's last strip (`strip`)."""
     side = int(np.ceil(np.sqrt(n + extra)))
@@ -43,7 +46,8 @@ def layout(n: int, extra: int, seed: int, spread: str) -> tuple[list[tuple[int, 
     x0, y0 = centre.x - side // 2, centre.y - side // 2
     slots = [(x0 + i // side, y0 + i % side) for i in range(n + extra)]
     if spread == "random":
-        held = set(np.random.default_rng(seed).choice(len(slots), size=extra, replace=False).tolist())
+        rng = np.random.default_rng(seed)
+        held = set(rng.choice(len(slots), size=extra, replace=False).tolist())
     else:
         held = set(range(len(slots) - extra, len(slots)))
     west, north = mercantile.ul(x0, y0, ZOOM)
@@ -61,10 +65,12 @@ def write_tiles(root: Path, slots, size: int, seed: int) -> None:
 
 
 def make_cache(root: Path, key: Path, args) -> list[tuple[int, int]]:
-    first, added, bbox = layout(args.tiles, args.tiles * args.percent // 100, args.seed, args.spread)
+    extra = args.tiles * args.percent // 100
+    first, added, bbox = layout(args.tiles, extra, args.seed, args.spread)
     write_tiles(root, first, args.tile_size, args.seed)
     netgen.write_global_model(root / "models" / "global.onnx", input_size=args.input, dim=args.dim)
-    init_cache(root, bbox=str(list(bbox)), zooms=f"[{ZOOM}]", backend=args.backend, size=args.input, key=str(key))
+    init_cache(root, bbox=str(list(bbox)), zooms=f"[{ZOOM}]", backend=args.backend,
+               size=args.input, key=str(key))
     text = (root / "c10.toml").read_text()
     text = text.split("[models.local]")[0] + "[shards]" + text.split("[shards]")[1]
     (root / "c10.toml").write_text(text.replace("block = 16", f"block = {args.block}")
@@ -75,7 +81,7 @@ def make_cache(root: Path, key: Path, args) -> list[tuple[int, int]]:
 def build(root: Path) -> dict:
     """One `doit build_cache` as an operator runs it: wall time and the BuildReport's stages."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "doit", "build_cache"], cwd=root, env=ENV,
+    proc = subprocess.run([DOIT, "build_cache"], cwd=root, env=ENV,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
@@ -90,7 +96,8 @@ def compare(cold: dict, incr: dict) -> dict:
     def pct(a: float, b: float) -> float:
         return round(100.0 * b / a, 2) if a else None
 
-    stages = {s: {"cold_s": round(cold["stages"][s], 3), "incremental_s": round(incr["stages"][s], 3),
+    stages = {s: {"cold_s": round(cold["stages"][s], 3),
+                  "incremental_s": round(incr["stages"][s], 3),
                   "pct": pct(cold["stages"][s], incr["stages"][s]),
                   "tasks_ran": [cold["ran"][s], incr["ran"][s]]} for s in STAGES}
     work = ("shards", "index", "coverage", "manifest")
@@ -100,7 +107,8 @@ def compare(cold: dict, incr: dict) -> dict:
                             "pct": pct(cold_work, incr_work)},
             "wall": {"cold_s": round(cold["wall_s"], 2), "incremental_s": round(incr["wall_s"], 2),
                      "pct": pct(cold["wall_s"], incr["wall_s"])},
-            "descriptors": {"cold_embedded": cold["embedded"], "incremental_embedded": incr["embedded"],
+            "descriptors": {"cold_embedded": cold["embedded"],
+                            "incremental_embedded": incr["embedded"],
                             "incremental_reused": incr["reused"]}}
 
 
@@ -111,14 +119,16 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, default=256)
     # The model `c10 init` and `c10 demo` write (224 px in, 256-d out). --input 64 --dim 64 makes
     # embedding ~10x cheaper: the worst case for the fixed per-shard/index/Manifest costs.
-    parser.add_argument("--input", type=int, default=224, help="global model input size (default 224)")
+    parser.add_argument("--input", type=int, default=224,
+                        help="global model input size (default 224)")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--block", type=int, default=16)
     parser.add_argument("--factory", default="Flat")
     parser.add_argument("--backend", default="onnxruntime")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--spread", choices=("random", "strip"), default="random",
-                        help="where the new tiles go: random holes (default, the worst case) or one strip")
+                        help="where the new tiles go: random holes (default, the worst case) "
+                             "or one strip")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="c10-bench-incr-") as tmp:
         work = Path(tmp)
@@ -133,7 +143,8 @@ def main() -> None:
                       "loadavg": [round(v, 2) for v in os.getloadavg()],
                       "setup": {"tiles": args.tiles, "added": len(added), "tile_px": args.tile_size,
                                 "model_input": args.input, "dim": args.dim, "block": args.block,
-                                "factory": args.factory, "backend": args.backend, "spread": args.spread},
+                                "factory": args.factory, "backend": args.backend,
+                                "spread": args.spread},
                       "noop_wall_s": round(noop["wall_s"], 3), **compare(cold, incr)}, indent=2))
 
 

@@ -1,5 +1,6 @@
-"""Real networks on the demo tiles: recall@1 of retrieval alone vs + LightGlue re-rank, and images/s per
-backend for each network; prints JSON. Needs c10[export] (it exports ALIKED/LightGlue with --real-models).
+"""Real networks on the demo tiles: recall@1 of retrieval alone vs + LightGlue re-rank, and
+images/s per backend for each network; prints JSON. Needs c10[export] (it exports ALIKED/LightGlue
+with --real-models).
 
     python bench/localize.py [--tiles 300] [--queries 100] [--keypoints 256] [--k 5] [--dir DIR]
 """
@@ -27,16 +28,16 @@ CASES = (("onnxruntime", "native"), ("onnxruntime", "grid"), ("openvino", "grid"
 
 
 def recall(root: Path, queries: int, k: int, seed: int) -> dict:
-    from c10.query.open import open_searcher, open_verifier
+    from c10.query.open import open_reranker, open_searcher
 
     searcher, _, root = open_searcher(root)
-    verifier = open_verifier(root)
+    reranker = open_reranker(root)
     out = {}
     for strength in ("strong", "mild"):
         t0 = time.perf_counter()
-        r = localize_test(searcher, verifier, root, n=queries, strength=strength, seed=seed, k=k)
+        r = localize_test(searcher, reranker, root, n=queries, strength=strength, seed=seed, k=k)
         out[strength] = {"queries": r.n, "k": r.k, "recall@1_retrieval": r.recall_retrieval,
-                         "recall@1_reranked": r.recall_verified, f"recall@{k}": r.recall_at_k,
+                         "recall@1_reranked": r.recall_reranked, f"recall@{k}": r.recall_at_k,
                          "seconds": round(time.perf_counter() - t0, 1)}
     return out
 
@@ -53,7 +54,8 @@ def models_for(root: Path, keypoints: int, work: Path) -> dict[str, Path]:
     out.mkdir(parents=True)
     aliked = nets.load_aliked("n16", keypoints)
     for role, build in (("global", writer.global_onnx), ("local", writer.local_onnx)):
-        (out / MODEL_FILES[role]).write_bytes(build(aliked, other, writer.metadata(role, "n16", keypoints, other)))
+        meta = writer.metadata(role, "n16", keypoints, other)
+        (out / MODEL_FILES[role]).write_bytes(build(aliked, other, meta))
     (out / MODEL_FILES["matcher"]).symlink_to(root / "models" / MODEL_FILES["matcher"])
     return {have: root / "models", other: out}
 
@@ -75,16 +77,19 @@ def engine(path: Path, backend: str, work: Path, shape, batch):
     return load_engine(built, spec, get_backend(backend))
 
 
-def throughput(models: dict[str, Path], keypoints: int, batch: int, seconds: float, work: Path) -> dict:
-    tiles = np.stack([np.asarray(synth.render_tile(16, 38320 + i, 22132), np.float32).transpose(2, 0, 1) / 255
+def throughput(models: dict[str, Path], keypoints: int, batch: int, seconds: float,
+               work: Path) -> dict:
+    tiles = np.stack([np.asarray(synth.render_tile(16, 38320 + i, 22132),
+                                 np.float32).transpose(2, 0, 1) / 255
                       for i in range(batch)])
     out = {}
     for backend, deform in CASES:
         d = models[deform]
-        glob = engine(d / "global.onnx", backend, work / f"{backend}-{deform}", (3, 256, 256), (1, batch, batch))
-        local = engine(d / "local.onnx", backend, work / f"{backend}-{deform}", (3, 256, 256), (1, 1, 1))
+        where = work / f"{backend}-{deform}"
+        glob = engine(d / "global.onnx", backend, where, (3, 256, 256), (1, batch, batch))
+        local = engine(d / "local.onnx", backend, where, (3, 256, 256), (1, 1, 1))
         feats = local.run({"image": tiles[:1]})
-        match = engine(d / "matcher.onnx", backend, work / f"{backend}-{deform}", None, (1, 1, 1))
+        match = engine(d / "matcher.onnx", backend, where, None, (1, 1, 1))
         feeds = {"kpts0": feats[0], "desc0": feats[1], "kpts1": feats[0][:, ::-1].copy(),
                  "desc1": feats[1][:, ::-1].copy()}
         out[f"{backend}/{deform}"] = {
@@ -95,15 +100,19 @@ def throughput(models: dict[str, Path], keypoints: int, batch: int, seconds: flo
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--tiles", type=int, default=300, help="about how many demo tiles (default 300)")
-    p.add_argument("--queries", type=int, default=100, help="perturbed tiles queried per strength (default 100)")
+    p.add_argument("--queries", type=int, default=100,
+                   help="perturbed tiles queried per strength (default 100)")
     p.add_argument("--keypoints", type=int, default=256)
-    p.add_argument("--k", type=int, default=5, help="retrieved tiles re-ranked by matches (default 5)")
-    p.add_argument("--batch", type=int, default=16, help="global model batch for images/s (default 16)")
+    p.add_argument("--k", type=int, default=5,
+                   help="retrieved tiles re-ranked by matches (default 5)")
+    p.add_argument("--batch", type=int, default=16,
+                   help="global model batch for images/s (default 16)")
     p.add_argument("--seconds", type=float, default=5.0, help="timed window per figure (default 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dir", type=Path, help="an existing `c10 demo --real-models` cache (default: build one)")
+    p.add_argument("--dir", type=Path,
+                   help="an existing `c10 demo --real-models` cache (default: build one)")
     p.add_argument("--skip-recall", action="store_true", help="images/s only")
     args = p.parse_args()
     load = os.getloadavg()[0]
@@ -112,16 +121,19 @@ def main() -> None:
         root = args.dir or work / "demo"
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON only
-            if args.dir is None and make_demo(root, tiles=args.tiles, key=work / "key.pem", backend="onnxruntime",
-                                              real_models=True, keypoints=args.keypoints) != 0:
+            if args.dir is None and make_demo(root, tiles=args.tiles, key=work / "key.pem",
+                                              backend="onnxruntime", real_models=True,
+                                              keypoints=args.keypoints) != 0:
                 raise SystemExit("bench/localize.py: the demo build failed")
         built = round(time.perf_counter() - t0, 1)
         result = {"cache": str(root), "tiles": len(list((root / "tiles").rglob("*.*"))),
                   "keypoints": args.keypoints, "demo_build_seconds": built,
-                  "localize": None if args.skip_recall else recall(root, args.queries, args.k, args.seed),
+                  "localize": (None if args.skip_recall
+                               else recall(root, args.queries, args.k, args.seed)),
                   "throughput": throughput(models_for(root, args.keypoints, work), args.keypoints,
                                            args.batch, args.seconds, work),
-                  "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)], "cpus": os.cpu_count()}
+                  "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
+                  "cpus": os.cpu_count()}
     print(json.dumps(result, indent=1))
 
 

@@ -27,6 +27,9 @@ CENTER = (30.5234, 50.4501)  # lon, lat: Kyiv
 ZOOM = 17
 HEAVY = ("numpy", "onnxruntime", "faiss", "openvino", "cryptography", "onnx", "PIL", "rich")
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | {"C10_NO_PROGRESS": "1"}
+# The installed console script, as an operator runs it: `python -m doit` would put the cache
+# directory first on sys.path, which c10's loader (doit.cfg) exists to avoid.
+DOIT = str(Path(sys.executable).with_name("doit"))
 
 BARE_DODO = '''import os
 DOIT_CONFIG = {"backend": "sqlite3", "dep_file": ".doit.sqlite", "verbosity": 0}
@@ -117,12 +120,12 @@ def noop(cmd: list[str], cwd: Path, runs: int) -> dict:
 
 
 def doit_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "doit", *args]
+    return [DOIT, *args]
 
 
 def heavy_imports(cwd: Path) -> list[str]:
     """Heavy top-level modules a no-op imports (from `python -X importtime`)."""
-    _, err = run([sys.executable, "-X", "importtime", "-m", "doit", "build_cache"], cwd)
+    _, err = run([sys.executable, "-X", "importtime", DOIT, "build_cache"], cwd)
     names = {m.group(1).split(".")[0] for m in re.finditer(r"\|\s+(\S+)\s*$", err, re.M)}
     return sorted(names & set(HEAVY))
 

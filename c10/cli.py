@@ -86,9 +86,10 @@ def cmd_build(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from c10.rules.driver import run_build
     from c10.tools.demo import make_demo
 
-    return make_demo(args.dir, tiles=args.tiles, key=args.key, backend=args.backend,
+    return make_demo(args.dir, run_build, tiles=args.tiles, key=args.key, backend=args.backend,
                      real_models=args.real_models, keypoints=args.keypoints)
 
 

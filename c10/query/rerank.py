@@ -91,7 +91,7 @@ def localize_test(searcher, reranker: Reranker, root: Path, n: int = 100, streng
                   seed: int = 0, k: int = 5) -> LocalizeResult:
     """Perturb n random indexed tiles (as `c10 selftest`), retrieve the top-k, re-rank by matches."""
     from c10.store.tiles import TileId
-    from c10.tools.synth import perturb
+    from c10.query.views import perturb
 
     rng = np.random.default_rng(seed)
     known = [t for t in (TileId(*(int(v) for v in r)) for r in searcher.ids) if t in searcher.paths]

@@ -99,8 +99,8 @@ class SelftestResult:
 
 
 def selftest(searcher: Searcher, root: Path, n: int = 100, strength: str = "mild", seed: int = 0) -> SelftestResult:
-    """Perturb n random indexed tiles like camera frames (c10.synth.perturb), query, count the hits."""
-    from c10.tools.synth import perturb
+    """Perturb n random indexed tiles like camera frames (c10.query.views.perturb), query, count the hits."""
+    from c10.query.views import perturb
 
     rng = np.random.default_rng(seed)
     indexed = (TileId(*map(int, row)) for row in searcher.ids)

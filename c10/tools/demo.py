@@ -5,6 +5,7 @@ import hashlib
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 from c10.errors import ConfigError
 
@@ -33,9 +34,10 @@ def demo_key_path(root: Path) -> Path:
     return base / "c10" / "demo-keys" / f"{root.resolve().name}-{tag}.pem"
 
 
-def make_demo(root: Path, *, tiles: int = 300, key: Path | None = None, backend: str = "auto",
-              real_models: bool = False, keypoints: int = 256) -> int:
-    """Create (or refresh) the demo cache at `root`, build it, verify it, and say what was made.
+def make_demo(root: Path, build: Callable[[Path], int], *, tiles: int = 300, key: Path | None = None,
+              backend: str = "auto", real_models: bool = False, keypoints: int = 256) -> int:
+    """Create (or refresh) the demo cache at `root`, build it with `build` (the doit layer's
+    run_build: this module stays doit-free), verify it, and say what was made.
 
     real_models: pretrained ALIKED and ALIKED-LightGlue (c10 export-models) instead of generated networks."""
     root = Path(root)
@@ -45,10 +47,8 @@ def make_demo(root: Path, *, tiles: int = 300, key: Path | None = None, backend:
     t0 = time.perf_counter()
     bbox, kid, pub = _prepare(root, tiles, key, backend, keypoints if real_models else None)
     prep_s = time.perf_counter() - t0
-    from c10.rules.driver import run_build
-
     t1 = time.perf_counter()
-    code = run_build(root)
+    code = build(root)
     build_s = time.perf_counter() - t1
     if code != 0:
         print(f"c10 demo: the build failed (exit {code}); see the message above")

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from c10.query.views import perturb
 from c10.tools import synth
 from c10.errors import ModelError
 
@@ -33,7 +34,7 @@ def demo(tmp_path_factory):
     """`c10 demo --real-models` on onnxruntime, once per session: its models/ is the DeformConv export."""
     base = tmp_path_factory.mktemp("real")
     root = base / "demo"
-    assert make_demo(root, tiles=DEMO_TILES, key=base / "demo.pem", backend="onnxruntime",
+    assert make_demo(root, run_build, tiles=DEMO_TILES, key=base / "demo.pem", backend="onnxruntime",
                      real_models=True, keypoints=KEYPOINTS) == 0  # built, then verified
     return root
 
@@ -113,7 +114,7 @@ def test_local_agrees_with_torch(exported, reference, variant, backend, tmp_path
 def pair_features(local):
     """Torch ALIKED features of a tile and of a strongly perturbed view of it."""
     tile = synth.render_tile(16, 38324, 22137)
-    view = synth.perturb(tile, np.random.default_rng(3), "strong")
+    view = perturb(tile, np.random.default_rng(3), "strong")
     out = []
     for img in (tile, view):
         x = torch.from_numpy(np.asarray(img, np.float32).transpose(2, 0, 1)[None] / 255)
@@ -186,7 +187,7 @@ def test_query_rerank_confirms_a_strong_view_by_matches(demo, capsys, tmp_path):
 
     tile = sorted((demo / "tiles" / "16").rglob("*.jpg"))[5]
     with Image.open(tile) as img:
-        synth.perturb(img.convert("RGB"), np.random.default_rng(5), "strong").save(tmp_path / "frame.png")
+        perturb(img.convert("RGB"), np.random.default_rng(5), "strong").save(tmp_path / "frame.png")
     capsys.readouterr()
     assert c10_main(["query", str(demo), str(tmp_path / "frame.png"), "-k", "5", "--rerank", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -6,6 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from c10.query.views import perturb
 from c10.tools import netgen, synth
 
 SIZE = 224
@@ -60,7 +61,7 @@ def test_global_retrieval_recall(models):
     ids = synth.tile_ids((50.43, 30.48, 50.47, 30.56), [16])[:100]
     tiles = [synth.render_tile(*t) for t in ids]
     rng = np.random.default_rng(0)
-    queries = [synth.perturb(t, rng, "mild") for t in tiles]
+    queries = [perturb(t, rng, "mild") for t in tiles]
     embed = lambda imgs: np.concatenate([sess.run(None, {"image": _batch(imgs[i:i + 25])})[0]
                                          for i in range(0, len(imgs), 25)])
     db, q = embed(tiles), embed(queries)

@@ -60,20 +60,3 @@ def test_bad_bbox_and_format_raise_config_error(tmp_path):
         synth.make_tiles(tmp_path, (50.5, 30.5, 50.4, 30.6), [15])
     with pytest.raises(ConfigError, match="format"):
         synth.make_tiles(tmp_path, KYIV, [15], fmt="tif")
-
-
-@pytest.mark.parametrize("strength", ["mild", "strong"])
-def test_perturb_keeps_size_and_changes_pixels(strength):
-    tile = synth.render_tile(16, 38300, 22000)
-    rng = np.random.default_rng(0)
-    out = synth.perturb(tile, rng, strength)
-    assert out.size == tile.size and out.mode == "RGB"
-    diff = np.abs(np.asarray(out, dtype=np.float32) - np.asarray(tile, dtype=np.float32)).mean()
-    assert diff > 1
-    again = synth.perturb(tile, np.random.default_rng(0), strength)
-    assert np.array_equal(np.asarray(out), np.asarray(again))
-
-
-def test_perturb_rejects_unknown_strength():
-    with pytest.raises(ConfigError):
-        synth.perturb(synth.render_tile(16, 1, 1), np.random.default_rng(0), "wild")
