@@ -10,7 +10,7 @@ from [S, T] for the rest, where T is an uncut first attempt's time and S the tim
 its first task (interpreter and graph load; both re-measured every 8 episodes); then one build runs
 to completion. After every kill:
 
-- the inputs (tiles, models, c10.toml, dodo.py) are byte-identical;
+- the inputs (tiles, models, c10.toml, dodo.py, doit.cfg) are byte-identical;
 - no file under engines/, shards/, index/ is torn (each parses), and no temp file is left there
   (writers stage their temp files in .c10/tmp/, which verify does not read);
 - the committed Manifest is checked with `c10.trust.verify.verify_cache` and the trusted key:
@@ -191,7 +191,7 @@ def digests(root: Path, tops: tuple[str, ...], names: tuple[str, ...] = ()) -> d
 
 
 def inputs_of(root: Path) -> dict[str, str]:
-    return digests(root, ("tiles", "models"), ("c10.toml", "dodo.py"))
+    return digests(root, ("tiles", "models"), ("c10.toml", "dodo.py", "doit.cfg"))
 
 
 def outputs(root: Path) -> dict[str, str]:

@@ -21,6 +21,7 @@ from c10.tools import synth
 from c10.tools.demo import make_demo
 from c10.features.engines import EngineSpec, build_engine, get_backend, load_engine
 from c10.query.rerank import localize_test
+from c10.rules.driver import run_build
 
 # (backend, deformable-conv form): the form each backend compiles, plus GridSample on onnxruntime
 # to show what the OpenVINO form costs there.
@@ -121,9 +122,9 @@ def main() -> None:
         root = args.dir or work / "demo"
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON only
-            if args.dir is None and make_demo(root, tiles=args.tiles, key=work / "key.pem",
-                                              backend="onnxruntime", real_models=True,
-                                              keypoints=args.keypoints) != 0:
+            if args.dir is None and make_demo(root, run_build, tiles=args.tiles,
+                                              key=work / "key.pem", backend="onnxruntime",
+                                              real_models=True, keypoints=args.keypoints) != 0:
                 raise SystemExit("bench/localize.py: the demo build failed")
         built = round(time.perf_counter() - t0, 1)
         result = {"cache": str(root), "tiles": len(list((root / "tiles").rglob("*.*"))),

@@ -1,4 +1,5 @@
-"""Bench: Manifest serialization at 10k/100k entries, and `c10 verify` vs raw blake3 (prints JSON)."""
+"""Bench: Manifest serialization at 10k/100k entries, and `c10 verify` vs raw blake3 (prints
+JSON)."""
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,6 @@
 """No-op `doit build_cache` wall time at 1k/10k/100k tiles beside bare doit and ninja on the same
-files; prints JSON. Run as `env -u PYTHONDONTWRITEBYTECODE python bench/noop.py` (bytecode is cached)."""
+files; prints JSON. Run as `env -u PYTHONDONTWRITEBYTECODE python bench/noop.py` (bytecode is
+cached)."""
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,8 @@ from c10.trust.keys import generate_key
 CENTER = (30.5234, 50.4501)  # lon, lat: Kyiv
 ZOOM = 17
 HEAVY = ("numpy", "onnxruntime", "faiss", "openvino", "cryptography", "onnx", "PIL", "rich")
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | {"C10_NO_PROGRESS": "1"}
+ENV = ({k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+       | {"C10_NO_PROGRESS": "1"})
 # The installed console script, as an operator runs it: `python -m doit` would put the cache
 # directory first on sys.path, which c10's loader (doit.cfg) exists to avoid.
 DOIT = str(Path(sys.executable).with_name("doit"))
@@ -84,14 +86,16 @@ def write_tiles(root: Path, n: int) -> tuple[float, float, float, float]:
 def make_c10(root: Path, n: int, key: Path, block: int) -> None:
     bbox = write_tiles(root, n)
     netgen.write_global_model(root / "models" / "global.onnx", input_size=32, dim=16)
-    init_cache(root, bbox=str(list(bbox)), zooms=f"[{ZOOM}]", backend="onnxruntime", size=32, key=str(key))
+    init_cache(root, bbox=str(list(bbox)), zooms=f"[{ZOOM}]", backend="onnxruntime", size=32,
+               key=str(key))
     text = (root / "c10.toml").read_text()
     text = text.split("[models.local]")[0] + "[shards]" + text.split("[shards]")[1]
     (root / "c10.toml").write_text(text.replace("block = 16", f"block = {block}"))
 
 
 def make_bare(root: Path, src: Path, group: int) -> None:
-    """The same tile files (copied) under a bare dodo.py with `group` files per task (md5 checker)."""
+    """The same tile files (copied) under a bare dodo.py with `group` files per task (md5
+    checker)."""
     shutil.copytree(src / "tiles", root / "tiles")
     (root / "dodo.py").write_text(BARE_DODO % group)
 
@@ -141,7 +145,8 @@ def bench_size(work: Path, n: int, key: Path, args) -> dict:
               "noop_ran": ran, "c10_noop": noop(doit_cmd("build_cache"), cache, args.runs),
               "heavy_modules_imported": heavy_imports(cache)}
     shard_tiles = args.block ** 2  # the same coarse grouping as c10's shards
-    for label, group in (("bare_doit_per_file", 1), (f"bare_doit_coarse_{shard_tiles}_per_task", shard_tiles)):
+    for label, group in (("bare_doit_per_file", 1),
+                         (f"bare_doit_coarse_{shard_tiles}_per_task", shard_tiles)):
         if group == 1 and n > args.max_fine:
             result[label] = "skipped (--max-fine)"
             continue
@@ -166,16 +171,19 @@ def bench_size(work: Path, n: int, key: Path, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="1000,10000,100000")
-    parser.add_argument("--block", type=int, default=16, help="shards.block (default 16: 256 tiles a shard)")
+    parser.add_argument("--block", type=int, default=16,
+                        help="shards.block (default 16: 256 tiles a shard)")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--max-fine", type=int, default=100000, help="largest n for one doit task per file")
+    parser.add_argument("--max-fine", type=int, default=100000,
+                        help="largest n for one doit task per file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="c10-bench-noop-") as tmp:
         work = Path(tmp)
         key = work / "key.pem"
         generate_key(key)
         results = [bench_size(work, int(n), key, args) for n in args.sizes.split(",")]
-    print(json.dumps({"bench": "noop", "cpus": os.cpu_count(), "loadavg": [round(v, 2) for v in os.getloadavg()],
+    print(json.dumps({"bench": "noop", "cpus": os.cpu_count(),
+                      "loadavg": [round(v, 2) for v in os.getloadavg()],
                       "results": results}, indent=2))
 
 

@@ -1,5 +1,6 @@
-"""Figures for docs/scale.md: FAISS index build (HNSW vs IVF-PQ) at up to 1e5 x dim, and a flat Manifest vs
-a tree of per-block sub-manifests under one root; prints JSON. Synthetic clustered unit vectors."""
+"""Figures for docs/scale.md: FAISS index build (HNSW vs IVF-PQ) at up to 1e5 x dim, and a flat
+Manifest vs a tree of per-block sub-manifests under one root; prints JSON. Synthetic clustered unit
+vectors."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ from collections import defaultdict
 import blake3
 import numpy as np
 
+from c10.canonical import canonical_json
 from c10.trust import manifest as mf
 
 
@@ -22,7 +24,8 @@ def _timed(fn):
 
 
 def clustered(n: int, dim: int, seed: int, centres: int = 2000) -> np.ndarray:
-    """Unit vectors around `centres` random centres: closer to real descriptors than uniform noise."""
+    """Unit vectors around `centres` random centres: closer to real descriptors than uniform
+    noise."""
     rng = np.random.default_rng(seed)
     c = rng.standard_normal((centres, dim), dtype=np.float32)
     x = c[rng.integers(0, centres, n)] + 0.35 * rng.standard_normal((n, dim), dtype=np.float32)
@@ -32,7 +35,8 @@ def clustered(n: int, dim: int, seed: int, centres: int = 2000) -> np.ndarray:
 def bench_index(factory: str, data: np.ndarray, queries: np.ndarray, truth: np.ndarray,
                 source: np.ndarray) -> dict:
     """Train and add timed apart (train cost depends on the sample, add on n), one thread as in
-    c10.features.index.make_index; recall@10 against exact search, and how often the query's own tile is in the top 10."""
+    c10.features.index.make_index; recall@10 against exact search, and how often the query's own
+    tile is in the top 10."""
     import faiss
 
     faiss.omp_set_num_threads(1)
@@ -47,8 +51,10 @@ def bench_index(factory: str, data: np.ndarray, queries: np.ndarray, truth: np.n
         ivf.nprobe = 16
     (_, found), search = _timed(lambda: index.search(queries, 10))
     return {"factory": factory, "n": len(data), "train_s": round(train, 2), "add_s": round(add, 2),
-            "bytes": len(faiss.serialize_index(index)), "query_ms": round(search / len(queries) * 1e3, 3),
-            "recall_at_10": round(float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])), 3),
+            "bytes": len(faiss.serialize_index(index)),
+            "query_ms": round(search / len(queries) * 1e3, 3),
+            "recall_at_10": round(float(np.mean([len(set(f) & set(t)) / 10
+                                                 for f, t in zip(found, truth)])), 3),
             "own_tile_in_top10": round(float(np.mean([s in f for s, f in zip(source, found)])), 3)}
 
 
@@ -72,12 +78,14 @@ def entries(n: int, block: int = 16) -> list[mf.FileEntry]:
     """`n` tile entries laid out as a square at zoom 18 (the shape a real sector has)."""
     side = int(np.ceil(np.sqrt(n)))
     return [mf.FileEntry(f"tiles/18/{140000 + i // side}/{90000 + i % side}.jpg", 20_000 + i % 997,
-                         blake3.blake3(i.to_bytes(8, "little")).hexdigest(), "tile") for i in range(n)]
+                         blake3.blake3(i.to_bytes(8, "little")).hexdigest(), "tile")
+            for i in range(n)]
 
 
 def manifest_figures(n: int, block: int) -> dict:
     files = entries(n)
-    flat, flat_s = _timed(lambda: mf._canonical(sorted((f.to_json() for f in files), key=lambda e: e["path"])))
+    flat, flat_s = _timed(lambda: canonical_json(sorted((f.to_json() for f in files),
+                                                        key=lambda e: e["path"])))
     _, parse_s = _timed(lambda: json.loads(flat))
     groups: dict[str, list[dict]] = defaultdict(list)
     for f in files:
@@ -86,17 +94,19 @@ def manifest_figures(n: int, block: int) -> dict:
         groups[f"{z}/{int(x) // block}-{y // block}"].append(f.to_json())
 
     def tree():
-        subs = {name: mf._canonical(sorted(g, key=lambda e: e["path"])) for name, g in groups.items()}
-        root = mf._canonical([{"block": k, "blake3": blake3.blake3(v).hexdigest(), "size": len(v),
-                               "files": len(groups[k])} for k, v in sorted(subs.items())])
+        subs = {name: canonical_json(sorted(g, key=lambda e: e["path"]))
+                for name, g in groups.items()}
+        root = canonical_json([{"block": k, "blake3": blake3.blake3(v).hexdigest(), "size": len(v),
+                                 "files": len(groups[k])} for k, v in sorted(subs.items())])
         return subs, root
 
     (subs, root), tree_s = _timed(tree)
     one = next(iter(groups))
-    _, one_s = _timed(lambda: mf._canonical(sorted(groups[one], key=lambda e: e["path"])))
+    _, one_s = _timed(lambda: canonical_json(sorted(groups[one], key=lambda e: e["path"])))
     _, root_s = _timed(lambda: blake3.blake3(root).hexdigest())
     return {"entries": n, "block": block, "flat_bytes": len(flat), "flat_dumps_s": round(flat_s, 3),
-            "flat_parse_s": round(parse_s, 3), "blocks": len(subs), "tree_sub_bytes": sum(map(len, subs.values())),
+            "flat_parse_s": round(parse_s, 3), "blocks": len(subs),
+            "tree_sub_bytes": sum(map(len, subs.values())),
             "tree_root_bytes": len(root), "tree_build_s": round(tree_s, 3),
             "tree_one_block_rewrite_s": round(one_s + root_s, 5)}
 
@@ -104,7 +114,8 @@ def manifest_figures(n: int, block: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="25000,50000,100000")
-    parser.add_argument("--dim", type=int, default=256, help="the demo global model's descriptor size")
+    parser.add_argument("--dim", type=int, default=256,
+                        help="the demo global model's descriptor size")
     parser.add_argument("--factories", default="HNSW32,Flat;HNSW32,SQ8;IVF1024,PQ32;IVF1024,PQ64")
     parser.add_argument("--manifest", type=int, default=100_000)
     parser.add_argument("--skip-index", action="store_true")

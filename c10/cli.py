@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from c10 import __version__
+
     p = argparse.ArgumentParser(prog="c10", description="Build and verify signed offline takeoff caches.")
+    p.add_argument("--version", action="version", version=f"c10 {__version__}")
     sub = p.add_subparsers(metavar="COMMAND")
     cmd = sub.add_parser("init", help="write dodo.py and a commented c10.toml into DIR")
     cmd.add_argument("dir", type=Path)

@@ -29,7 +29,8 @@ BATCHES_PER_TASK = 4
 CONNECT_TIMEOUT_S = 30
 TASK_PREFIX = "c10-embed"
 WORKER_CACHE_ENV = "C10_WORKER_CACHE"
-_NEXT = "then run `doit build_cache` again (finished shards are kept, the previous Manifest stays in force)"
+# finished shards are kept and the previous Manifest stays in force: the next build redoes this one
+_KEPT = "finished shards are kept"
 
 
 # --- what a worker is sent: the engine order, once per worker ----------------------------------
@@ -142,7 +143,7 @@ def _worker_runner(key: str) -> tuple[object, str]:
             order = _WORKER_ORDERS.get(key)
             if order is None:
                 raise EngineBuildError(f"this Dask worker holds no engine order {key[:12]}; restart the "
-                                       f"workers, {_NEXT}")
+                                       f"workers ({_KEPT})")
             _WORKER_RUNNERS[key] = prepare_engine(order, worker_cache_dir())
         return _WORKER_RUNNERS[key]
 
@@ -195,13 +196,13 @@ def _new_client(address: str, where: str):
         client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except (OSError, TimeoutError) as exc:
         raise DescriptorBatchError(f"{where}: cannot reach the Dask scheduler {address} ({exc}); start it "
-                                   f"(`dask scheduler`) or fix executor.scheduler in c10.toml, {_NEXT}") from None
+                                   f"(`dask scheduler`) or fix executor.scheduler in c10.toml ({_KEPT})") from None
     try:
         client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
     except TimeoutError:
         client.close()
         raise DescriptorBatchError(f"{where}: the Dask scheduler {address} has no workers after "
-                                   f"{CONNECT_TIMEOUT_S} s; start some (`dask worker {address}`), {_NEXT}") from None
+                                   f"{CONNECT_TIMEOUT_S} s; start some (`dask worker {address}`) ({_KEPT})") from None
     return client
 
 
@@ -279,7 +280,7 @@ class ClusterEmbedder:
                 raise DescriptorBatchError(
                     f"{self.label}: a batch of this block failed on the Dask cluster "
                     f"({type(exc).__name__}: {exc}); check the workers (`dask worker` logs, memory limit), "
-                    f"{_NEXT}") from None
+                    f"({_KEPT})") from None
         return np.concatenate([parts[f.key] for f in futures])
 
 
@@ -298,10 +299,10 @@ def _read_tile(path: Path) -> bytes:
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
-        raise DescriptorBatchError(f"{path}: tile vanished during the build; run `doit build_cache` again") from None
+        raise DescriptorBatchError(f"{path}: tile vanished during the build") from None
     except OSError as exc:
         raise DescriptorBatchError(f"{path}: cannot read this tile ({exc.strerror}); fix its permissions "
-                                   "or re-download it, then run `doit build_cache` again") from None
+                                   "or re-download it") from None
 
 
 def cluster_embedder(executor, root: Path, label: str, engine: tuple, prep,

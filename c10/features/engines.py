@@ -167,7 +167,7 @@ def inspect_model(spec: EngineSpec) -> ModelInfo:
         onnx.checker.check_model(str(path))
     except Exception as exc:
         raise ModelError(f"{path} is not a valid ONNX model ({type(exc).__name__}: {exc}); "
-                         f"re-export model {spec.model!r} to ONNX and rerun `doit build_cache`") from exc
+                         f"re-export model {spec.model!r} to ONNX") from exc
     info = _model_info(proto)
     if not info.inputs or not info.outputs:
         raise ModelError(f"{path} has no graph inputs or outputs; re-export model {spec.model!r}")

@@ -18,7 +18,7 @@ from c10.errors import ConfigError, DescriptorBatchError
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
              "nearest": Image.NEAREST, "area": Image.BOX}
-_NEXT = "re-download or delete this tile, then run `doit build_cache` again"
+_FIX = "re-download or delete this tile"
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ def decode(path: str | Path | io.BytesIO) -> np.ndarray:
     try:
         data = path.getvalue() if isinstance(path, io.BytesIO) else Path(path).read_bytes()
     except FileNotFoundError:
-        raise DescriptorBatchError(f"{path}: tile vanished during the build; run `doit build_cache` again") from None
+        raise DescriptorBatchError(f"{path}: tile vanished during the build") from None
     except OSError as exc:
-        raise DescriptorBatchError(f"{path}: cannot be read ({exc}); {_NEXT}") from None
+        raise DescriptorBatchError(f"{path}: cannot be read ({exc})", _FIX) from None
     if data.startswith(_JPEG) and _plain_jpeg(data):
         with contextlib.suppress(ValueError):
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
@@ -90,9 +90,9 @@ def _pillow_rgb(data: bytes, path: str | Path) -> Image.Image:
             img.load()
             return img if img.mode == "RGB" else img.convert("RGB")
     except Image.DecompressionBombError as exc:
-        raise DescriptorBatchError(f"{path}: not a tile ({exc}); {_NEXT}") from None
+        raise DescriptorBatchError(f"{path}: not a tile ({exc})", _FIX) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DescriptorBatchError(f"{path}: corrupt, truncated or not an image ({exc}); {_NEXT}") from None
+        raise DescriptorBatchError(f"{path}: corrupt, truncated or not an image ({exc})", _FIX) from None
 
 
 def open_tile(path: str | Path) -> Image.Image:

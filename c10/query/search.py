@@ -60,9 +60,9 @@ class Searcher:
         """Top-k tiles for one image file, decoded exactly as tiles are (open_tile)."""
         try:
             img = open_tile(image)
-        except DescriptorBatchError as exc:
-            raise DescriptorBatchError(f"{image}: cannot read this query image ({str(exc).split('(', 1)[-1]}; "
-                                       "give a JPEG, PNG or WebP file") from None
+        except DescriptorBatchError as exc:  # its problem names the file; a query changes no tile
+            raise DescriptorBatchError(f"{exc.problem} (a query image)", "give a JPEG, PNG or WebP file",
+                                       then="") from None
         return self.search(self.embed([img]), k)[0]
 
     def _hit(self, rank: int, row: int, score: float) -> Hit:
@@ -78,8 +78,8 @@ def load_index_checked(root: Path, model: str):
     try:
         return load_index(root, model)
     except (OSError, RuntimeError, ValueError, C10Error) as exc:
-        raise IndexBuildError(f"{root}: no readable index of model {model!r} ({str(exc).splitlines()[0]}); "
-                              f"run `doit build_cache` in {root} first") from None
+        raise IndexBuildError(f"{root}: no readable index of model {model!r} ({str(exc).splitlines()[0]})",
+                              then=f"run `doit build_cache` in {root} first") from None
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def selftest(searcher: Searcher, root: Path, n: int = 100, strength: str = "mild
     indexed = (TileId(*map(int, row)) for row in searcher.ids)
     known = [tid for tid in indexed if tid in searcher.paths]
     if not known:
-        raise IndexBuildError(f"{root}: no indexed tile is on disk; run `doit build_cache` in {root} first")
+        raise IndexBuildError(f"{root}: no indexed tile is on disk", then=f"run `doit build_cache` in {root} first")
     picked = [known[i] for i in rng.choice(len(known), size=min(n, len(known)), replace=False)]
     images = [perturb(open_tile(root / searcher.paths[tid]), rng, strength) for tid in picked]
     found = searcher.search(searcher.embed(images), 5)

@@ -41,8 +41,8 @@ def _fsync_file(path: Path) -> None:
 def storage_error(target: Path, exc: OSError) -> StorageError:
     """The clean error for a failed write of `target`: what, where, and the next step."""
     hint = _HINTS.get(exc.errno, "check the disk")
-    err = StorageError(f"{target}: cannot write it ({exc.strerror or exc}); {hint}, then run "
-                       "`doit build_cache` again (the previous Manifest stays in force)")
+    err = StorageError(f"{target}: cannot write it ({exc.strerror or exc}); the previous Manifest "
+                       "stays in force", hint)
     err.errno = exc.errno  # (strerror and filename stay unset: they would replace the message)
     return err
 

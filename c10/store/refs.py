@@ -142,7 +142,7 @@ def locate(root: Path, logicals: list[str]) -> dict[str, Path]:
     for logical in set(logicals) - set(found):
         path = current_path(root, logical)
         if path is None:
-            raise C10Error(f"{root}: no {logical} in Manifest.json or the build's refs; "
-                           f"run `doit build_cache` in {root} first")
+            raise C10Error(f"{root}: no {logical} in Manifest.json or the build's refs",
+                           then=f"run `doit build_cache` in {root} first")
         found[logical] = path
     return found

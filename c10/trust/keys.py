@@ -133,7 +133,7 @@ def _refuse_inside_cache(path: Path, cache_root: Path | None) -> None:
     if key == root or root in key.parents:
         raise SigningKeyError(f"refusing key {path}: it lies inside the cache {cache_root}, which "
                               f"is shipped; move it out (`mv {path} ~/.c10/`) and update "
-                              f"signing.key_path in c10.toml")
+                              f"signing.key in c10.toml")
 
 
 def _read_key_file_once(path: Path) -> bytearray:
@@ -152,11 +152,11 @@ def _read_key_file_once(path: Path) -> bytearray:
 
 def _open_error(path: Path, exc: OSError) -> SigningKeyError:
     if exc.errno == errno.ELOOP:
-        return SigningKeyError(f"refusing key {path}: it is a symlink; point signing.key_path "
+        return SigningKeyError(f"refusing key {path}: it is a symlink; point signing.key "
                                f"at the real file (`readlink -f {path}`)")
     if exc.errno == errno.ENOENT:
         return SigningKeyError(f"signing key {path} does not exist; create one with "
-                               f"`c10 keygen {path}` or fix signing.key_path in c10.toml")
+                               f"`c10 keygen {path}` or fix signing.key in c10.toml")
     return SigningKeyError(f"cannot read signing key {path}: {exc.strerror}; check its owner "
                            f"and permissions (`ls -l {path}`)")
 
@@ -164,7 +164,7 @@ def _open_error(path: Path, exc: OSError) -> SigningKeyError:
 def _check_key_stat(path: Path, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise SigningKeyError(f"refusing key {path}: not a regular file; point "
-                              f"signing.key_path at a PEM file made by `c10 keygen PATH`")
+                              f"signing.key at a PEM file made by `c10 keygen PATH`")
     if st.st_mode & 0o077:
         raise SigningKeyError(f"refusing key {path}: mode {stat.S_IMODE(st.st_mode):04o} lets "
                               f"other users read it; run `chmod 600 {path}`")
@@ -207,15 +207,16 @@ def _parse_private_key(buf: bytearray, passphrase: bytes | None, path: Path) -> 
 def _passphrase_error(path: Path, *, encrypted: bool) -> SigningKeyError:
     if encrypted:
         return SigningKeyError(f"signing key {path} is encrypted and no passphrase was given; "
-                               f"give it with --passphrase-file FILE or at the prompt")
+                               f"give it through signing.passphrase_file in c10.toml or $C10_KEY_PASSPHRASE_FILE, "
+                               f"or at the prompt on a terminal")
     return SigningKeyError(f"signing key {path} is not encrypted but a passphrase was given; "
-                           f"drop --passphrase-file")
+                           f"remove signing.passphrase_file from c10.toml (and unset $C10_KEY_PASSPHRASE_FILE)")
 
 
 def _parse_error(path: Path, exc: ValueError) -> SigningKeyError:
     if "password" in str(exc).lower() or "decrypt" in str(exc).lower():
         return SigningKeyError(f"wrong passphrase for signing key {path}; retry with the right "
-                               f"one (--passphrase-file FILE or the prompt)")
+                               f"one (signing.passphrase_file, $C10_KEY_PASSPHRASE_FILE or the prompt)")
     return SigningKeyError(f"signing key {path} is not a valid PEM private key; create one "
                            f"with `c10 keygen NEW_PATH`")
 
@@ -254,7 +255,7 @@ def _parse_public(data: bytes, where: str) -> Ed25519PublicKey:
         key = None
     if not isinstance(key, Ed25519PublicKey):
         raise SigningKeyError(f"trusted key {where} is not an Ed25519 public key (PEM or "
-                              f"ssh-ed25519); export one with `c10 keygen --show-public PATH`")
+                              f"ssh-ed25519); use the PATH.pub that `c10 keygen PATH` writes")
     return key
 
 

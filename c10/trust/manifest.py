@@ -111,7 +111,7 @@ def _check_build_inputs(version, issued_at, expires, files, engines) -> None:
         raise ManifestWriteError("Manifest issued_at/expires must be timezone-aware (UTC)")
     if expires <= issued_at:
         raise ManifestWriteError(f"Manifest would expire ({_iso(expires)}) before it is issued "
-                                 f"({_iso(issued_at)}); raise signing.validity in c10.toml")
+                                 f"({_iso(issued_at)}); raise signing.validity_days in c10.toml")
     _check_files(files)
     _check_engines(engines, {e.path for e in files})
 
@@ -252,8 +252,8 @@ def write_signed_manifest(cache_root: Path, manifest_bytes: bytes, key: Ed25519P
         atomic.write_together([(root / ENVELOPE_NAME, canonical_json(envelope) + b"\n"),
                                (root / MANIFEST_NAME, manifest_bytes)], staging=root / STAGING_DIR)
     except OSError as exc:
-        raise ManifestWriteError(f"cannot write the Manifest in {root}: {exc}; free space or "
-                                 f"fix permissions, then `doit build_cache`") from None
+        raise ManifestWriteError(f"cannot write the Manifest in {root}: {exc}",
+                                 "free space or fix permissions") from None
 
 
 def next_version(cache_root: Path) -> int:
@@ -302,7 +302,7 @@ def _unreadable_previous(path: Path, why: str) -> ManifestWriteError:
         f"previous {path} is unreadable ({why}), so the next Manifest version is unknown and "
         f"aircraft would reject a lower one as a rollback; restore it from the copy on the "
         f"aircraft or a backup, or, to deliberately restart versioning, move it away "
-        f"(`mv {path} {path}.bad`) and clear the aircraft's trusted state, then `doit build_cache`")
+        f"(`mv {path} {path}.bad`) and clear the aircraft's trusted state")
 
 
 def roll_forward(cache_root: Path) -> int | None:

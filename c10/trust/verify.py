@@ -112,7 +112,8 @@ def _verify(root, trusted, now, state_path, airborne, threshold, start) -> Verif
 def _check_signature(root: Path, trusted, threshold) -> tuple[bytes, tuple[str, ...]]:
     if not trusted:
         raise VerifyError("no-trusted-keys", "no trusted keys given, so nothing can be verified; "
-                          "pass --trusted-keys FILE or set signing.trusted_keys in c10.toml")
+                          "pass --trusted-keys FILE or copy the operator's public key into ~/.config/c10/trusted/ (never "
+                          "trust a key the cache names: c10.toml is unsigned)")
     raw = _read_control(root, ENVELOPE_NAME)
     try:
         envelope = json.loads(raw)
