@@ -1,4 +1,4 @@
-"""The seed's Python API: CacheProvisioner and its DTOs, run through the same doit graph in-process."""
+"""The seed's Python API: CacheProvisioner and its DTOs, run through the doit graph in-process."""
 from __future__ import annotations
 
 import json
@@ -10,18 +10,28 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from c10.config import Config, load_config, parse_config
+from c10.errors import (  # noqa: F401
+    BuildLockHeldError,
+    C10Error,
+    CalibrationCacheError,
+    ConfigError,
+    DescriptorBatchError,
+    EngineBuildError,
+    ManifestCoverageError,
+    ManifestWriteError,
+    MissingTilesError,
+)
+from c10.report import BuildOutcome, BuildReport
 from c10.store import atomic
 from c10.store.layout import CONFIG_NAME
-from c10.config import Config, load_config, parse_config
-from c10.errors import (BuildLockHeldError, C10Error, CalibrationCacheError, ConfigError,  # noqa: F401
-                        DescriptorBatchError, EngineBuildError, ManifestCoverageError,
-                        ManifestWriteError, MissingTilesError)
 from c10.store.lock import require_cache_root
-from c10.report import BuildOutcome, BuildReport
 
-__all__ = ["CacheProvisioner", "DoitCacheProvisioner", "BuildRequest", "BuildReport", "BuildOutcome",
+__all__ = ["CacheProvisioner", "DoitCacheProvisioner", "BuildRequest", "BuildReport",
+           "BuildOutcome",
            "SectorClassification", "Bbox", "EngineCompileRequest", "EngineCacheEntry",
-           "BuildLockHeldError", "ManifestCoverageError", "EngineBuildError", "CalibrationCacheError",
+           "BuildLockHeldError", "ManifestCoverageError", "EngineBuildError",
+           "CalibrationCacheError",
            "DescriptorBatchError", "ManifestWriteError", "MissingTilesError"]
 
 
@@ -47,17 +57,19 @@ class BuildRequest:
     bbox: Bbox
     zoom_levels: tuple[int, ...]
     sector_class: SectorClassification
-    calibration_path: Path   # INT8 calibration cache, or a directory of {model}.cache; int8 models only
+    # INT8 calibration cache, or a directory of {model}.cache; int8 models only
+    calibration_path: Path
     cache_root: Path
     key_path: Path           # operator signing key per C10-ST-01
 
 
 @dataclass(frozen=True)
 class EngineCompileRequest:
-    """Compile the engines of a cache's corpus (c10.toml's models); None/empty means "as c10.toml says".
+    """Compile the engines of a cache's corpus (c10.toml's models); None/empty means "as c10.toml
+    says".
 
-    A value that disagrees with c10.toml is refused: an engine the build graph does not declare would
-    only be an orphan at the next build's coverage gate.
+    A value that disagrees with c10.toml is refused: an engine the build graph does not declare
+    would only be an orphan at the next build's coverage gate.
     """
 
     cache_root: Path
@@ -82,11 +94,13 @@ class CacheProvisioner(Protocol):
 
     def build_cache_artifacts(self, request: BuildRequest) -> BuildReport: ...
 
-    def compile_engines_for_corpus(self, request: EngineCompileRequest) -> tuple[EngineCacheEntry, ...]: ...
+    def compile_engines_for_corpus(
+            self, request: EngineCompileRequest) -> tuple[EngineCacheEntry, ...]: ...
 
 
 class DoitCacheProvisioner:
-    """Runs the cache's doit graph in this process, exactly as `doit build_cache` in cache_root would."""
+    """Runs the cache's doit graph in this process, exactly as `doit build_cache` in cache_root
+    would."""
 
     def build_cache_artifacts(self, request: BuildRequest) -> BuildReport:
         """Write the request into c10.toml if it differs, build, and report.
@@ -102,7 +116,8 @@ class DoitCacheProvisioner:
         try:
             # another thread's build in this process: refused before any state is touched
             build = session.begin(root)
-            # The key is checked before anything is written (CP-TC-7) and opened only here (CP-INV-7).
+            # The key is checked before anything is written (CP-TC-7) and opened only here
+            # (CP-INV-7).
             build.operator_key(config.signing)
             build.ensure_locked()  # CP-INV-4: c10.toml is part of the build's state
             if text is not None:
@@ -113,7 +128,8 @@ class DoitCacheProvisioner:
             session.end()
         return _result(root, code, report, error, time.perf_counter() - t0)
 
-    def compile_engines_for_corpus(self, request: EngineCompileRequest) -> tuple[EngineCacheEntry, ...]:
+    def compile_engines_for_corpus(
+            self, request: EngineCompileRequest) -> tuple[EngineCacheEntry, ...]:
         """Compile (or reuse) the engines only: no tiles, descriptors, Manifest or build lock."""
         from c10.features import engines
         from c10.plan import load_plan
@@ -127,8 +143,10 @@ class DoitCacheProvisioner:
         for name in _selected_models(plan.config, request):
             model_plan = plan.plans[name]
             _check_engine_request(plan.config, model_plan, request)
-            path, built = engines.build_engine(model_plan.spec, model_plan.backend, root / ENGINES_DIR)
-            out.append(EngineCacheEntry(name, model_plan.backend.name, model_plan.engine_key, path, built))
+            path, built = engines.build_engine(model_plan.spec, model_plan.backend,
+                                               root / ENGINES_DIR)
+            out.append(EngineCacheEntry(name, model_plan.backend.name, model_plan.engine_key, path,
+                                        built))
         hashes.save()
         return tuple(out)
 
@@ -163,8 +181,8 @@ def request_config(root: Path, request: BuildRequest) -> tuple[str | None, Confi
     try:
         new = parse_config(tomllib.loads(text), root, str(path))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: cannot write the request into it ({exc}); put area.bbox, area.zooms "
-                          "and signing.key on one line each, then call again") from None
+        raise ConfigError(f"{path}: cannot write the request into it ({exc}); put area.bbox, "
+                          "area.zooms and signing.key on one line each, then call again") from None
     if _edits(new, request):
         raise ConfigError(f"{path}: the request did not survive writing it into c10.toml "
                           f"({sorted(_edits(new, request))}); edit the file by hand")
@@ -190,7 +208,8 @@ def _edits(config: Config, request: BuildRequest) -> dict[str, dict[str, str]]:
         edits["signing"] = {"key": json.dumps(str(key))}
     for name, model in config.models.items():
         calib = _calibration(request, name) if model.precision == "int8" else None
-        if calib is not None and (model.calibration is None or Path(model.calibration).resolve() != calib):
+        current = model.calibration and Path(model.calibration).resolve()
+        if calib is not None and current != calib:
             edits[f"models.{name}"] = {"calibration": json.dumps(str(calib))}
     return edits
 
@@ -198,7 +217,8 @@ def _edits(config: Config, request: BuildRequest) -> dict[str, dict[str, str]]:
 def _zooms(request: BuildRequest) -> tuple[int, ...]:
     zooms = tuple(request.zoom_levels)
     if not zooms or not all(isinstance(z, int) and not isinstance(z, bool) for z in zooms):
-        raise ConfigError(f"BuildRequest.zoom_levels must be a non-empty tuple of integers, got {zooms!r}")
+        raise ConfigError("BuildRequest.zoom_levels must be a non-empty tuple of integers, got "
+                          f"{zooms!r}")
     return tuple(sorted(set(zooms)))
 
 
@@ -215,7 +235,8 @@ _HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
 def set_table_keys(text: str, table: str, values: dict[str, str], where: str = CONFIG_NAME) -> str:
     """Set one-line `key = value` assignments in `[table]`, keeping every other line and comment."""
     lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if (m := _HEADER.match(ln)) and m.group(1) == table), None)
+    headers = [(i, m.group(1)) for i, ln in enumerate(lines) if (m := _HEADER.match(ln))]
+    start = next((i for i, name in headers if name == table), None)
     if start is None:
         if table.startswith("models."):
             raise ConfigError(f"{where}: no [{table}] table to hold the request's calibration path")
@@ -228,8 +249,9 @@ def set_table_keys(text: str, table: str, values: dict[str, str], where: str = C
         if hit is not None:
             lines[hit] = f"{key} = {value}\n"
         else:
-            last = max((i for i in range(start, end) if lines[i].strip() and not lines[i].lstrip().startswith("#")),
-                       default=start)
+            filled = [i for i in range(start, end)
+                      if lines[i].strip() and not lines[i].lstrip().startswith("#")]
+            last = max(filled, default=start)
             lines.insert(last + 1, f"{key} = {value}\n")
             end += 1
     return "".join(lines)
@@ -250,10 +272,12 @@ def _check_engine_request(config: Config, plan, request: EngineCompileRequest) -
     """Refuse what c10.toml would not build: such an engine would be an undeclared orphan."""
     where = config.root / CONFIG_NAME
     asked = {"engines.backend": (request.backend, plan.backend.name, {"auto", plan.backend.name}),
-             f"models.{plan.model.name}.precision": (request.precision, plan.model.precision, {plan.model.precision}),
+             f"models.{plan.model.name}.precision": (request.precision, plan.model.precision,
+                                                     {plan.model.precision}),
              "engines.workspace_mb": (request.workspace_mb, config.engines.workspace_mb,
                                       {config.engines.workspace_mb})}
     for key, (value, current, ok) in asked.items():
         if value is not None and value not in ok:
-            raise ConfigError(f"{where}: the request asks {key} = {value!r} but c10.toml builds {current!r}; "
-                              f"set `{key}` in c10.toml first so the build declares that engine")
+            raise ConfigError(f"{where}: the request asks {key} = {value!r} but c10.toml builds "
+                              f"{current!r}; set `{key}` in c10.toml first so the build declares "
+                              "that engine")

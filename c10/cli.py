@@ -1,4 +1,4 @@
-"""The `c10` command: init, build, demo, verify, keygen, status, map, import, query, selftest, export-models."""
+"""The `c10` command: one subcommand per operator task, each a thin call into the package."""
 from __future__ import annotations
 
 import argparse
@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     from c10 import __version__
 
-    p = argparse.ArgumentParser(prog="c10", description="Build and verify signed offline takeoff caches.")
+    p = argparse.ArgumentParser(prog="c10",
+                                description="Build and verify signed offline takeoff caches.")
     p.add_argument("--version", action="version", version=f"c10 {__version__}")
     sub = p.add_subparsers(metavar="COMMAND")
     cmd = sub.add_parser("init", help="write dodo.py and a commented c10.toml into DIR")
@@ -48,22 +49,29 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("--key", type=Path, help="signing key to create/use (default: outside DIR)")
     cmd.add_argument("--backend", default="auto", help="engine backend (default auto)")
     cmd.add_argument("--real-models", action="store_true",
-                     help="export pretrained ALIKED and LightGlue instead of generated networks (needs c10[export])")
-    cmd.add_argument("--keypoints", type=int, default=256, help="local keypoints per tile with --real-models (default 256)")
+                     help="export pretrained ALIKED and LightGlue instead of generated networks "
+                          "(needs c10[export])")
+    cmd.add_argument("--keypoints", type=int, default=256,
+                     help="local keypoints per tile with --real-models (default 256)")
     cmd.set_defaults(func=cmd_demo)
-    cmd = sub.add_parser("verify", help="check a cache as the aircraft does (exit 0 only if it is intact)")
+    cmd = sub.add_parser("verify",
+                         help="check a cache as the aircraft does (exit 0 only if it is intact)")
     cmd.add_argument("dir", type=Path)
     cmd.add_argument("--trusted-keys", action="append", default=[], metavar="KEY",
-                     help="public key file (PEM or ssh-ed25519) or 64-hex raw key; default: every key in "
-                          "~/.config/c10/trusted/ (never the cache's own c10.toml, which is unsigned)")
-    cmd.add_argument("--state", type=Path, help="anti-rollback state file (default: ~/.local/state/c10/verify-state.json)")
+                     help="public key file (PEM or ssh-ed25519) or 64-hex raw key; default: every "
+                          "key in ~/.config/c10/trusted/ (never the cache's own c10.toml, which is "
+                          "unsigned)")
+    cmd.add_argument("--state", type=Path,
+                     help="anti-rollback state file "
+                          "(default: ~/.local/state/c10/verify-state.json)")
     cmd.add_argument("--now", help="ISO time to check expiry against (tests)")
     cmd.add_argument("--airborne", action="store_true", help="also check engines against this host")
     cmd.add_argument("--json", action="store_true", help="one JSON line for tools")
     cmd.set_defaults(func=cmd_verify)
     cmd = sub.add_parser("keygen", help="create an Ed25519 operator key (mode 0600)")
     cmd.add_argument("path", type=Path)
-    cmd.add_argument("--passphrase-file", type=Path, help="encrypt with the passphrase in this file")
+    cmd.add_argument("--passphrase-file", type=Path,
+                     help="encrypt with the passphrase in this file")
     cmd.add_argument("--prompt", action="store_true", help="ask for a passphrase on the terminal")
     cmd.set_defaults(func=cmd_keygen)
     _operator_commands(sub)
@@ -104,22 +112,26 @@ def cmd_verify(args) -> int:
     trusted = load_trusted_keys(args.trusted_keys or trust_store_keys())
     now = dt.datetime.fromisoformat(args.now) if args.now else dt.datetime.now(dt.timezone.utc)
     try:
-        result = verify_cache(root, trusted=trusted, now=now, state_path=args.state or default_state(),
+        result = verify_cache(root, trusted=trusted, now=now,
+                              state_path=args.state or default_state(),
                               airborne_fingerprints=_fingerprints() if args.airborne else None)
     except VerifyError as err:
-        print(json.dumps(verify_to_json(err)) if args.json else f"c10 verify: REJECTED ({err.reason}): {err}")
+        print(json.dumps(verify_to_json(err)) if args.json else "c10 verify: REJECTED "
+                                                                f"({err.reason}): {err}")
         return verify_to_json(err)["exit_code"]
     print(json.dumps(verify_to_json(result)) if args.json else
           f"c10 verify: OK {root}: Manifest v{result.version}, {result.files} files, "
           f"{result.bytes / 1e6:.1f} MB checked in {result.elapsed:.2f} s")
     if result.pending and not args.json:
-        print(f"c10 verify: note: {result.pending} shard/index file(s) of an unfinished build are not in the "
-              f"Manifest (nothing loads them); the next `doit build_cache` in {root} commits or removes them")
+        print(f"c10 verify: note: {result.pending} shard/index file(s) of an unfinished build are "
+              f"not in the Manifest (nothing loads them); the next `doit build_cache` in {root} "
+              "commits or removes them")
     return 0
 
 
 def trust_store() -> Path:
-    """Where the aircraft (or an inspecting host) keeps the operator keys it trusts, outside any cache."""
+    """Where the aircraft (or an inspecting host) keeps the operator keys it trusts, outside any
+    cache."""
     base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
     return Path(base) / "c10" / "trusted"
 
@@ -129,8 +141,8 @@ def trust_store_keys() -> list[str]:
     store = trust_store()
     keys = sorted(str(p) for p in store.glob("*") if p.is_file()) if store.is_dir() else []
     if not keys:
-        raise ConfigError(f"no trusted keys: pass --trusted-keys KEY.pub or copy the operator's public key "
-                          f"(`c10 keygen` writes KEY.pub) into {store}/")
+        raise ConfigError("no trusted keys: pass --trusted-keys KEY.pub or copy the operator's "
+                          f"public key (`c10 keygen` writes KEY.pub) into {store}/")
     return keys
 
 
@@ -164,8 +176,10 @@ def cmd_keygen(args) -> int:
     atomic.write_bytes(pub, public_key_pem(key))
     print(f"wrote {args.path} (private, mode 0600) and {pub} (public)")
     print(f"keyid {kid}\nfingerprint {ssh_fingerprint(key)}")
-    print(f"put `key = \"{args.path}\"` and `allowed_keyids = [\"{kid}\"]` under [signing] in c10.toml;")
-    print(f"copy {pub} into {trust_store()}/ on the aircraft (or pass it to `c10 verify --trusted-keys`)")
+    print(f"put `key = \"{args.path}\"` and `allowed_keyids = [\"{kid}\"]` under [signing] in "
+          "c10.toml;")
+    print(f"copy {pub} into {trust_store()}/ on the aircraft (or pass it to `c10 verify "
+          "--trusted-keys`)")
     return 0
 
 
@@ -175,7 +189,8 @@ def _read_passphrase(args) -> bytes | None:
         try:
             return args.passphrase_file.read_bytes().rstrip(b"\r\n") or None
         except OSError as exc:
-            raise ConfigError(f"{args.passphrase_file}: cannot read the passphrase file ({exc.strerror})") from None
+            raise ConfigError(f"{args.passphrase_file}: cannot read the passphrase file "
+                              f"({exc.strerror})") from None
     if not args.prompt:
         return None
     import getpass
@@ -188,19 +203,25 @@ def _read_passphrase(args) -> bytes | None:
 
 def _operator_commands(sub) -> None:
     """status, map, import: the operator's questions before a flight."""
-    cmd = sub.add_parser("status", help="what `doit build_cache` would redo in DIR and why (writes nothing)")
+    cmd = sub.add_parser("status",
+                         help="what `doit build_cache` would redo in DIR and why (writes nothing)")
     cmd.add_argument("dir", type=Path)
     cmd.add_argument("--json", action="store_true", help="the raw status as JSON for tools")
     cmd.set_defaults(func=cmd_status)
-    cmd = sub.add_parser("map", help="draw the requested area per zoom: tiles present, missing, rebuilt")
+    cmd = sub.add_parser("map",
+                         help="draw the requested area per zoom: tiles present, missing, rebuilt")
     cmd.add_argument("dir", type=Path)
-    cmd.add_argument("-o", "--output", type=Path, default=Path("map.png"), help="PNG to write (default map.png)")
+    cmd.add_argument("-o", "--output", type=Path, default=Path("map.png"),
+                     help="PNG to write (default map.png)")
     cmd.set_defaults(func=cmd_map)
-    cmd = sub.add_parser("import", help="copy tiles inside the request from an MBTiles file or a tile folder")
+    cmd = sub.add_parser("import",
+                         help="copy tiles inside the request from an MBTiles file or a tile folder")
     cmd.add_argument("dir", type=Path)
-    cmd.add_argument("source", type=Path, help="a .mbtiles file (TMS rows) or a {z}/{x}/{y}.ext folder")
+    cmd.add_argument("source", type=Path,
+                     help="a .mbtiles file (TMS rows) or a {z}/{x}/{y}.ext folder")
     cmd.add_argument("--tms", action="store_true", help="the folder counts y from the south (TMS)")
-    cmd.add_argument("--replace", action="store_true", help="overwrite cache tiles that differ from the source's")
+    cmd.add_argument("--replace", action="store_true",
+                     help="overwrite cache tiles that differ from the source's")
     cmd.set_defaults(func=cmd_import)
 
 
@@ -235,21 +256,27 @@ def cmd_import(args) -> int:
 
 def _query_commands(sub) -> None:
     """query and selftest: the cache's own engine and index, as the aircraft will use them."""
-    cmd = sub.add_parser("query", help="embed IMAGE with DIR's own engine; print the top-k tiles with lat/lon")
+    cmd = sub.add_parser("query",
+                         help="embed IMAGE with DIR's own engine; print the top-k tiles with "
+                              "lat/lon")
     cmd.add_argument("dir", type=Path)
     cmd.add_argument("image", type=Path)
     cmd.add_argument("-k", type=_positive, default=5, help="how many tiles (default 5)")
     cmd.add_argument("--model", help="global model to query (default: the first in c10.toml)")
     cmd.add_argument("--json", action="store_true", help="one JSON object")
     cmd.add_argument("--rerank", action="store_true",
-                     help="re-rank the top-k by LightGlue matches with IMAGE (the cache's local and matcher models)")
+                     help="re-rank the top-k by LightGlue matches with IMAGE (the cache's local "
+                          "and matcher models)")
     # the name of c10 0.1, kept one release: "verify" now means only `c10 verify`
     cmd.add_argument("--verify", dest="rerank", action="store_true", help=argparse.SUPPRESS)
     cmd.set_defaults(func=cmd_query)
-    cmd = sub.add_parser("selftest", help="query N randomly perturbed tiles of DIR; print recall@1 and recall@5")
+    cmd = sub.add_parser("selftest",
+                         help="query N randomly perturbed tiles of DIR; print recall@1 and "
+                              "recall@5")
     cmd.add_argument("dir", type=Path)
     cmd.add_argument("-n", type=_positive, default=100, help="how many tiles (default 100)")
-    cmd.add_argument("--strength", choices=("mild", "strong"), default="mild", help="perturbation (default mild)")
+    cmd.add_argument("--strength", choices=("mild", "strong"), default="mild",
+                     help="perturbation (default mild)")
     cmd.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     cmd.add_argument("--model", help="global model to test (default: the first in c10.toml)")
     cmd.add_argument("--json", action="store_true", help="one JSON object")
@@ -265,9 +292,9 @@ def _positive(text: str) -> int:
 def cmd_query(args) -> int:
     from dataclasses import asdict
 
-    from c10.store.lock import require_cache_root
-    from c10.query.search import format_hits
     from c10.query.open import open_searcher
+    from c10.query.search import format_hits
+    from c10.store.lock import require_cache_root
 
     searcher, model, root = open_searcher(require_cache_root(args.dir), args.model)
     hits = searcher.query_file(args.image, args.k)
@@ -277,14 +304,16 @@ def cmd_query(args) -> int:
                           "hits": [asdict(h) for h in hits]}
                          | ({"reranked": reranked, "best": reranked[0]} if reranked else {})))
     else:
-        print(f"c10 query: {args.image} in {root} (model {model}, {len(searcher.ids)} tiles indexed)")
+        print(f"c10 query: {args.image} in {root} (model {model}, {len(searcher.ids)} tiles "
+              "indexed)")
         print(format_hits(hits))
         if reranked:
             print("re-ranked by LightGlue matches: " + ", ".join(
                 f"{v['z']}/{v['x']}/{v['y']} {v['matches']}" for v in reranked))
             best = reranked[0]
-            print(f"best: tile {best['z']}/{best['x']}/{best['y']} (lat {best['lat']:.6f}, lon {best['lon']:.6f}) "
-                  f"with {best['matches']} matches, retrieval rank {best['rank']}")
+            print(f"best: tile {best['z']}/{best['x']}/{best['y']} (lat {best['lat']:.6f}, lon "
+                  f"{best['lon']:.6f}) with {best['matches']} matches, retrieval rank "
+                  f"{best['rank']}")
     return 0
 
 
@@ -295,22 +324,25 @@ def _reranked(root: Path, image: Path, hits) -> list[dict]:
 
     by_tile = {(h.z, h.x, h.y): h for h in hits}
     ranked = open_reranker(root).rerank_hits(open_tile(image), hits)
-    return [{"z": v.tile[0], "x": v.tile[1], "y": v.tile[2], "lat": by_tile[v.tile].lat, "lon": by_tile[v.tile].lon,
-             "rank": by_tile[v.tile].rank, "score": v.similarity, "matches": v.matches} for v in ranked]
+    return [{"z": v.tile[0], "x": v.tile[1], "y": v.tile[2], "lat": by_tile[v.tile].lat,
+             "lon": by_tile[v.tile].lon,
+             "rank": by_tile[v.tile].rank, "score": v.similarity,
+             "matches": v.matches} for v in ranked]
 
 
 def cmd_selftest(args) -> int:
-    from c10.store.lock import require_cache_root
-    from c10.query.search import selftest
     from c10.query.open import open_searcher
+    from c10.query.search import selftest
+    from c10.store.lock import require_cache_root
 
     searcher, model, root = open_searcher(require_cache_root(args.dir), args.model)
     result = selftest(searcher, root, args.n, args.strength, args.seed)
     if args.json:
         print(json.dumps({"cache": str(root), "model": model, **result.to_json()}))
     else:
-        print(f"c10 selftest: {result.n} tiles of {root} (model {model}), {result.strength} perturbation, "
-              f"seed {result.seed}: recall@1 {result.recall_at_1:.3f}, recall@5 {result.recall_at_5:.3f}")
+        print(f"c10 selftest: {result.n} tiles of {root} (model {model}), {result.strength} "
+              f"perturbation, seed {result.seed}: recall@1 {result.recall_at_1:.3f}, recall@5 "
+              f"{result.recall_at_5:.3f}")
     return 0
 
 
@@ -318,26 +350,34 @@ def _network_commands(sub) -> None:
     """export-models: the real networks from published weights."""
     from c10.tools.export import ALIKED_VARIANTS, DEFAULT_KEYPOINTS
 
-    cmd = sub.add_parser("export-models", help="write pretrained ALIKED (global, local) and ALIKED-LightGlue "
-                                              "(matcher) as ONNX into DIR/models (needs c10[export])")
+    cmd = sub.add_parser("export-models",
+                         help="write pretrained ALIKED (global, local) and ALIKED-LightGlue "
+                                              "(matcher) as ONNX into DIR/models (needs "
+                                              "c10[export])")
     cmd.add_argument("dir", type=Path)
-    cmd.add_argument("--aliked", choices=ALIKED_VARIANTS, default="n16", help="ALIKED variant (default n16)")
+    cmd.add_argument("--aliked", choices=ALIKED_VARIANTS, default="n16",
+                     help="ALIKED variant (default n16)")
     cmd.add_argument("--keypoints", type=int, default=DEFAULT_KEYPOINTS,
-                     help=f"keypoints per image of the local model and the matcher (default {DEFAULT_KEYPOINTS})")
+                     help="keypoints per image of the local model and the matcher (default "
+                          f"{DEFAULT_KEYPOINTS})")
     cmd.add_argument("--deform", choices=("auto", "native", "grid"), default="auto",
-                     help="deformable convs as ONNX DeformConv (onnxruntime only, fastest there) or as "
-                          "GridSample + 1x1 Conv (every backend); auto: what DIR's engines.backend runs")
-    cmd.add_argument("--force", action="store_true", help="replace model files that differ from this export")
+                     help="deformable convs as ONNX DeformConv (onnxruntime only, fastest there) "
+                          "or as GridSample + 1x1 Conv (every backend); auto: what DIR's "
+                          "engines.backend runs")
+    cmd.add_argument("--force", action="store_true",
+                     help="replace model files that differ from this export")
     cmd.set_defaults(func=cmd_export_models)
 
 
 def cmd_export_models(args) -> int:
-    from c10.tools.export import MATCHER_VARIANTS, export_models, models_toml
     from c10.store.lock import require_cache_root
+    from c10.tools.export import MATCHER_VARIANTS, export_models, models_toml
 
     root = require_cache_root(args.dir)
-    export_models(root, aliked=args.aliked, keypoints=args.keypoints, deform=args.deform, force=args.force)
-    print(f"\nc10.toml tables for these networks (replace the [models.*] tables in {root / 'c10.toml'}):\n")
+    export_models(root, aliked=args.aliked, keypoints=args.keypoints, deform=args.deform,
+                  force=args.force)
+    print("\nc10.toml tables for these networks (replace the [models.*] tables in "
+          f"{root / 'c10.toml'}):\n")
     print(models_toml(args.keypoints, matcher=args.aliked in MATCHER_VARIANTS))
     return 0
 

@@ -47,7 +47,8 @@ class Model:
         """The settings that change a descriptor, and the version of the code that applies them
         (c10.preprocess): part of every shard's key."""
         return {"input_size": self.input_size, "mean": self.mean, "std": self.std,
-                "channel_order": self.channel_order, "resize": self.resize, "code": PREPROCESSING_CODE}
+                "channel_order": self.channel_order, "resize": self.resize,
+                "code": PREPROCESSING_CODE}
 
 
 # Bump when c10.preprocess computes a tensor differently for the same settings (2: bilinear and
@@ -89,8 +90,10 @@ class Executor:
 
     kind: str = "local"
     scheduler: str = ""       # e.g. "tcp://10.0.0.5:8786" (kind = "dask")
-    tiles: str = "bytes"      # "bytes": the driver sends tile bytes; "shared": workers read a shared path
-    shared_root: str = ""     # the cache root as the workers see it (tiles = "shared"; default: the same path)
+    # "bytes": the driver sends tile bytes; "shared": workers read a shared path
+    tiles: str = "bytes"
+    # the cache root as the workers see it (tiles = "shared"; default: the same path)
+    shared_root: str = ""
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,8 @@ def load_config(root: Path) -> Config:
 
 def parse_config(data: dict, root: Path, where: str = CONFIG_NAME) -> Config:
     """Validate a parsed c10.toml mapping; `where` names the file in errors."""
-    _check_keys(data, {"area", "models", "engines", "shards", "index", "signing", "executor"}, where, "")
+    _check_keys(data, {"area", "models", "engines", "shards", "index", "signing", "executor"},
+                where, "")
     if "area" not in data:
         raise ConfigError(f"{where}: missing [area] table (bbox and zooms); see `c10 init`")
     models = data.get("models", {})
@@ -185,7 +189,8 @@ def _validate(obj: Any, where: str, name: str) -> None:
     }
     for (section, key), allowed in rules.items():
         if section == name and getattr(obj, key) not in allowed:
-            raise ConfigError(f"{where}: `{name}.{key}` = {getattr(obj, key)!r}; allowed: {', '.join(allowed)}")
+            raise ConfigError(f"{where}: `{name}.{key}` = {getattr(obj, key)!r}; allowed: "
+                              f"{', '.join(allowed)}")
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
@@ -196,19 +201,25 @@ def _area(table: dict, where: str) -> Area:
     _check_keys(table, {"bbox", "zooms", "sector_class", "require_complete"}, where, "area.")
     bbox = table.get("bbox")
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_num(v) for v in bbox)):
-        raise ConfigError(f"{where}: `area.bbox` must be [lat_min, lon_min, lat_max, lon_max] in degrees")
+        raise ConfigError(f"{where}: `area.bbox` must be [lat_min, lon_min, lat_max, lon_max] in "
+                          "degrees")
     lat_min, lon_min, lat_max, lon_max = (float(v) for v in bbox)
     if not (-85.0511 <= lat_min < lat_max <= 85.0511):
         raise ConfigError(f"{where}: `area.bbox` latitudes {lat_min}..{lat_max} must rise within "
-                          "-85.0511..85.0511 (Web Mercator); check the order [lat_min, lon_min, lat_max, lon_max]")
+                          "-85.0511..85.0511 (Web Mercator); check the order [lat_min, lon_min, "
+                          "lat_max, lon_max]")
     if not (-180.0 <= lon_min < lon_max <= 180.0):
-        raise ConfigError(f"{where}: `area.bbox` longitudes {lon_min}..{lon_max} must rise within -180..180")
+        raise ConfigError(f"{where}: `area.bbox` longitudes {lon_min}..{lon_max} must rise within "
+                          "-180..180")
     zooms = table.get("zooms")
-    if not (isinstance(zooms, list) and zooms and all(_is_int(z) and 0 <= z <= MAX_ZOOM for z in zooms)):
-        raise ConfigError(f"{where}: `area.zooms` must be a non-empty list of integers 0..{MAX_ZOOM}, got {zooms!r}")
+    valid = isinstance(zooms, list) and all(_is_int(z) and 0 <= z <= MAX_ZOOM for z in zooms)
+    if not (valid and zooms):
+        raise ConfigError(f"{where}: `area.zooms` must be a non-empty list of integers "
+                          f"0..{MAX_ZOOM}, got {zooms!r}")
     sector = table.get("sector_class", "stable_rear")
     if sector not in SECTOR_CLASSES:
-        raise ConfigError(f"{where}: `area.sector_class` = {sector!r}; allowed: {', '.join(SECTOR_CLASSES)}")
+        raise ConfigError(f"{where}: `area.sector_class` = {sector!r}; allowed: "
+                          f"{', '.join(SECTOR_CLASSES)}")
     complete = _typed(table.get("require_complete", False), bool, where, "area.require_complete")
     return Area((lat_min, lon_min, lat_max, lon_max), tuple(sorted(set(zooms))), sector, complete)
 
@@ -218,7 +229,8 @@ def _model(name: str, table: dict, root: Path, where: str) -> Model:
     fields = {f.name for f in dataclasses.fields(Model)} - {"name"}
     _check_keys(table, fields, where, prefix)
     if "path" not in table:
-        raise ConfigError(f"{where}: `{prefix}path` is required (the ONNX file, relative to the cache)")
+        raise ConfigError(f"{where}: `{prefix}path` is required (the ONNX file, relative to the "
+                          "cache)")
     values = dict(table)
     values["path"] = _path(values["path"], root, where, prefix + "path")
     if values.get("calibration"):
@@ -245,7 +257,8 @@ def _input_size(value: Any, where: str, prefix: str) -> tuple[int, int] | None:
         return None
     if _is_int(value):
         value = [value, value]
-    if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value)):
+    if not (isinstance(value, list) and len(value) == 2
+            and all(_is_int(v) and v > 0 for v in value)):
         raise ConfigError(f"{where}: `{prefix}input_size` must be N or [H, W], got {value!r}")
     return (value[0], value[1])
 
@@ -267,7 +280,8 @@ def _signing(table: dict, root: Path, where: str) -> Signing:
     if "allowed_keyids" in values:
         values["allowed_keyids"] = tuple(_typed(v, str, where, "signing.allowed_keyids")
                                          for v in values["allowed_keyids"])
-    if "validity_days" in values and not (_is_int(values["validity_days"]) and values["validity_days"] > 0):
+    days = values.get("validity_days", 1)
+    if not (_is_int(days) and days > 0):
         raise ConfigError(f"{where}: `signing.validity_days` must be a positive integer")
     return Signing(**values)
 
@@ -275,11 +289,12 @@ def _signing(table: dict, root: Path, where: str) -> Signing:
 def _executor(table: dict, where: str) -> Executor:
     executor = _section(Executor, table, where, "executor")
     if executor.kind == "dask" and not executor.scheduler:
-        raise ConfigError(f"{where}: `executor.scheduler` is required with executor.kind = \"dask\" "
-                          "(the address `dask scheduler` prints, e.g. \"tcp://10.0.0.5:8786\")")
+        raise ConfigError(f"{where}: `executor.scheduler` is required with executor.kind = "
+                          "\"dask\" (the address `dask scheduler` prints, e.g. "
+                          "\"tcp://10.0.0.5:8786\")")
     if executor.shared_root and not Path(executor.shared_root).is_absolute():
-        raise ConfigError(f"{where}: `executor.shared_root` must be an absolute path (the cache root "
-                          f"as the workers mount it), got {executor.shared_root!r}")
+        raise ConfigError(f"{where}: `executor.shared_root` must be an absolute path (the cache "
+                          f"root as the workers mount it), got {executor.shared_root!r}")
     return executor
 
 

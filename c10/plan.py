@@ -1,4 +1,4 @@
-"""Everything decided when the graph loads: config, tile scan, blocks, engine keys, declared files."""
+"""What the graph decides when it loads: config, tile scan, blocks, engine keys, declared files."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,11 +33,14 @@ class ModelPlan:
     @property
     def index_rels(self) -> tuple[str, ...]:
         """The FAISS index and its id map; none for local features (they are read per tile)."""
-        return index_relpaths(self.model.name) if self.model.role == "global" and self.shards else ()
+        if self.model.role != "global" or not self.shards:
+            return ()
+        return index_relpaths(self.model.name)
 
     @cached_property
     def ident(self) -> str:
-        """Embedding identity: engine key + preprocessing; a change re-embeds every shard of the model."""
+        """Embedding identity: engine key + preprocessing; a change re-embeds every shard of the
+        model."""
         return digest({"schema": IDENT_SCHEMA, "engine": self.engine_key,
                        "prep": self.model.preprocessing()})
 
@@ -76,9 +79,9 @@ class Plan:
         return TileCounts(Scope(area.bbox, area.zooms).expected_count(), len(self.tiles))
 
     def declared(self, tiles: bool = True) -> set[str]:
-        """Every non-control file the graph reads or writes outside shards/ and index/ (content-named,
-        see c10.store.refs), relative to the root (tiles=False: all but the tiles, for the coverage
-        gate, which has the load-time scan of tiles/)."""
+        """Every non-control file the graph reads or writes outside shards/ and index/
+        (content-named, see c10.store.refs), relative to the root (tiles=False: all but the tiles,
+        for the coverage gate, which has the load-time scan of tiles/)."""
         files = {t.path for t in self.tiles} if tiles else set()
         for plan in self.plans.values():
             files |= {plan.engine_rel, plan.sidecar_rel}
@@ -112,7 +115,8 @@ def load_plan(root: Path, hashes: HashCache, memo: bool = True) -> Plan:
     scope = Scope(config.area.bbox, config.area.zooms)
     scan = scan_tiles(root, read_memo(root / SCAN_MEMO) if memo else None)
     tiles, out = scope.split(scan.tiles)
-    plans = {name: _model_plan(root, config, model, hashes) for name, model in config.models.items()}
+    plans = {name: _model_plan(root, config, model, hashes)
+             for name, model in config.models.items()}
     for plan in plans.values():
         if plan.model.role in SHARD_ROLES:
             plan.shards = {shard_relpath(plan.model.name, b): ts
@@ -128,12 +132,15 @@ def _model_plan(root: Path, config: Config, model: Model, hashes: HashCache) -> 
     calibration = model.calibration
     spec = engines.EngineSpec(
         model=model.name, onnx_path=model.path, onnx_hash=hashes.hash_abs(model.path),
-        input_shape=(3, *model.input_size) if model.input_size and model.role != "matcher" else None,
+        input_shape=(3, *model.input_size) if model.input_size and model.role != "matcher"
+        else None,
         precision=model.precision, workspace_mb=config.engines.workspace_mb,
         # only the global model embeds batches; local and matcher run one image or pair at a time
-        batch=(1, model.batch_size, max(model.batch_size, 64)) if model.role == "global" else (1, 1, 1),
+        batch=((1, model.batch_size, max(model.batch_size, 64)) if model.role == "global"
+               else (1, 1, 1)),
         calibration_path=calibration,
-        calibration_hash=hashes.hash_abs(calibration) if calibration and calibration.is_file() else None,
+        calibration_hash=(hashes.hash_abs(calibration) if calibration and calibration.is_file()
+                          else None),
     )
     engine = engines.engine_path(root / ENGINES_DIR, spec, backend)
     return ModelPlan(model, backend, spec, engines.engine_key(spec, backend),

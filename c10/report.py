@@ -1,4 +1,4 @@
-"""The BuildReport of every build: the seed's DTO, .c10/report.json, and the operator's summary table."""
+"""The BuildReport of every build: the seed's DTO, .c10/report.json, the summary table."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +44,8 @@ class BuildReport:
     tiles_missing: int | None = None
     require_complete: bool = False
     error_type: str | None = None
-    stages: dict[str, dict] = field(default_factory=dict)  # stage -> ran, up_to_date, failed, seconds
+    # stage -> ran, up_to_date, failed, seconds
+    stages: dict[str, dict] = field(default_factory=dict)
     rebuilt_tiles: tuple[tuple[int, int, int], ...] = ()   # (z, x, y) embedded in this run
     cache_root: Path | None = None
     finished_at: str | None = None
@@ -77,12 +78,14 @@ def _outcome(value: Any) -> BuildOutcome:
 
 
 def manifest_facts(root: Path) -> dict[str, Any]:
-    """Path, sha256, version and build identity of the Manifest in force (all None if there is none)."""
+    """Path, sha256, version and build identity of the Manifest in force (all None if there is
+    none)."""
     path = Path(root) / MANIFEST_NAME
     try:
         data = path.read_bytes()
     except OSError:
-        return {"manifest_path": None, "manifest_hash": None, "manifest_version": None, "build_identity": None}
+        return {"manifest_path": None, "manifest_hash": None, "manifest_version": None,
+                "build_identity": None}
     version, identity = _head_and_tail(data)
     return {"manifest_path": path, "manifest_hash": hashlib.sha256(data).hexdigest(),
             "manifest_version": version, "build_identity": identity}
@@ -94,7 +97,8 @@ _TAIL = re.compile(rb'"version":(\d+)\}\s*\Z')
 
 
 def _head_and_tail(data: bytes) -> tuple[int | None, str | None]:
-    """Two fields without parsing 15 MB of JSON on every no-op build; a full parse if the layout differs."""
+    """Two fields without parsing 15 MB of JSON on every no-op build; a full parse if the layout
+    differs."""
     head, tail = _HEAD.match(data), _TAIL.search(data[-64:])
     if head and tail:
         return int(tail.group(1)), head.group(1).decode()
@@ -102,7 +106,8 @@ def _head_and_tail(data: bytes) -> tuple[int | None, str | None]:
         body = json.loads(data)
     except ValueError:
         return None, None
-    return (body.get("version"), body.get("build_identity")) if isinstance(body, dict) else (None, None)
+    return (body.get("version"), body.get("build_identity")) if isinstance(body, dict) else (None,
+                                                                                             None)
 
 
 def write_report(root: Path, report: BuildReport) -> Path:
@@ -124,7 +129,8 @@ def summary(report: BuildReport) -> str:
     """A short table for the end of a build."""
     head = {BuildOutcome.SUCCESS: "SUCCESS", BuildOutcome.FAILURE: "FAILURE",
             BuildOutcome.IDEMPOTENT_NO_OP: "IDEMPOTENT_NO_OP (nothing changed, Manifest untouched)"}
-    lines = [f"c10 build report: {head[report.outcome]} in {report.elapsed_s:.2f} s ({REPORT_PATH})",
+    lines = [f"c10 build report: {head[report.outcome]} in {report.elapsed_s:.2f} s "
+             f"({REPORT_PATH})",
              f"  {'stage':<9} {'ran':>5} {'current':>7} {'time':>9}"]
     for stage in STAGES:
         st = report.stages.get(stage)
@@ -148,7 +154,8 @@ def _detail(report: BuildReport, stage: str) -> str:
     if stage == "engines":
         return f"{report.engines_built} built, {report.engines_reused} reused from disk"
     if stage == "shards":
-        return f"{report.descriptors_generated} descriptors embedded, {report.descriptors_reused} carried over"
+        return (f"{report.descriptors_generated} descriptors embedded, "
+                f"{report.descriptors_reused} carried over")
     if stage == "manifest" and report.manifest_hash:
         return f"Manifest v{report.manifest_version} sha256 {report.manifest_hash[:16]}"
     return ""

@@ -1,16 +1,15 @@
-"""Where c10 meets doit: actions that report a C10Error as one clean line, and uptodate callables
-that doit inspects cheaply."""
+"""Where c10 meets doit: actions that fail in one clean line, uptodate callables doit reads fast."""
 from __future__ import annotations
 
 import functools
 import inspect
 from typing import Callable
 
+from c10.rules import session
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from c10.errors import C10Error
-from c10.rules import session
 
 
 def action(fn: Callable) -> Callable:
@@ -30,8 +29,8 @@ def action(fn: Callable) -> Callable:
 
 
 def presigned(check: Callable) -> Callable:
-    """`check` with its signature attached: doit calls inspect.signature() on every uptodate callable
-    of every task on every run (for its `task`/`values` arguments); inspect answers a set
+    """`check` with its signature attached: doit calls inspect.signature() on every uptodate
+    callable of every task on every run (for its `task`/`values` arguments); inspect answers a set
     __signature__ at once (PEP 362)."""
     check.__signature__ = inspect.signature(check)
     return check

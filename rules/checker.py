@@ -1,17 +1,18 @@
-"""doit's file check by blake3 content hash, with a stat fast path and c10's persistent hash cache."""
+"""doit's file check by blake3 content hash, through the stat fast path of c10's hash cache."""
 from __future__ import annotations
 
 import os
 
+from c10.rules import session
 from doit.dependency import FileChangedChecker
 
-from c10.rules import session
 from c10.store.hashcache import stat_key
 
 
 class Blake3Checker(FileChangedChecker):
-    """State is [size, mtime_ns, inode, ctime_ns, blake3]: a matching stat trusts the hash, else it is
-    looked up or computed once through the shared hash cache (a mass `touch` costs one re-hash, ever)."""
+    """State is [size, mtime_ns, inode, ctime_ns, blake3]: a matching stat trusts the hash, else it
+    is looked up or computed once through the shared hash cache (a mass `touch` costs one re-hash,
+    ever)."""
 
     def check_modified(self, file_path, file_stat, state):
         if type(state) is not list or len(state) != 5:

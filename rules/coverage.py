@@ -1,13 +1,13 @@
-"""coverage: the gate that removes dead graph-owned files (ninja's cleandead) and fails the build on
-any file no task declares (seed D-C10-3: no smuggled files)."""
+"""coverage: remove dead graph-owned files, fail on any file no task declares (D-C10-3)."""
 from __future__ import annotations
 
 from functools import cache
 
-from c10.errors import ManifestCoverageError, MissingTilesError
-from c10.plan import Plan
 from c10.rules import session
 from c10.rules.adapters import action, plan_or_none
+
+from c10.errors import ManifestCoverageError, MissingTilesError
+from c10.plan import Plan
 from c10.store.layout import ENGINES_DIR, TILES_DIR
 from c10.store.orphans import Verdict
 
@@ -30,7 +30,8 @@ def verdict(plan: Plan) -> Verdict:
     live = {e["path"] for e in entries if e}
     # shards/ and index/ keep the build's current files and, until the next commit, the last
     # Manifest's; tiles/ was listed file by file when the plan loaded: its orphans are known
-    return decide(plan.root, plan.declared(tiles=False), live, cache(lambda: set(committed_files(plan.root))),
+    return decide(plan.root, plan.declared(tiles=False), live,
+                  cache(lambda: set(committed_files(plan.root))),
                   TILES_DIR, plan.strays + [t.path for t in plan.out_of_scope])
 
 
@@ -47,12 +48,14 @@ def check_coverage() -> None:
     if not plan.tiles:
         area = plan.config.area
         raise MissingTilesError(f"{plan.root}: no tiles in scope (bbox {list(area.bbox)}, zooms "
-                                f"{list(area.zooms)})", fix="fetch tiles into tiles/{z}/{x}/{y}.jpg first "
+                                f"{list(area.zooms)})",
+                                fix="fetch tiles into tiles/{z}/{x}/{y}.jpg first "
                                 f"(or `c10 import {plan.root} SOURCE`)")
     found = verdict(plan)
     if found.orphans:
         raise ManifestCoverageError(_orphan_message(plan, found.orphans))
-    removed = remove_dead(plan.root, found.dead) + remove_stale_refs(plan.root, set(plan.owned_logicals()))
+    removed = remove_dead(plan.root, found.dead) + remove_stale_refs(plan.root,
+                                                                     set(plan.owned_logicals()))
     for rel in removed:
         print(f"removed dead {rel}")
     # hashes the checker computed this run (a mass `touch`): saved once, never computed again; the
@@ -86,8 +89,8 @@ def _check_complete(plan: Plan) -> None:
     counts = plan.tile_counts()
     if plan.config.area.require_complete and counts.missing:
         raise MissingTilesError(
-            f"{plan.root}: {counts.missing} of {counts.expected} tiles of area.bbox/zooms are missing "
-            "and area.require_complete = true; the previous Manifest stays in force",
+            f"{plan.root}: {counts.missing} of {counts.expected} tiles of area.bbox/zooms are "
+            "missing and area.require_complete = true; the previous Manifest stays in force",
             fix=f"fetch them (or `c10 import {plan.root} SOURCE`), see which with "
                 f"`c10 map {plan.root} -o map.png`")
 

@@ -1,4 +1,4 @@
-"""doit's dependency DB (.c10/doit.sqlite): a torn or corrupt one is moved aside with a warning, never fatal."""
+"""doit's dependency DB (.c10/doit.sqlite): a corrupt one is moved aside with a warning."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,8 @@ CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
 def recover(path: str | os.PathLike) -> Path | None:
-    """Move a corrupt DB (and its side files) aside so doit starts from an empty one; the new name or None.
+    """Move a corrupt DB (and its side files) aside so doit starts from an empty one; the new name
+    or None.
 
     doit commits its sqlite DB once at the end of a run, in one transaction, so a kill loses
     that run's records and nothing else. Bytes sqlite cannot read (a disk fault, a copy
@@ -36,13 +37,15 @@ def recover(path: str | os.PathLike) -> Path | None:
             os.replace(f"{path}{suffix}", f"{aside}{suffix}")
     os.replace(path, aside)
     print(f"warning: {path} is corrupt ({problem}); moved it to {aside.name} and starting from an "
-          "empty one: this build re-runs every task once, reusing the engines and descriptors on disk",
+          "empty one: this build re-runs every task once, reusing the engines and descriptors on "
+          "disk",
           file=sys.stderr)
     return aside
 
 
 def _problem(path: Path) -> str | None:
-    """Why sqlite cannot read `path`, or None when it can (or cannot tell: another process holds it)."""
+    """Why sqlite cannot read `path`, or None when it can (or cannot tell: another process holds
+    it)."""
     try:
         conn = sqlite3.connect(path, timeout=2.0)  # read-write: sqlite rolls back a hot journal
         try:

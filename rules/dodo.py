@@ -10,6 +10,7 @@ from c10.rules.manifest import task_manifest
 from c10.rules.prune import task_prune
 from c10.rules.reporter import C10Reporter
 from c10.rules.shards import task_shards
+
 from c10.store.layout import DEP_FILE
 
 # sqlite3: `doit list`/`info` can read it during a build (gdbm locks them out) and a kill
@@ -39,7 +40,8 @@ def _load_plan() -> None:
     session.current().plan()
 
 
-TASKS = {f.__name__: f for f in (task_engines, task_shards, task_index, task_coverage, task_manifest,
+TASKS = {f.__name__: f for f in (task_engines, task_shards, task_index, task_coverage,
+                                 task_manifest,
                                  task_build_cache, task_prune)}
 
 

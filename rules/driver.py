@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from c10.rules import session
 from doit.cmd_base import NamespaceTaskLoader, opt_cwd
 
-from c10.rules import session
 from c10.store.layout import CONFIG_NAME, CONTROL_DIR, DEP_FILE
 from c10.store.lock import require_cache_root
 
@@ -93,7 +93,8 @@ def build_status(root: Path) -> dict:
     try:
         with _in_dir(root):
             plan = build.plan()  # an invalid request is the answer: raise it
-            states = staleness.task_states(namespace(), DEP_FILE, DOIT_CONFIG["check_file_uptodate"])
+            states = staleness.task_states(namespace(), DEP_FILE,
+                                           DOIT_CONFIG["check_file_uptodate"])
             return {**staleness.area_facts(plan), "tasks": states}
     finally:
         session.end(save=False)  # hashes computed while checking stay unsaved: nothing is written

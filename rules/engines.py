@@ -5,6 +5,7 @@ from pathlib import Path
 
 from c10.rules import session
 from c10.rules.adapters import action, changed, plan_or_none
+
 from c10.store.layout import ENGINES_DIR
 
 

@@ -6,6 +6,7 @@ import dataclasses
 from c10.rules import session
 from c10.rules.adapters import action, changed, plan_or_none
 from c10.rules.shards import published, refs_current
+
 from c10.store.layout import ref_relpath
 
 
@@ -32,6 +33,7 @@ def build_index(name: str) -> dict:
     build = session.current()
     plan = build.begin_writing()
     model_plan = plan.plans[name]
-    shards = [build.root / current_entry(build.root, rel)["path"] for rel in sorted(model_plan.shards)]
+    shards = [build.root / current_entry(build.root,
+                                         rel)["path"] for rel in sorted(model_plan.shards)]
     rows, entries = build_index(build.root, name, shards, plan.config.index)
     return {"rows": rows, "refs": published(build, dict(zip(model_plan.index_rels, entries)))}

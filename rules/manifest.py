@@ -5,11 +5,12 @@ import datetime as dt
 import platform
 import uuid
 
+from c10.rules import session
+from c10.rules.adapters import action, changed, plan_or_none, presigned
+
 from c10 import __version__
 from c10.canonical import digest
 from c10.plan import Plan
-from c10.rules import session
-from c10.rules.adapters import action, changed, plan_or_none, presigned
 from c10.store.layout import ref_relpath
 
 # A no-op build re-signs a Manifest that would expire within this margin (else it stays untouched).
@@ -26,7 +27,8 @@ def task_manifest():
         "file_dep": manifest_deps(plan),
         "targets": ["Manifest.json", "Manifest.json.dsse"],
         "task_dep": ["coverage"],
-        "uptodate": [changed({"request": cfg.request(), "key": str(cfg.signing.key), "tiles": len(plan.tiles)}),
+        "uptodate": [changed({"request": cfg.request(), "key": str(cfg.signing.key),
+                              "tiles": len(plan.tiles)}),
                      manifest_fresh],
         "actions": [action(write_manifest)],
     }
@@ -59,7 +61,8 @@ def write_manifest() -> dict:
     files = _file_entries(build, plan)
     tiles_hash = mf.tiles_aggregate_hash(files)
     issued = now()
-    # the anti-rollback state of verifiers is kept per cache id: carried over, or new for a new cache
+    # the anti-rollback state of verifiers is kept per cache id: carried over, or new for a new
+    # cache
     version, cache_id = mf.previous_identity(plan.root)
     body = mf.build_manifest(
         version=version, issued_at=issued,
@@ -139,7 +142,8 @@ def build_identity(plan: Plan, tiles_hash: str) -> str:
 
 
 def host_info(plan: Plan) -> dict:
-    return {"os": platform.system(), "arch": platform.machine(), "python": platform.python_version(),
+    return {"os": platform.system(), "arch": platform.machine(),
+            "python": platform.python_version(),
             "backends": {p.backend.name: p.backend.host_metadata() for p in plan.plans.values()}}
 
 

@@ -6,7 +6,8 @@ from c10.rules.adapters import action, plan_or_none
 
 
 def task_prune():
-    """List stale engines and leftovers (engines of other keys); `doit prune --apply` removes them."""
+    """List stale engines and leftovers (engines of other keys); `doit prune --apply` removes
+    them."""
     if plan_or_none() is None:
         return {"actions": None}
     return {
@@ -31,6 +32,7 @@ def prune(apply: bool) -> None:
         print(f"not c10's, left alone: {rel} (move it out of the cache yourself)")
     if apply and stale:
         build.ensure_locked()
-        print(f"freed {remove_files(plan.root, stale) / 1e6:.1f} MB; run `doit build_cache` to re-sign")
+        print(f"freed {remove_files(plan.root, stale) / 1e6:.1f} MB; run `doit build_cache` to "
+              "re-sign")
     elif stale:
         print(f"{len(stale)} stale file(s); `doit prune --apply` removes them")

@@ -1,15 +1,15 @@
-"""doit's console reporter plus c10's BuildReport: counts, stage times, .c10/report.json, a summary table."""
+"""doit's console reporter plus c10's BuildReport: counts, stage times, a summary table."""
 from __future__ import annotations
 
 import datetime as dt
 import time
 
+from c10.rules import session
 from doit.globals import Globals
 from doit.reporter import ConsoleReporter
 
 from c10.errors import C10Error
 from c10.report import STAGES, BuildOutcome, BuildReport, manifest_facts, summary, write_report
-from c10.rules import session
 
 # Stages whose running means the cache changed (coverage always runs, build_cache is a group).
 WORK_STAGES = ("engines", "shards", "index", "manifest")
@@ -25,9 +25,11 @@ class C10Reporter(ConsoleReporter):
         self._report_run = False
         self._started: dict[str, float] = {}
         self._stages = {s: {"ran": 0, "up_to_date": 0, "failed": 0, "seconds": 0.0} for s in STAGES}
-        self._values: list[tuple[str, dict, list]] = []  # (task, its values, file_dep doit saw changed)
+        # (task, its values, file_dep doit saw changed)
+        self._values: list[tuple[str, dict, list]] = []
         self._fail_msg: str | None = None
-        self._changed: dict[str, list[str]] = {}  # shard task -> tiles changed or added since its last run
+        # shard task -> tiles changed or added since its last run
+        self._changed: dict[str, list[str]] = {}
 
     def initialize(self, tasks, selected_tasks):
         self._report_run = "build_cache" in (selected_tasks or ())
@@ -47,7 +49,8 @@ class C10Reporter(ConsoleReporter):
     def add_success(self, task):
         super().add_success(task)
         if self._count(task, "ran"):
-            self._values.append((task.name, dict(task.values or {}), self._changed.pop(task.name, [])))
+            self._values.append((task.name, dict(task.values or {}),
+                                 self._changed.pop(task.name, [])))
 
     def add_failure(self, task, fail):
         super().add_failure(task, fail)
@@ -99,14 +102,17 @@ class C10Reporter(ConsoleReporter):
         else:
             outcome = BuildOutcome.IDEMPOTENT_NO_OP
         return BuildReport(
-            outcome=outcome, engines_built=values["engines_built"], engines_reused=values["engines_reused"],
-            descriptors_generated=values["embedded"], failure_reason=str(error) if error else self._fail_msg,
+            outcome=outcome, engines_built=values["engines_built"],
+            engines_reused=values["engines_reused"],
+            descriptors_generated=values["embedded"],
+            failure_reason=str(error) if error else self._fail_msg,
             elapsed_s=round(build.elapsed(), 3), shards_generated=self._stages["shards"]["ran"],
             descriptors_reused=values["reused"], **manifest_facts(build.root), **tiles,
             error_type=type(error).__name__ if error else None,
             stages={s: {**v, "seconds": round(v["seconds"], 3)} for s, v in self._stages.items()},
             rebuilt_tiles=tuple(sorted(_rebuilt(plan, self._values))) if plan else (),
-            cache_root=build.root, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+            cache_root=build.root,
+            finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 
 def _changed_deps(task) -> list[str]:

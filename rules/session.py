@@ -1,5 +1,4 @@
-"""The state of one doit run on one cache, in one object with one lifetime: begun by the loader
-or the driver, ended by the driver (or the process's exit)."""
+"""The state of one doit run on one cache, in one object with one lifetime."""
 from __future__ import annotations
 
 import gc
@@ -72,7 +71,8 @@ class Build:
     # --- what writing actions take first ----------------------------------------------------
 
     def begin_writing(self) -> Plan:
-        """Every writing action first checks the key (nothing written if it is refused), then locks."""
+        """Every writing action first checks the key (nothing written if it is refused), then
+        locks."""
         plan = self.plan()
         self.resume_gc()
         self.operator_key()
@@ -154,8 +154,8 @@ def begin(root: Path) -> Build:
         if _owner not in (None, me):
             raise BuildLockHeldError(f"{root}: another build is running in this process (pid "
                                      f"{os.getpid()}, another thread)",
-                                     "one process builds one cache at a time: wait for it to finish, "
-                                     "then re-run")
+                                     "one process builds one cache at a time: wait for it to "
+                                     "finish, then re-run")
         if _current is None or _current.root != root:
             if _current is not None:
                 _current.close()

@@ -1,5 +1,4 @@
-"""shards:{model}/{z}/{bx}-{by}: each block of tiles through a model, into a descriptor shard
-(global) or a local-feature shard (local)."""
+"""shards:{model}/{z}/{bx}-{by}: each block of tiles into a descriptor or local-feature shard."""
 from __future__ import annotations
 
 import hashlib
@@ -7,11 +6,13 @@ import os
 
 from c10.rules import session
 from c10.rules.adapters import action, changed, plan_or_none, presigned
+
 from c10.store.layout import ref_relpath
 
 
 def task_shards():
-    """Embed each block of tiles into a descriptor shard (global) or a local-feature shard (local)."""
+    """Embed each block of tiles into a descriptor shard (global) or a local-feature shard
+    (local)."""
     plan = plan_or_none()
     for model_plan in plan.shard_plans() if plan else ():
         for rel, tiles in model_plan.shards.items():
@@ -47,10 +48,12 @@ def build_shard(name: str, rel: str) -> dict:
     records = [TileRecord(t, *_size_hash(build.hashes, t.path)) for t in model_plan.shards[rel]]
     prep = Preprocessing.from_model(model_plan.model)
     local = model_plan.model.role == "local"
-    compute = _local(build, model_plan, prep) if local else _global(build, plan, model_plan, rel, prep)
+    compute = _local(build, model_plan, prep) if local else _global(build, plan, model_plan, rel,
+                                                                    prep)
     stats = build_shard(build.root, rel, records, compute, model_plan.ident,
                         LOCAL_FEATURES if local else DESCRIPTORS)
-    build.hashes.save(min_interval=30.0)  # rewriting every tile's hash after each small shard costs more than it saves
+    # rewriting every tile's hash after each small shard costs more than it saves
+    build.hashes.save(min_interval=30.0)
     return {"extracted" if local else "embedded": stats.embedded, "reused": stats.reused,
             "refs": published(build, {rel: stats.entry})}
 
@@ -60,7 +63,8 @@ def _global(build, plan, model_plan, rel, prep):
     from c10.features.embedding import embed_tiles, progress_bar
 
     batch = model_plan.model.batch_size
-    if plan.config.executor.kind == "dask":  # the same shard writer; descriptors come from the workers
+    # the same shard writer; descriptors come from the workers
+    if plan.config.executor.kind == "dask":
         from c10.features.cluster import cluster_embedder
 
         engine = (model_plan.spec, model_plan.backend.name, model_plan.engine_key,
@@ -93,7 +97,8 @@ def published(build, written: dict[str, dict]) -> dict[str, dict]:
 @presigned
 def refs_current(task, values) -> bool:
     """doit uptodate of shard and index tasks: their refs are the ones doit recorded (not rewritten
-    by a killed run) and name files whose bytes are still those (a deleted or damaged shard is rebuilt)."""
+    by a killed run) and name files whose bytes are still those (a deleted or damaged shard is
+    rebuilt)."""
     from c10.store.refs import read_ref
 
     build = session.current()
@@ -101,7 +106,8 @@ def refs_current(task, values) -> bool:
     if not recorded or len(recorded) != len(task.targets):
         return False
     for logical, entry in recorded.items():
-        if read_ref(build.root, logical) != entry or _digest(build.hashes, entry["path"]) != entry["blake3"]:
+        if read_ref(build.root, logical) != entry or _digest(build.hashes,
+                                                             entry["path"]) != entry["blake3"]:
             return False
     return True
 

@@ -1,16 +1,16 @@
-"""What `doit build_cache` would run and why: doit's own Dependency.get_status reasons, nothing written."""
+"""What `doit build_cache` would run and why, from doit's own status reasons; writes nothing."""
 from __future__ import annotations
 
 import os
 import sqlite3
 from pathlib import Path
 
+from c10.rules.coverage import verdict
 from doit import loader
 from doit.control import TaskControl
 from doit.dependency import Dependency
 
 from c10.plan import Plan
-from c10.rules.coverage import verdict
 
 
 class ReadOnlyDB:
@@ -20,16 +20,19 @@ class ReadOnlyDB:
         self.name, self.codec, self._cache = name, codec, {}
         self._conn = None
         if os.path.isfile(name):
-            self._conn = sqlite3.connect(f"file:{Path(name).resolve()}?mode=ro", uri=True, timeout=10)
+            self._conn = sqlite3.connect(f"file:{Path(name).resolve()}?mode=ro", uri=True,
+                                         timeout=10)
 
     def _data(self, task_id: str) -> dict:
         if task_id not in self._cache:
             row = None
             if self._conn is not None:
                 try:
-                    row = self._conn.execute("select task_data from doit where task_id=?", (task_id,)).fetchone()
+                    row = self._conn.execute("select task_data from doit where task_id=?",
+                                             (task_id,)).fetchone()
                 except sqlite3.DatabaseError:
-                    row = None  # unreadable: everything reads as never built, as doit would rebuild it
+                    # unreadable: everything reads as never built, as doit would rebuild it
+                    row = None
             self._cache[task_id] = self.codec.decode(row[0]) if row and row[0] else {}
         return self._cache[task_id]
 
@@ -53,7 +56,8 @@ class ReadOnlyDB:
             self._conn.close()
 
 
-def task_states(namespace: dict, dep_file: str, checker_cls, selected=("build_cache",)) -> list[dict]:
+def task_states(namespace: dict, dep_file: str, checker_cls,
+                selected=("build_cache",)) -> list[dict]:
     """Each task with actions that `selected` reaches, in run order: status and doit's reasons."""
     tasks = loader.load_tasks(namespace, allow_delayed=False)
     control = TaskControl(tasks)
@@ -67,7 +71,8 @@ def task_states(namespace: dict, dep_file: str, checker_cls, selected=("build_ca
                 continue
             recorded = dep._in(name)
             status = dep.get_status(task, control.tasks, get_log=True)
-            out.append({"name": name, "doc": task.doc or "", "status": status.status, "recorded": recorded,
+            out.append({"name": name, "doc": task.doc or "", "status": status.status,
+                        "recorded": recorded,
                         "reasons": _plain(status.reasons), "targets": list(task.targets),
                         "file_dep": sorted(task.file_dep)})
         return out
@@ -116,4 +121,5 @@ def area_facts(plan: Plan) -> dict:
     return {"root": str(plan.root), "bbox": list(area.bbox), "zooms": list(area.zooms),
             "require_complete": area.require_complete, "tiles_expected": counts.expected,
             "tiles_present": counts.present, "tiles_missing": counts.missing,
-            "dead": found.dead, "orphans": found.orphans, "manifest": (plan.root / "Manifest.json").is_file()}
+            "dead": found.dead, "orphans": found.orphans,
+            "manifest": (plan.root / "Manifest.json").is_file()}

@@ -1,4 +1,4 @@
-"""The one atomic-write helper: temp file beside the target, fsync, os.replace, fsync the directory."""
+"""The one atomic-write helper: temp file, fsync, os.replace, fsync the directory."""
 from __future__ import annotations
 
 import contextlib
@@ -65,7 +65,8 @@ def atomic_path(target: str | os.PathLike, mode: int = 0o644,
         target.parent.mkdir(parents=True, exist_ok=True)
         if staging is not None:
             os.makedirs(staging, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=staging or target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                   dir=staging or target.parent)
         os.close(fd)
     except StorageError:
         raise
@@ -99,17 +100,20 @@ def atomic_path(target: str | os.PathLike, mode: int = 0o644,
 
 def write_bytes(target: str | os.PathLike, data: bytes, mode: int = 0o644,
                 staging: str | os.PathLike | None = None) -> None:
-    """Atomically replace `target` with `data` (temp file in `staging` if given, see atomic_path)."""
+    """Atomically replace `target` with `data` (temp file in `staging` if given, see
+    atomic_path)."""
     with atomic_path(target, mode, staging) as tmp:
         _write_all(tmp, data)
 
 
-def write_together(items: list[tuple[Path, bytes]], staging: str | os.PathLike | None = None) -> None:
+def write_together(items: list[tuple[Path, bytes]],
+                   staging: str | os.PathLike | None = None) -> None:
     """Replace several files in order with the smallest window between them: every temp file is
     written and fsynced first, then the renames run back to back, then each directory is fsynced
     (the Manifest pair: a kill can fall only between two renames)."""
     with contextlib.ExitStack() as stack:
-        temps = [stack.enter_context(atomic_path(target, staging=staging, rename=False)) for target, _ in items]
+        temps = [stack.enter_context(atomic_path(target, staging=staging,
+                                                 rename=False)) for target, _ in items]
         for tmp, (_, data) in zip(temps, items):
             _write_all(tmp, data)
             _fsync_file(tmp)
@@ -123,7 +127,8 @@ def write_together(items: list[tuple[Path, bytes]], staging: str | os.PathLike |
 
 
 def move_into(staged: Path, target: Path) -> None:
-    """Rename a finished, fsynced file (made by a writer that takes a path) over `target`, durably."""
+    """Rename a finished, fsynced file (made by a writer that takes a path) over `target`,
+    durably."""
     try:
         os.replace(staged, target)
         fsync_dir(Path(target).parent)

@@ -1,4 +1,4 @@
-"""blake3 content hashes with a stat fast path and a persistent cache, so unchanged bytes are hashed once."""
+"""blake3 hashes behind a stat fast path and a persistent cache: unchanged bytes hash once."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 from c10.store import atomic
-from c10.store.layout import HASH_CACHES
 from c10.store.digest import blake3_file
-
+from c10.store.layout import HASH_CACHES
 
 
 def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -47,7 +46,8 @@ class HashCache:
         return None
 
     def hash(self, rel: str, st: os.stat_result | None = None) -> tuple[str, os.stat_result]:
-        """(blake3, stat) of `rel`, from the cache when its stat key matches, else computed and cached."""
+        """(blake3, stat) of `rel`, from the cache when its stat key matches, else computed and
+        cached."""
         # os.path.join, not Path: this runs once per tile of every shard a build touches
         full = os.path.join(self._root, rel)
         st = os.stat(full) if st is None else st
@@ -64,12 +64,14 @@ class HashCache:
             self._dirty.add(name)
 
     def hash_abs(self, path: str | os.PathLike) -> str:
-        """blake3 of a file anywhere (models may live outside the cache), cached by its absolute path."""
+        """blake3 of a file anywhere (models may live outside the cache), cached by its absolute
+        path."""
         return self.hash(str(Path(path).resolve()))[0]
 
     def retain(self, keep: set[str]) -> None:
         """Drop the loaded entries of every path not in `keep` (files the build no longer has), so
-        the cache does not grow forever; nothing is stat'ed, and an unloaded bucket stays as it is."""
+        the cache does not grow forever; nothing is stat'ed, and an unloaded bucket stays as
+        it is."""
         with self._lock:
             for name, bucket in self._buckets.items():
                 gone = [path for path in bucket if path not in keep]
@@ -84,7 +86,8 @@ class HashCache:
             if self._dirty and time.monotonic() - self._saved < min_interval:
                 return
             for name in sorted(self._dirty):
-                data = json.dumps(self._buckets[name], separators=(",", ":"), sort_keys=True).encode()
+                data = json.dumps(self._buckets[name], separators=(",", ":"),
+                                  sort_keys=True).encode()
                 atomic.write_bytes(self.root / HASH_CACHES[name], data)
             self._dirty.clear()
             self._saved = time.monotonic()

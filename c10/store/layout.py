@@ -1,11 +1,12 @@
-"""The cache layout: every name c10 reads or writes under a cache root, in one place (no heavy imports)."""
+"""The cache layout: every name c10 reads or writes under a cache root, in one place."""
 from __future__ import annotations
 
 import re
 
 # --- control files: the build's own, never shipped in the Manifest --------------------------
 CONFIG_NAME = "c10.toml"           # the build request
-DODO_NAME = "dodo.py"              # `doit` without doit.cfg reads it, and is told to restore doit.cfg
+# `doit` without doit.cfg reads it, and is told to restore doit.cfg
+DODO_NAME = "dodo.py"
 DOIT_CFG_NAME = "doit.cfg"         # names c10's loader: doit then imports nothing from the cache
 LOCK_NAME = ".c10.lock"            # the build lock (flock; never deleted)
 MANIFEST_NAME = "Manifest.json"
@@ -13,7 +14,8 @@ ENVELOPE_NAME = "Manifest.json.dsse"
 CONTROL_FILES = frozenset({DODO_NAME, DOIT_CFG_NAME, CONFIG_NAME, LOCK_NAME, MANIFEST_NAME,
                            ENVELOPE_NAME})
 CONTROL_DIR = ".c10"               # the build's private dir: everything under it is control
-STAGING_DIR = f"{CONTROL_DIR}/tmp"  # temp files of shipped files: a kill leaves none where verify looks
+# temp files of shipped files: a kill leaves none where verify looks
+STAGING_DIR = f"{CONTROL_DIR}/tmp"
 DEP_FILE = f"{CONTROL_DIR}/doit.sqlite"
 LOCK_HOLDER = f"{CONTROL_DIR}/lock-holder.json"
 REPORT_PATH = f"{CONTROL_DIR}/report.json"
@@ -28,7 +30,8 @@ TILE_EXTS = frozenset({"jpg", "jpeg", "png", "webp"})
 MODELS_DIR = "models"
 ENGINES_DIR = "engines"
 # What c10 writes into engines/: {model}-{64-hex key}.{onnx,blob,plan} and its .json sidecar.
-ENGINE_NAME = re.compile(r"^(?P<model>[A-Za-z0-9_.-]+)-(?P<key>[0-9a-f]{64})\.(?P<ext>onnx|blob|plan|json)$")
+ENGINE_NAME = re.compile(r"^(?P<model>[A-Za-z0-9_.-]+)-(?P<key>[0-9a-f]{64})"
+                         r"\.(?P<ext>onnx|blob|plan|json)$")
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
 # Wholly owned by the graph: an undeclared file here is a dead output and is removed by the build.

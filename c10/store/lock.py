@@ -1,4 +1,4 @@
-"""The build lock on CACHE/.c10.lock: one build at a time, the holder named, free the moment it dies."""
+"""The build lock on CACHE/.c10.lock: one build at a time, its holder named, freed on death."""
 from __future__ import annotations
 
 import datetime as dt
@@ -11,12 +11,13 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from c10.store import atomic
 from c10.errors import BuildLockHeldError, CacheRootMissingError, ConfigError
+from c10.store import atomic
 from c10.store.layout import LOCK_HOLDER, LOCK_NAME
 
 # flock on these is either a no-op or per-client, so two hosts could both "hold" the lock.
-NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "afs", "ceph", "glusterfs"})
+NETWORK_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "afs", "ceph",
+                        "glusterfs"})
 # A new holder writes its name just after taking the lock: a loser waits this long to read it.
 HOLDER_WAIT_S = 0.5
 
@@ -25,12 +26,14 @@ def require_cache_root(root: Path) -> Path:
     """The cache root must already exist (seed CP-INV-5): c10 never creates it."""
     root = Path(root)
     if not root.is_dir():
-        raise CacheRootMissingError(f"{root}: cache directory does not exist; create it and run `c10 init {root}`")
+        raise CacheRootMissingError(f"{root}: cache directory does not exist; create it and run "
+                                    f"`c10 init {root}`")
     return root.resolve()
 
 
 def filesystem_type(path: Path, mounts: str | None = None) -> str:
-    """The type of the file system holding `path`, from /proc/mounts (longest mount-point prefix)."""
+    """The type of the file system holding `path`, from /proc/mounts (longest mount-point
+    prefix)."""
     best, kind = "", "unknown"
     try:
         lines = (Path("/proc/mounts").read_text() if mounts is None else mounts).splitlines()
@@ -41,7 +44,8 @@ def filesystem_type(path: Path, mounts: str | None = None) -> str:
         parts = line.split()
         if len(parts) >= 3:
             mount = parts[1].replace("\\040", " ")
-            if (target == mount or target.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+            under = target == mount or target.startswith(mount.rstrip("/") + "/")
+            if under and len(mount) > len(best):
                 best, kind = mount, parts[2]
     return kind
 
@@ -74,8 +78,9 @@ class BuildLock:
         try:
             self._lock.acquire()
         except Timeout:
-            raise BuildLockHeldError(f"{self.root}: another build holds {LOCK_NAME} ({self._wait_holder()}); "
-                                     "wait for it to finish or stop it, then re-run") from None
+            raise BuildLockHeldError(f"{self.root}: another build holds {LOCK_NAME} "
+                                     f"({self._wait_holder()}); wait for it to finish or stop it, "
+                                     "then re-run") from None
         except OSError as exc:
             raise self._no_flock(fs, exc) from None
         try:
@@ -87,9 +92,11 @@ class BuildLock:
             raise
 
     def _no_flock(self, fs: str, exc: OSError) -> ConfigError:
-        why = "does not support flock" if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP) else exc.strerror
-        return ConfigError(f"{self.root / LOCK_NAME}: cannot take the build lock ({why}, file system "
-                           f"{fs}); build on a local disk (ext4, xfs, btrfs, tmpfs) and copy the cache")
+        why = "does not support flock" if exc.errno in (errno.ENOSYS,
+                                                        errno.EOPNOTSUPP) else exc.strerror
+        return ConfigError(f"{self.root / LOCK_NAME}: cannot take the build lock ({why}, file "
+                           f"system {fs}); build on a local disk (ext4, xfs, btrfs, tmpfs) and "
+                           "copy the cache")
 
     def release(self) -> None:
         if self._lock.is_locked:
@@ -108,7 +115,8 @@ class BuildLock:
     def _holder_info(self) -> dict | None:
         try:
             info = json.loads((self.root / LOCK_HOLDER).read_text())
-            return info if isinstance(info, dict) and {"pid", "host", "started"} <= set(info) else None
+            return info if isinstance(info, dict) and {"pid", "host",
+                                                       "started"} <= set(info) else None
         except (OSError, ValueError, TypeError):
             return None
 

@@ -1,20 +1,27 @@
-"""Orphans and dead files: every file under the cache is declared by the graph, a control file, or
-dead (a graph-owned file no build needs, removed by the build)."""
+"""Orphans and dead files: what the coverage gate removes and what it refuses."""
 from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from c10.store.atomic import is_temp_name
-from c10.store.layout import CONTROL_DIR, CONTROL_FILES, DERIVED_DIRS, OWNED_DIRS, STAGING_DIR, is_control
+from c10.store.layout import (
+    CONTROL_DIR,
+    CONTROL_FILES,
+    DERIVED_DIRS,
+    OWNED_DIRS,
+    STAGING_DIR,
+    is_control,
+)
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """What the coverage gate decides: files it removes, and undeclared files that fail the build."""
+    """What the coverage gate decides: files it removes, and undeclared files that fail the
+    build."""
 
     dead: list[str]
     orphans: list[str]
@@ -26,7 +33,8 @@ def verdict(root: Path, declared: set[str], live: set[str], committed: Callable[
     Manifest's files) and orphans (neither declared, live, committed, dead nor control)."""
     dead = dead_files(root, live, committed)
     gone = set(dead)
-    orphans = [rel for rel in find_orphans(root, declared | live, scanned, scanned_orphans) if rel not in gone]
+    orphans = [rel for rel in find_orphans(root, declared | live, scanned,
+                                           scanned_orphans) if rel not in gone]
     if orphans:
         kept = committed()
         orphans = [rel for rel in orphans if rel not in kept]
@@ -52,9 +60,11 @@ def walk_files(root: Path, skip: Iterable[str] = ()) -> Iterator[str]:
 def find_orphans(root: Path, declared: set[str], scanned: str | None = None,
                  scanned_orphans: Iterable[str] = ()) -> list[str]:
     """Files that are neither declared nor control files, sorted. The top-level dir `scanned` is
-    not walked again: the caller already listed every file in it, and its orphans are `scanned_orphans`."""
+    not walked again: the caller already listed every file in it, and its orphans are
+    `scanned_orphans`."""
     walked = walk_files(root, (scanned,) if scanned else ())
-    return sorted([rel for rel in walked if rel not in declared and not is_control(rel)] + list(scanned_orphans))
+    found = [rel for rel in walked if rel not in declared and not is_control(rel)]
+    return sorted(found + list(scanned_orphans))
 
 
 def dead_files(root: Path, keep: set[str], also_keep: Callable[[], set[str]] = set) -> list[str]:
@@ -72,7 +82,8 @@ def dead_files(root: Path, keep: set[str], also_keep: Callable[[], set[str]] = s
 
 
 def remove_dead(root: Path, dead: list[str]) -> list[str]:
-    """Delete `dead` (from dead_files or a verdict), and killed writers' temp files of control files."""
+    """Delete `dead` (from dead_files or a verdict), and killed writers' temp files of control
+    files."""
     removed = list(dead)
     for rel in removed:
         (root / rel).unlink()

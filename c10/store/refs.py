@@ -8,10 +8,17 @@ from pathlib import Path
 
 import blake3
 
-from c10.store import atomic
 from c10.errors import C10Error
+from c10.store import atomic
 from c10.store.digest import blake3_file
-from c10.store.layout import MANIFEST_NAME, REFS_DIR, STAGING_DIR, ref_relpath, split_tagged, tagged_relpath
+from c10.store.layout import (
+    MANIFEST_NAME,
+    REFS_DIR,
+    STAGING_DIR,
+    ref_relpath,
+    split_tagged,
+    tagged_relpath,
+)
 
 
 def write_artifact(root: Path, logical: str, data: bytes) -> dict:
@@ -26,7 +33,8 @@ def write_artifact(root: Path, logical: str, data: bytes) -> dict:
 
 
 def _holds(path: Path, size: int, digest: str) -> bool:
-    """A regular file with exactly these bytes is already there (hashing is cheaper than an fsync)."""
+    """A regular file with exactly these bytes is already there (hashing is cheaper than an
+    fsync)."""
     try:
         st = os.lstat(path)
         return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == size \
@@ -78,8 +86,8 @@ def current_entry(root: Path, logical: str) -> dict:
 
     entry = read_ref(root, logical)
     if entry is None:
-        raise IndexBuildError(f"{root}: the build has no {logical} (its ref {ref_relpath(logical)} is "
-                              "missing or damaged)")
+        raise IndexBuildError(f"{root}: the build has no {logical} (its ref {ref_relpath(logical)} "
+                              "is missing or damaged)")
     return entry
 
 
@@ -138,7 +146,8 @@ def locate(root: Path, logicals: list[str]) -> dict[str, Path]:
     """logical -> file of a built cache: as the committed Manifest lists it (what verify checked),
     else as the build's refs name it (a build whose Manifest is not written yet)."""
     root = Path(root)
-    found = {logical: root / rel for rel, logical in committed_files(root).items() if logical in logicals}
+    found = {logical: root / rel for rel, logical in committed_files(root).items()
+             if logical in logicals}
     for logical in set(logicals) - set(found):
         path = current_path(root, logical)
         if path is None:

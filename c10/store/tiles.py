@@ -27,7 +27,8 @@ class TileId(NamedTuple):
 
 
 class Tile(NamedTuple):
-    """A tile file; a tuple so 100k of them are cheap to make and sort in canonical (z, x, y) order."""
+    """A tile file; a tuple so 100k of them are cheap to make and sort in canonical (z, x, y)
+    order."""
 
     z: int
     x: int
@@ -75,7 +76,8 @@ def scan_tiles(root: Path, memo: dict | None = None) -> Scan:
             if not _is_dir(x_entry) or not _is_index(x_entry.name):
                 strays.extend(_walk_all(x_entry, prefix))
                 continue
-            reread += _column(int(z_entry.name), x_entry, f"{prefix}/{x_entry.name}", tiles, strays, memo, fresh)
+            reread += _column(int(z_entry.name), x_entry, f"{prefix}/{x_entry.name}", tiles,
+                              strays, memo, fresh)
     tiles.sort()
     return Scan(tiles, sorted(strays), fresh, reread)
 
@@ -98,12 +100,15 @@ def write_memo(path: Path, scan: Scan) -> None:
         return
     from c10.store import atomic
 
-    atomic.write_bytes(path, marshal.dumps({"format": (MEMO_FORMAT, sys.version_info[:2]), "columns": scan.memo}))
+    atomic.write_bytes(path,
+                       marshal.dumps({"format": (MEMO_FORMAT, sys.version_info[:2]),
+                                      "columns": scan.memo}))
 
 
 def _column(z: int, x_entry: os.DirEntry, prefix: str, tiles: list, strays: list,
             memo: dict | None, fresh: dict | None) -> int:
-    """Add one column's tiles and strays, from the memo when its dir is unchanged; 1 if it was read."""
+    """Add one column's tiles and strays, from the memo when its dir is unchanged; 1 if it was
+    read."""
     if memo is None:
         _scan_column(z, x_entry, prefix, tiles, strays)
         return 1
@@ -125,16 +130,19 @@ def _column(z: int, x_entry: os.DirEntry, prefix: str, tiles: list, strays: list
 def _scan_column(z: int, x_entry: os.DirEntry, prefix: str, tiles: list, strays: list) -> None:
     # The hot loop of a no-op build (100k tiles): one scandir, d_type only, no per-file stat.
     x = int(x_entry.name)
-    limit = 1 << z if z <= 30 and x < (1 << z) else 0  # beyond the zoom's range: every file is a stray
+    # beyond the zoom's range: every file is a stray
+    limit = 1 << z if z <= 30 and x < (1 << z) else 0
     found = []
     with os.scandir(x_entry.path) as it:
         for entry in it:
             stem, _, ext = entry.name.partition(".")
-            if ext.lower() in TILE_EXTS and _is_index(stem) and entry.is_file(follow_symlinks=False):
+            named = ext.lower() in TILE_EXTS and _is_index(stem)
+            if named and entry.is_file(follow_symlinks=False):
                 found.append((int(stem), entry.name))
             else:
                 strays.extend(_walk_all(entry, prefix))
-    found.sort()  # by y, then name: of 2.jpg and 2.png the first name is the tile, the other a stray
+    # by y, then name: of 2.jpg and 2.png the first name is the tile, the other a stray
+    found.sort()
     last = -1
     for y, name in found:
         if y == last or y >= limit:
@@ -169,7 +177,8 @@ def _walk_all(entry: os.DirEntry, prefix: str) -> list[str]:
 
 
 def tile_ranges(bbox: tuple[float, float, float, float], z: int) -> tuple[int, int, int, int]:
-    """Inclusive (x_min, x_max, y_min, y_max) of the zoom-z tiles that intersect bbox, as mercantile.tiles()."""
+    """Inclusive (x_min, x_max, y_min, y_max) of the zoom-z tiles that intersect bbox, as
+    mercantile.tiles()."""
     lat_min, lon_min, lat_max, lon_max = bbox
     ul = mercantile.tile(lon_min, lat_max, z)
     lr = mercantile.tile(lon_max - EDGE_EPSILON, lat_min + EDGE_EPSILON, z)
@@ -214,7 +223,8 @@ def group_blocks(tiles: Iterable[Tile], block: int) -> dict[tuple[int, int, int]
     """Tiles grouped by block, keys and members in canonical order."""
     blocks: dict[tuple[int, int, int], list[Tile]] = {}
     for tile in tiles:
-        key = (tile[0], tile[1] // block, tile[2] // block)  # block_of(), inlined: 100k tiles per load
+        key = (tile[0], tile[1] // block,
+               tile[2] // block)  # block_of(), inlined: 100k tiles per load
         members = blocks.get(key)
         if members is None:
             blocks[key] = members = []

@@ -43,7 +43,8 @@ def keyid(public_key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
 
 def ssh_fingerprint(public_key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     """`SHA256:...` exactly as `ssh-keygen -lf` prints it, for operators to compare by eye."""
-    blob = b"".join(struct.pack(">I", len(part)) + part for part in (b"ssh-ed25519", raw_public(public_key)))
+    blob = b"".join(struct.pack(">I", len(part)) + part for part in (b"ssh-ed25519",
+                                                                     raw_public(public_key)))
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
@@ -65,7 +66,8 @@ def generate_key(path: Path, passphrase: bytes | None = None) -> str:
         if passphrase
         else serialization.NoEncryption()
     )
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            encryption)
     _create_exclusive(path, pem)
     return keyid(key)
 
@@ -207,16 +209,18 @@ def _parse_private_key(buf: bytearray, passphrase: bytes | None, path: Path) -> 
 def _passphrase_error(path: Path, *, encrypted: bool) -> SigningKeyError:
     if encrypted:
         return SigningKeyError(f"signing key {path} is encrypted and no passphrase was given; "
-                               f"give it through signing.passphrase_file in c10.toml or $C10_KEY_PASSPHRASE_FILE, "
-                               f"or at the prompt on a terminal")
+                               "give it through signing.passphrase_file in c10.toml or "
+                               f"$C10_KEY_PASSPHRASE_FILE, or at the prompt on a terminal")
     return SigningKeyError(f"signing key {path} is not encrypted but a passphrase was given; "
-                           f"remove signing.passphrase_file from c10.toml (and unset $C10_KEY_PASSPHRASE_FILE)")
+                           "remove signing.passphrase_file from c10.toml (and unset "
+                           "$C10_KEY_PASSPHRASE_FILE)")
 
 
 def _parse_error(path: Path, exc: ValueError) -> SigningKeyError:
     if "password" in str(exc).lower() or "decrypt" in str(exc).lower():
         return SigningKeyError(f"wrong passphrase for signing key {path}; retry with the right "
-                               f"one (signing.passphrase_file, $C10_KEY_PASSPHRASE_FILE or the prompt)")
+                               "one (signing.passphrase_file, $C10_KEY_PASSPHRASE_FILE or the "
+                               "prompt)")
     return SigningKeyError(f"signing key {path} is not a valid PEM private key; create one "
                            f"with `c10 keygen NEW_PATH`")
 
@@ -276,13 +280,15 @@ def load_operator_key(signing, cache_root: Path) -> Ed25519PrivateKey:
 
 
 def _passphrase(signing):
-    """From signing.passphrase_file, $C10_KEY_PASSPHRASE_FILE, or a prompt on a terminal; never argv."""
+    """From signing.passphrase_file, $C10_KEY_PASSPHRASE_FILE, or a prompt on a terminal; never
+    argv."""
     source = signing.passphrase_file or os.environ.get("C10_KEY_PASSPHRASE_FILE")
     if source:
         try:
             return Path(source).read_bytes().rstrip(b"\r\n")
         except OSError as exc:
-            raise SigningKeyError(f"{source}: cannot read the key passphrase file ({exc.strerror})") from None
+            raise SigningKeyError(f"{source}: cannot read the key passphrase file "
+                                  f"({exc.strerror})") from None
     if sys.stdin.isatty():  # asked only if the key turns out to be encrypted
         return lambda: getpass.getpass(f"passphrase for {signing.key}: ").encode()
     return None

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Iterable
 import blake3
 
 from c10.canonical import canonical_json
-from c10.store import atomic
 from c10.errors import ManifestWriteError, VerifyError
+from c10.store import atomic
 from c10.store.layout import ENVELOPE_NAME, MANIFEST_NAME, STAGING_DIR, is_control
 
-if TYPE_CHECKING:  # c10.trust.dsse (cryptography) is imported only to sign: a no-op build never does
+# c10.trust.dsse (cryptography) is imported only to sign: a no-op build never does
+if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 SCHEMA_VERSION = 1
@@ -123,7 +124,8 @@ def _check_files(files: list[FileEntry]) -> None:
             raise ManifestWriteError(f"cannot list {entry.path!r} in the Manifest: {problem}; "
                                      f"this is a bug in the task that declared it")
         if prev is not None and prev.path == entry.path:
-            raise ManifestWriteError(f"{entry.path} is declared twice; fix the duplicate task target")
+            raise ManifestWriteError(f"{entry.path} is declared twice; fix the duplicate task "
+                                     "target")
         if entry.size < 0 or len(entry.blake3) != 64:
             raise ManifestWriteError(f"{entry.path}: bad size/blake3 in its FileEntry")
 
@@ -147,7 +149,8 @@ def parse_time(text: str) -> datetime:
 # ---------------------------------------------------------------- bytes
 
 def dumps_manifest(manifest: dict) -> bytes:
-    """Canonical bytes: sorted keys, no spaces, UTF-8, files sorted by path, one trailing newline."""
+    """Canonical bytes: sorted keys, no spaces, UTF-8, files sorted by path, one trailing
+    newline."""
     body = dict(manifest)
     body["files"] = sorted(manifest.get("files", ()), key=lambda f: f["path"])
     body["engines"] = sorted(manifest.get("engines", ()), key=lambda e: e["path"])

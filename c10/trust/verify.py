@@ -14,14 +14,22 @@ from pathlib import Path
 import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from c10.store import atomic
 from c10.canonical import digest as key_digest
 from c10.errors import VerifyError
+from c10.store import atomic
 from c10.store.digest import MMAP_MIN, hash_fd, read_fd
-from c10.trust.manifest import is_safe_path, loads_manifest, parse_time, path_problem
-from c10.store.layout import (CONTROL_DIR, CONTROL_FILES, ENGINE_NAME, ENGINES_DIR, ENVELOPE_NAME, MANIFEST_NAME,
-                       is_control, split_tagged)
+from c10.store.layout import (
+    CONTROL_DIR,
+    CONTROL_FILES,
+    ENGINE_NAME,
+    ENGINES_DIR,
+    ENVELOPE_NAME,
+    MANIFEST_NAME,
+    is_control,
+    split_tagged,
+)
 from c10.trust.dsse import verify_envelope_signers
+from c10.trust.manifest import is_safe_path, loads_manifest, parse_time, path_problem
 
 # Stable: scripts and the aircraft's arming logic branch on these. Never renumber.
 EXIT_CODES: dict[str, int] = {
@@ -112,8 +120,9 @@ def _verify(root, trusted, now, state_path, airborne, threshold, start) -> Verif
 def _check_signature(root: Path, trusted, threshold) -> tuple[bytes, tuple[str, ...]]:
     if not trusted:
         raise VerifyError("no-trusted-keys", "no trusted keys given, so nothing can be verified; "
-                          "pass --trusted-keys FILE or copy the operator's public key into ~/.config/c10/trusted/ (never "
-                          "trust a key the cache names: c10.toml is unsigned)")
+                          "pass --trusted-keys FILE or copy the operator's public key into "
+                          "~/.config/c10/trusted/ (never trust a key the cache names: c10.toml is "
+                          "unsigned)")
     raw = _read_control(root, ENVELOPE_NAME)
     try:
         envelope = json.loads(raw)
@@ -137,7 +146,8 @@ def _read_control(root: Path, name: str) -> bytes:
     except OSError as exc:
         raise _open_failure(name, exc) from None
     if data is None:
-        raise VerifyError("special-file", f"{name} is not a regular file of sane size; {_REBUILD}", name)
+        raise VerifyError("special-file", f"{name} is not a regular file of sane size; {_REBUILD}",
+                          name)
     return data
 
 
@@ -369,10 +379,12 @@ def is_pending(root: Path, rel: str) -> bool:
     if split is not None:
         digest = _regular_file_hash(root / rel)
         return digest is not None and digest.startswith(split[1])
-    engine = ENGINE_NAME.match(rel.removeprefix(ENGINES_DIR + "/")) if rel.startswith(ENGINES_DIR + "/") else None
+    in_engines = rel.startswith(ENGINES_DIR + "/")
+    engine = ENGINE_NAME.match(rel.removeprefix(ENGINES_DIR + "/")) if in_engines else None
     if engine is None:  # (the name pattern has no "/": engines/ holds no subdirectories)
         return False
-    sidecar = _engine_sidecar(root / ENGINES_DIR / f"{engine['model']}-{engine['key']}.json", engine["key"])
+    sidecar = _engine_sidecar(root / ENGINES_DIR / f"{engine['model']}-{engine['key']}.json",
+                              engine["key"])
     if sidecar is None or engine["ext"] == "json":
         return sidecar is not None
     return sidecar.get("engine_blake3") == _regular_file_hash(root / rel)
@@ -390,7 +402,8 @@ def _engine_sidecar(path: Path, key: str) -> dict | None:
 
 
 def _regular_file_hash(path: Path) -> str | None:
-    """blake3 of a regular, singly linked file, opened without following symlinks; None otherwise."""
+    """blake3 of a regular, singly linked file, opened without following symlinks; None
+    otherwise."""
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError:
