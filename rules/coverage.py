@@ -67,11 +67,12 @@ def check_coverage() -> None:
 
 
 def _hashed_files(plan: Plan) -> set[str]:
-    """Every path the hash cache should still know: declared files, refs and their files, models."""
+    """Every path the hash cache should still know: declared files, refs and their files, models
+    (a committed file no ref names is dropped: nothing hashes it again)."""
     from c10.store.layout import ref_relpath
-    from c10.store.refs import committed_files, read_ref
+    from c10.store.refs import read_ref
 
-    keep = plan.declared() | set(committed_files(plan.root))
+    keep = plan.declared()
     for logical in plan.owned_logicals():
         keep.add(ref_relpath(logical))
         entry = read_ref(plan.root, logical)

@@ -110,23 +110,11 @@ def reusable_bytes(root: Path, logical: str) -> bytes | None:
     return data if blake3.blake3(data).hexdigest() == entry["blake3"] else None
 
 
-_COMMITTED: dict[tuple, dict[str, str]] = {}  # by Manifest.json's stat: queries ask per image
-
-
 def committed_files(root: Path) -> dict[str, str]:
     """Content-named path -> logical path of every shard and index file Manifest.json lists.
 
     Unverified: used only to keep those files alive and to locate them, never to trust them."""
-    path = Path(root) / MANIFEST_NAME
-    try:
-        st = path.stat()
-    except OSError:
-        return {}
-    key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
-    if key not in _COMMITTED:
-        _COMMITTED.clear()
-        _COMMITTED[key] = _read_committed(path)
-    return _COMMITTED[key]
+    return _read_committed(Path(root) / MANIFEST_NAME)
 
 
 def _read_committed(path: Path) -> dict[str, str]:

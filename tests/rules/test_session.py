@@ -1,0 +1,41 @@
+"""One run's state in one object: the collector comes back whatever happens, the hash cache forgets
+files the cache no longer has, and a run leaves nothing behind in the process."""
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+
+from c10.rules import session
+from c10.rules.driver import run_build
+from conftest import built
+
+
+def test_a_failed_plan_load_gives_the_collector_back(cache, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug while loading")
+
+    monkeypatch.setattr(session, "load_plan", broken)
+    build = session.Build(cache)
+    with pytest.raises(RuntimeError):
+        build.plan()
+    assert gc.isenabled()
+
+
+def test_a_run_ends_with_the_collector_on_and_no_build_left(cache, capsys):
+    built(cache, capsys)
+    assert gc.isenabled() and session.active() is None
+    assert run_build(cache, ["list"]) == 0
+    assert gc.isenabled() and session.active() is None
+
+
+def test_the_hash_cache_forgets_tiles_that_are_gone(cache, capsys):
+    built(cache, capsys)
+    hashes = cache / ".c10" / "hashes-tiles.json"
+    before = json.loads(hashes.read_bytes())
+    gone = sorted(before)[0]
+    (cache / gone).unlink()
+    built(cache, capsys)
+    after = json.loads(hashes.read_bytes())
+    assert gone not in after and set(after) == set(before) - {gone}
