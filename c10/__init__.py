@@ -1,6 +1,6 @@
 """c10: builds the signed offline takeoff cache of a GPS-denied UAV."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The seed's Python API, imported on first use: `import c10` stays light while the doit graph loads.
 _API = frozenset({
