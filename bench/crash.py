@@ -37,9 +37,9 @@ import json
 import os
 import random
 import re
-import statistics
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,9 +48,9 @@ from pathlib import Path
 
 import blake3
 
-from c10.tools import netgen, synth
-from c10.store.atomic import is_temp_name
 from c10.errors import VerifyError
+from c10.store.atomic import is_temp_name
+from c10.tools import netgen, synth
 from c10.tools.project import init_cache
 from c10.trust.keys import generate_key, keyid, load_signing_key, load_trusted_keys, public_key_pem
 from c10.trust.verify import verify_cache

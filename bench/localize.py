@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from c10.rules.driver import run_build
 
-from c10.tools import synth
-from c10.tools.demo import make_demo
 from c10.features.engines import EngineSpec, build_engine, get_backend, load_engine
 from c10.query.rerank import localize_test
-from c10.rules.driver import run_build
+from c10.tools import synth
+from c10.tools.demo import make_demo
 
 # (backend, deformable-conv form): the form each backend compiles, plus GridSample on onnxruntime
 # to show what the OpenVINO form costs there.

@@ -15,9 +15,9 @@ from pathlib import Path
 import blake3
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from c10.store.digest import MMAP_MIN
 from c10.trust import manifest as mf
 from c10.trust.keys import keyid
-from c10.store.digest import MMAP_MIN
 from c10.trust.verify import verify_cache
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small real cache (synthetic tiles, generated ONNX, real key) built by real doit runs."""
+"""Shared fixtures: a small real cache (synthetic tiles, generated ONNX, real key) built by real
+doit runs."""
 from __future__ import annotations
 
 import re
@@ -37,8 +38,8 @@ def inputs(tmp_path_factory) -> Path:
     return d
 
 
-def make_cache(root: Path, inputs: Path, key: tuple, *, block: int = 4, backend: str = "onnxruntime",
-               factory: str = "Flat") -> Path:
+def make_cache(root: Path, inputs: Path, key: tuple, *, block: int = 4,
+               backend: str = "onnxruntime", factory: str = "Flat") -> Path:
     """A cache dir with tiles, one global model and a c10.toml pointing at `key`."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(inputs / "tiles", root / "tiles")
@@ -47,7 +48,8 @@ def make_cache(root: Path, inputs: Path, key: tuple, *, block: int = 4, backend:
                key=str(key[0]), allowed=f'["{key[2]}"]')
     text = (root / "c10.toml").read_text()
     text = re.sub(r"\[models\.local\].*?(?=\[shards\])", "", text, flags=re.S)
-    text = text.replace("block = 16", f"block = {block}").replace('factory = "Flat"', f'factory = "{factory}"')
+    text = text.replace("block = 16", f"block = {block}").replace('factory = "Flat"',
+                                                               f'factory = "{factory}"')
     (root / "c10.toml").write_text(text)
     return root
 
@@ -95,7 +97,8 @@ def plan_of(root: Path):
 
 
 def current(root: Path, logical: str) -> Path:
-    """The content-named file the build's ref names for `logical` (e.g. shards/global/15/1-2.npy)."""
+    """The content-named file the build's ref names for `logical`
+    (e.g. shards/global/15/1-2.npy)."""
     from c10.store.refs import current_path
 
     path = current_path(root, logical)
@@ -106,5 +109,6 @@ def current(root: Path, logical: str) -> Path:
 def current_files(root: Path, top: str) -> dict[str, Path]:
     """logical path -> current file of every ref under .c10/refs/{top} (e.g. shards/global)."""
     refs = root / ".c10/refs"
-    logicals = [p.relative_to(refs).as_posix().removesuffix(".json") for p in sorted((refs / top).rglob("*.json"))]
+    logicals = [p.relative_to(refs).as_posix().removesuffix(".json")
+                for p in sorted((refs / top).rglob("*.json"))]
     return {rel: current(root, rel) for rel in logicals}

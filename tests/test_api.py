@@ -1,4 +1,5 @@
-"""The seed's CacheProvisioner through the Python API: CP-TC-1..11 and CP-INV-1/5, real doit runs."""
+"""The seed's CacheProvisioner through the Python API: CP-TC-1..11 and CP-INV-1/5, real doit
+runs."""
 from __future__ import annotations
 
 import hashlib
@@ -9,15 +10,30 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import BBOX, ZOOMS
 
 import c10
-from c10.api import (Bbox, BuildOutcome, BuildRequest, CacheProvisioner, DoitCacheProvisioner,
-                     EngineCompileRequest, SectorClassification, set_table_keys)
-from c10.errors import (BuildLockHeldError, CacheRootMissingError, ConfigError, DescriptorBatchError,
-                        EngineBuildError, ManifestCoverageError, ManifestWriteError)
-from c10.store.lock import BuildLock
+from c10.api import (
+    Bbox,
+    BuildOutcome,
+    BuildRequest,
+    CacheProvisioner,
+    DoitCacheProvisioner,
+    EngineCompileRequest,
+    SectorClassification,
+    set_table_keys,
+)
+from c10.errors import (
+    BuildLockHeldError,
+    CacheRootMissingError,
+    ConfigError,
+    DescriptorBatchError,
+    EngineBuildError,
+    ManifestCoverageError,
+    ManifestWriteError,
+)
 from c10.report import read_report
-from conftest import BBOX, ZOOMS
+from c10.store.lock import BuildLock
 
 
 @pytest.fixture
@@ -26,8 +42,10 @@ def impl() -> DoitCacheProvisioner:
 
 
 def request(cache: Path, key: tuple, **changes) -> BuildRequest:
-    values = dict(bbox=Bbox(*BBOX), zoom_levels=ZOOMS, sector_class=SectorClassification.STABLE_REAR,
-                  calibration_path=cache.parent / "no-int8-here.cache", cache_root=cache, key_path=key[0])
+    values = dict(bbox=Bbox(*BBOX), zoom_levels=ZOOMS,
+                  sector_class=SectorClassification.STABLE_REAR,
+                  calibration_path=cache.parent / "no-int8-here.cache", cache_root=cache,
+                  key_path=key[0])
     return BuildRequest(**(values | changes))
 
 
@@ -54,7 +72,8 @@ def test_cold_build_succeeds_and_reports(impl, cache, operator_key, capsys):  # 
     assert report.engines_built == 1 and report.engines_reused == 0
     assert report.descriptors_generated == tiles and report.shards_generated > 1
     assert report.manifest_path == cache / "Manifest.json"
-    assert report.manifest_hash == hashlib.sha256((cache / "Manifest.json").read_bytes()).hexdigest()
+    assert (report.manifest_hash
+            == hashlib.sha256((cache / "Manifest.json").read_bytes()).hexdigest())
     assert report.tiles_present == report.tiles_expected == tiles and report.tiles_missing == 0
     assert len(report.rebuilt_tiles) in (0, tiles)  # 0 until build_shard names its new tiles
     assert read_report(cache).outcome is BuildOutcome.SUCCESS
@@ -101,7 +120,8 @@ def test_incomplete_area_fails_only_when_required(impl, cache, operator_key, tmp
     report = impl.build_cache_artifacts(request(cache, operator_key))
     assert report.outcome is BuildOutcome.SUCCESS and report.tiles_missing == 1
     first = manifest(cache)
-    text = (cache / "c10.toml").read_text().replace("require_complete = false", "require_complete = true")
+    text = (cache / "c10.toml").read_text().replace("require_complete = false",
+                                                    "require_complete = true")
     (cache / "c10.toml").write_text(text)
     report = impl.build_cache_artifacts(request(cache, operator_key))
     assert report.outcome is BuildOutcome.FAILURE and report.error_type == "MissingTilesError"
@@ -116,7 +136,8 @@ def test_concurrent_build_raises_and_writes_nothing(impl, cache, operator_key): 
     try:
         before = snapshot(cache)
         with pytest.raises(BuildLockHeldError, match=f"pid {os.getpid()}"):
-            impl.build_cache_artifacts(request(cache, operator_key, sector_class=SectorClassification.ACTIVE_CONFLICT))
+            impl.build_cache_artifacts(request(cache, operator_key,
+                                               sector_class=SectorClassification.ACTIVE_CONFLICT))
         assert snapshot(cache) == before  # not even the request went into c10.toml
     finally:
         holder.release()
@@ -128,12 +149,14 @@ def test_orphan_raises_and_keeps_previous_manifest(impl, cache, operator_key):  
     (cache / "index" / "smuggled.bin").write_bytes(b"x")
     (cache / "models" / "extra.onnx").write_bytes(b"x")
     with pytest.raises(ManifestCoverageError, match="models/extra.onnx"):
-        impl.build_cache_artifacts(request(cache, operator_key, sector_class=SectorClassification.ACTIVE_CONFLICT))
+        impl.build_cache_artifacts(request(cache, operator_key,
+                                           sector_class=SectorClassification.ACTIVE_CONFLICT))
     assert manifest(cache) == before
     assert read_report(cache).error_type == "ManifestCoverageError"
 
 
-def test_key_outside_allowlist_raises_with_zero_writes(impl, cache, operator_key, tmp_path):  # CP-TC-7
+def test_key_outside_allowlist_raises_with_zero_writes(impl, cache, operator_key,
+                                                       tmp_path):  # CP-TC-7
     from c10.trust.keys import generate_key
 
     impl.build_cache_artifacts(request(cache, operator_key))
@@ -157,7 +180,8 @@ def test_engine_build_error_propagates_and_manifest_stays(impl, cache, operator_
     with pytest.raises(EngineBuildError, match="fp16"):
         impl.build_cache_artifacts(request(cache, operator_key))
     engines = sorted(p.name for p in (cache / "engines").iterdir())
-    assert len(engines) == 2 and all(n.startswith("global-") for n in engines)  # engine + sidecar, no temp
+    # engine + sidecar, no temp
+    assert len(engines) == 2 and all(n.startswith("global-") for n in engines)
     assert manifest(cache) == before
     assert read_report(cache).error_type == "EngineBuildError"
 
@@ -180,11 +204,13 @@ def test_compile_engines_only(impl, cache, operator_key):  # CP-TC-11
     assert entry.path.is_file() and entry.key in entry.path.name
     assert not (cache / "shards").exists() and not (cache / "Manifest.json").exists()
     assert not (cache / ".c10.lock").exists()  # no build lock taken
-    again = impl.compile_engines_for_corpus(EngineCompileRequest(cache_root=cache, models=("global",),
+    again = impl.compile_engines_for_corpus(EngineCompileRequest(cache_root=cache,
+                                                                 models=("global",),
                                                                  backend="onnxruntime"))
     assert again[0].built is False and again[0].path == entry.path
     report = impl.build_cache_artifacts(request(cache, operator_key))
-    assert (report.engines_built, report.engines_reused) == (0, 1)  # D-C10-6: reused, not recompiled
+    # D-C10-6: reused, not recompiled
+    assert (report.engines_built, report.engines_reused) == (0, 1)
 
 
 def test_compile_refuses_what_the_build_would_not_declare(impl, cache):
@@ -205,7 +231,8 @@ def test_missing_cache_root_is_never_created(impl, tmp_path, operator_key):  # C
 
 
 def test_request_is_written_into_c10_toml(impl, cache, operator_key):
-    req = request(cache, operator_key, sector_class=SectorClassification.ACTIVE_CONFLICT, zoom_levels=(15,))
+    req = request(cache, operator_key, sector_class=SectorClassification.ACTIVE_CONFLICT,
+                  zoom_levels=(15,))
     impl.build_cache_artifacts(req)
     text = (cache / "c10.toml").read_text()
     assert 'sector_class = "active_conflict"' in text and f'key = "{operator_key[0]}"' in text
@@ -217,16 +244,20 @@ def test_request_is_written_into_c10_toml(impl, cache, operator_key):
 def test_bad_request_is_refused_before_any_write(impl, cache, operator_key):
     before = snapshot(cache)
     with pytest.raises(ConfigError, match="area.bbox"):
-        impl.build_cache_artifacts(request(cache, operator_key, bbox=Bbox(50.5, 30.49, 50.4, 30.56)))
+        impl.build_cache_artifacts(request(cache, operator_key,
+                                           bbox=Bbox(50.5, 30.49, 50.4, 30.56)))
     with pytest.raises(ConfigError, match="zoom_levels"):
         impl.build_cache_artifacts(request(cache, operator_key, zoom_levels=()))
     assert snapshot(cache) == before
 
 
 def test_set_table_keys_keeps_comments_and_adds_missing_keys():
-    text = "# head\n[area]\n# the box\nbbox = [1, 2, 3, 4]  # old\nzooms = [15]\n\n[signing]\nvalidity_days = 3\n"
-    out = set_table_keys(text, "area", {"bbox": "[5.0, 6.0, 7.0, 8.0]", "sector_class": '"stable_rear"'})
+    text = ("# head\n[area]\n# the box\nbbox = [1, 2, 3, 4]  # old\nzooms = [15]\n\n"
+            "[signing]\nvalidity_days = 3\n")
+    out = set_table_keys(text, "area", {"bbox": "[5.0, 6.0, 7.0, 8.0]",
+                                        "sector_class": '"stable_rear"'})
     out = set_table_keys(out, "signing", {"key": '"/k.pem"'})
     out = set_table_keys(out, "engines", {"backend": '"auto"'})
     assert re.search(r"# the box\nbbox = \[5.0, 6.0, 7.0, 8.0\]\nzooms = \[15\]\nsector_class", out)
-    assert 'validity_days = 3\nkey = "/k.pem"' in out and out.endswith('[engines]\nbackend = "auto"\n')
+    assert ('validity_days = 3\nkey = "/k.pem"' in out
+            and out.endswith('[engines]\nbackend = "auto"\n'))

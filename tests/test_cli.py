@@ -5,9 +5,9 @@ import json
 import os
 
 import pytest
+from c10.rules.driver import run_build
 
 from c10.cli import main
-from c10.rules.driver import run_build
 from c10.trust.verify import EXIT_CODES
 
 
@@ -20,11 +20,13 @@ def built(cache, capsys):
 
 def verify(root, capsys, tmp_path, *extra, trust=None):
     keys = ["--trusted-keys", str(trust)] if trust else []
-    code = main(["verify", str(root), "--json", "--state", str(tmp_path / "state.json"), *keys, *extra])
+    code = main(["verify", str(root), "--json", "--state", str(tmp_path / "state.json"), *keys,
+                 *extra])
     return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_verify_trusts_only_keys_outside_the_cache(built, capsys, tmp_path, monkeypatch, operator_key):
+def test_verify_trusts_only_keys_outside_the_cache(built, capsys, tmp_path, monkeypatch,
+                                                   operator_key):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     assert main(["verify", str(built)]) != 0
     assert "no trusted keys" in capsys.readouterr().err
@@ -50,7 +52,8 @@ def test_verify_rejects_a_flipped_byte_with_its_exit_code(built, capsys, tmp_pat
 
 
 def test_verify_rejects_expired(built, capsys, tmp_path, operator_key):
-    code, out = verify(built, capsys, tmp_path, "--now", "2099-01-01T00:00:00+00:00", trust=operator_key[1])
+    code, out = verify(built, capsys, tmp_path, "--now", "2099-01-01T00:00:00+00:00",
+                       trust=operator_key[1])
     assert out["reason"] == "expired" and code == EXIT_CODES["expired"]
 
 

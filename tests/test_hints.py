@@ -16,12 +16,13 @@ SECTIONS = {"engines": config.Engines, "shards": config.Shards, "index": config.
             "signing": config.Signing, "executor": config.Executor}
 AREA = {"bbox", "zooms", "sector_class", "require_complete"}
 MODEL = {f.name for f in dataclasses.fields(config.Model)} - {"name"}
-KEY = re.compile(r"(?<![\w/.{-])(area|engines|models|shards|index|signing|executor)\.(\{[^}]*\}|[a-z_]+)"
+KEY = re.compile(r"(?<![\w/.{-])(area|engines|models|shards|index|signing|executor)\."
+                 r"(\{[^}]*\}|[a-z_]+)"
                  r"(?:\.([a-z_]+))?(?![\w/(])")
 C10 = re.compile(r"`c10 ((?:--)?[a-z][a-z-]*)([^`]*)`")
 DOIT = re.compile(r"`doit (-[a-zA-Z] \S+|[a-z_-]+)(?::\S*)?([^`]*)`")
-DOIT_COMMANDS = {"list", "info", "clean", "forget", "ignore", "dumpdb", "strace", "reset-dep", "run", "help",
-                 "auto"}
+DOIT_COMMANDS = {"list", "info", "clean", "forget", "ignore", "dumpdb", "strace", "reset-dep",
+                 "run", "help", "auto"}
 TASKS = {"build_cache", "engines", "shards", "index", "coverage", "manifest", "prune"}
 
 
@@ -34,8 +35,10 @@ def messages() -> list[tuple[str, str]]:
         inside = {id(v) for s in strings for v in s.values}
         for node in ast.walk(tree):
             if isinstance(node, ast.JoinedStr):
-                text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in inside:
+                text = "".join(v.value if isinstance(v, ast.Constant) else "{}"
+                               for v in node.values)
+            elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                  and id(node) not in inside):
                 text = node.value
             else:
                 continue
@@ -62,7 +65,8 @@ def test_every_config_key_named_exists():
 def _commands() -> dict[str, set[str]]:
     parser = _parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    flags = {name: {o for a in p._actions for o in a.option_strings} for name, p in sub.choices.items()}
+    flags = {name: {o for a in p._actions for o in a.option_strings}
+             for name, p in sub.choices.items()}
     flags[""] = {o for a in parser._actions for o in a.option_strings}
     return flags
 
@@ -73,7 +77,8 @@ def test_every_c10_command_and_flag_named_exists():
         for m in C10.finditer(text):
             name, rest = m.groups()
             command = "" if name.startswith("--") else name
-            used = set(re.findall(r"(?<![\w-])--?[a-z][a-z-]*", (name if not command else "") + rest))
+            used = set(re.findall(r"(?<![\w-])--?[a-z][a-z-]*",
+                                  (name if not command else "") + rest))
             if command not in commands or used - commands[command]:
                 wrong.append(f"{where}: {m.group(0)}")
     assert wrong == []
@@ -95,5 +100,6 @@ def test_every_doit_command_named_exists():
 def test_the_scanner_sees_the_messages():
     texts = [t for _, t in messages()]
     assert any("signing.allowed_keyids" in t for t in texts)
-    assert any("`c10 keygen" in t for t in texts) and any("`doit prune --apply`" in t for t in texts)
+    assert (any("`c10 keygen" in t for t in texts)
+            and any("`doit prune --apply`" in t for t in texts))
     assert not _key_ok("signing", "key_path", None) and _key_ok("models", "{}", "calibration")

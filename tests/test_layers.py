@@ -1,5 +1,6 @@
 """The house's layering, checked on the source: one installed package, imports in one direction,
-only the doit layer imports doit, the verifier imports only trust code, no import-time side effects."""
+only the doit layer imports doit, the verifier imports only trust code, no import-time side
+effects."""
 from __future__ import annotations
 
 import ast
@@ -42,7 +43,8 @@ def rank(module: str) -> int:
     best = None
     for i, names in enumerate(RANKS):
         for name in names:
-            if (module == name or module.startswith(name + ".")) and (best is None or len(name) > best[1]):
+            if ((module == name or module.startswith(name + "."))
+                    and (best is None or len(name) > best[1])):
                 best = (i, len(name))
     assert best is not None, module
     return best[0]
@@ -128,7 +130,8 @@ def test_only_the_doit_layer_imports_doit():
 
 
 def test_every_package_in_the_tree_is_installed():
-    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
     found = {module_name(p.parent / "__init__.py") for p in [*ROOT.glob("c10/**/__init__.py"),
                                                                *ROOT.glob("rules/__init__.py")]}
     assert listed == found
@@ -136,8 +139,8 @@ def test_every_package_in_the_tree_is_installed():
 
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=60)
 
 
 def test_no_top_level_rules_package(tmp_path):
@@ -153,13 +156,14 @@ def test_the_verifier_imports_only_trust_code(tmp_path):
     proc = _python(code, tmp_path)
     assert proc.returncode == 0, proc.stderr
     loaded = set(proc.stdout.split())
-    allowed = {"c10", "c10.errors", "c10.canonical", "c10.store", "c10.store.atomic", "c10.store.digest",
-               "c10.store.layout", "c10.trust", "c10.trust.dsse", "c10.trust.keys", "c10.trust.manifest",
-               "c10.trust.verify"}
+    allowed = {"c10", "c10.errors", "c10.canonical", "c10.store", "c10.store.atomic",
+               "c10.store.digest", "c10.store.layout", "c10.trust", "c10.trust.dsse",
+               "c10.trust.keys", "c10.trust.manifest", "c10.trust.verify"}
     assert loaded <= allowed, loaded - allowed
 
 
-@pytest.mark.parametrize("module", sorted(m for m in sources() if not m.startswith("c10.tools.export.")))
+@pytest.mark.parametrize("module", sorted(m for m in sources()
+                                          if not m.startswith("c10.tools.export.")))
 def test_importing_a_module_writes_nothing(module, tmp_path):
     """No import-time side effects: a module imported in a cache directory leaves it as it was."""
     (tmp_path / "c10.toml").write_text("[area]\nbbox = [50.0, 30.0, 50.1, 30.1]\nzooms = [15]\n")

@@ -14,7 +14,8 @@ IR_VERSION = 10
 
 def tiny_cnn(path: Path, size: int = 32, dim: int = 16, seed: int = 0,
              widths: tuple[int, ...] = (8, 16)) -> Path:
-    """A conv/relu stack, global pool and projection with a dynamic batch: [N,3,size,size] -> [N,dim]."""
+    """A conv/relu stack, global pool and projection with a dynamic batch:
+    [N,3,size,size] -> [N,dim]."""
     rng = np.random.default_rng(seed)
     nodes, weights, x, cin = [], [], "image", 3
     for i, width in enumerate(widths):
@@ -34,7 +35,8 @@ def tiny_cnn(path: Path, size: int = 32, dim: int = 16, seed: int = 0,
         nodes, "tiny_cnn",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
         [helper.make_tensor_value_info("descriptor", TensorProto.FLOAT, ["batch", dim])], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              ir_version=IR_VERSION)
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))

@@ -1,4 +1,4 @@
-"""Embedding on a Dask cluster: each worker runs the engine of its own host; descriptors come back."""
+"""Embedding on a Dask cluster: each worker runs its own host's engine; descriptors come back."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,13 +13,14 @@ from typing import Callable, Sequence
 import numpy as np
 
 from c10 import __version__
-from c10.store import atomic
 from c10.errors import C10Error, ConfigError, DescriptorBatchError, EngineBuildError
 from c10.features.embedding import embed_tiles, progress_bar
+from c10.store import atomic
 
 try:
     from distributed import WorkerPlugin
-except ImportError:  # the `cluster` extra is not installed: `connect` says so when a build asks for Dask
+except ImportError:
+    # the `cluster` extra is not installed: `connect` says so when a build asks for Dask
     WorkerPlugin = object
 
 # Model batches per Dask task: a worker decodes batch i+1 while its engine runs batch i, and a
@@ -53,8 +54,9 @@ class EngineOrder:
     def from_driver(cls, spec, backend_name: str, key: str, engine_path: Path) -> EngineOrder:
         from c10.features.engines import read_calibration, sidecar_path
 
-        return cls(backend_name, spec, key, Path(spec.onnx_path).read_bytes(), Path(engine_path).read_bytes(),
-                   sidecar_path(engine_path).read_bytes(), read_calibration(spec))
+        return cls(backend_name, spec, key, Path(spec.onnx_path).read_bytes(),
+                   Path(engine_path).read_bytes(), sidecar_path(engine_path).read_bytes(),
+                   read_calibration(spec))
 
 
 class EnginePlugin(WorkerPlugin):
@@ -99,8 +101,10 @@ def prepare_engine(order: EngineOrder, cache: Path) -> tuple[object, str]:
 
     if order.version != __version__:
         raise EngineBuildError(f"this Dask worker runs c10 {__version__} but the build runs c10 "
-                               f"{order.version}; install the same c10 on every worker and restart them")
-    backend = engines.get_backend(order.backend)  # not installed here: the error says how to install it
+                               f"{order.version}; install the same c10 on every worker and "
+                               "restart them")
+    # not installed here: the error says how to install it
+    backend = engines.get_backend(order.backend)
     spec = _local_spec(order, Path(cache))
     out_dir = Path(cache) / "engines"
     key = engines.engine_key(spec, backend)
@@ -109,7 +113,8 @@ def prepare_engine(order: EngineOrder, cache: Path) -> tuple[object, str]:
         path = engines.engine_path(out_dir, spec, backend)
         if key == order.key:
             _place_driver_engine(order, path)
-        path, _ = engines.build_engine(spec, backend, out_dir)  # reuses a valid one, else compiles here
+        # reuses a valid one, else compiles here
+        path, _ = engines.build_engine(spec, backend, out_dir)
     return engines.load_engine(path, spec, backend), key
 
 
@@ -133,7 +138,8 @@ def _place_driver_engine(order: EngineOrder, path: Path) -> None:
     if path.is_file() and sidecar.is_file():
         return
     atomic.write_bytes(path, order.engine)
-    atomic.write_bytes(sidecar, order.sidecar)  # last: an engine without its sidecar is never trusted
+    # last: an engine without its sidecar is never trusted
+    atomic.write_bytes(sidecar, order.sidecar)
 
 
 def _worker_runner(key: str) -> tuple[object, str]:
@@ -142,8 +148,8 @@ def _worker_runner(key: str) -> tuple[object, str]:
         if key not in _WORKER_RUNNERS:
             order = _WORKER_ORDERS.get(key)
             if order is None:
-                raise EngineBuildError(f"this Dask worker holds no engine order {key[:12]}; restart the "
-                                       f"workers ({_KEPT})")
+                raise EngineBuildError(f"this Dask worker holds no engine order {key[:12]}; "
+                                       f"restart the workers ({_KEPT})")
             _WORKER_RUNNERS[key] = prepare_engine(order, worker_cache_dir())
         return _WORKER_RUNNERS[key]
 
@@ -182,7 +188,8 @@ def connect(address: str, where: str) -> object:
         client = _CLIENTS.get(address)
         if client is None or client.status not in ("running", "connecting"):
             client = _CLIENTS[address] = _new_client(address, where)
-            _REGISTERED.difference_update({r for r in _REGISTERED if r[0] == address})  # maybe a new scheduler
+            # maybe a new scheduler
+            _REGISTERED.difference_update({r for r in _REGISTERED if r[0] == address})
         return client
 
 
@@ -191,18 +198,21 @@ def _new_client(address: str, where: str):
         from distributed import Client
     except ImportError:
         raise ConfigError("c10.toml executor.kind = \"dask\" needs Dask on this machine: "
-                          "pip install 'c10[cluster]' (and on every worker), or set executor.kind = \"local\"") from None
+                          "pip install 'c10[cluster]' (and on every worker), "
+                          "or set executor.kind = \"local\"") from None
     try:
         client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except (OSError, TimeoutError) as exc:
-        raise DescriptorBatchError(f"{where}: cannot reach the Dask scheduler {address} ({exc}); start it "
-                                   f"(`dask scheduler`) or fix executor.scheduler in c10.toml ({_KEPT})") from None
+        raise DescriptorBatchError(f"{where}: cannot reach the Dask scheduler {address} ({exc}); "
+                                   "start it (`dask scheduler`) or fix executor.scheduler in "
+                                   f"c10.toml ({_KEPT})") from None
     try:
         client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
     except TimeoutError:
         client.close()
         raise DescriptorBatchError(f"{where}: the Dask scheduler {address} has no workers after "
-                                   f"{CONNECT_TIMEOUT_S} s; start some (`dask worker {address}`) ({_KEPT})") from None
+                                   f"{CONNECT_TIMEOUT_S} s; start some (`dask worker {address}`) "
+                                   f"({_KEPT})") from None
     return client
 
 
@@ -247,7 +257,8 @@ class ClusterEmbedder:
         size = self.batch_size * BATCHES_PER_TASK
         chunks = [list(paths[i:i + size]) for i in range(0, len(paths), size)]
         token = uuid.uuid4().hex[:12]
-        futures = [self.client.submit(embed_batch, self.key, self.prep, self.batch_size, *self._payload(chunk),
+        futures = [self.client.submit(embed_batch, self.key, self.prep, self.batch_size,
+                                      *self._payload(chunk),
                                       key=f"{TASK_PREFIX}-{token}-{i}", pure=False)
                    for i, chunk in enumerate(chunks)]
         try:
@@ -276,10 +287,12 @@ class ClusterEmbedder:
                     advance(len(desc))
             except C10Error:
                 raise
-            except Exception as exc:  # a worker lost too often, the scheduler gone, a cancelled batch
+            except Exception as exc:
+                # a worker lost too often, the scheduler gone, a cancelled batch
                 raise DescriptorBatchError(
                     f"{self.label}: a batch of this block failed on the Dask cluster "
-                    f"({type(exc).__name__}: {exc}); check the workers (`dask worker` logs, memory limit), "
+                    f"({type(exc).__name__}: {exc}); check the workers "
+                    "(`dask worker` logs, memory limit), "
                     f"({_KEPT})") from None
         return np.concatenate([parts[f.key] for f in futures])
 
@@ -289,7 +302,8 @@ _NOTED: set[str] = set()
 
 def _note_foreign(keys: set[str]) -> None:
     """Say once per engine that another host's engine computed descriptors: they agree with this
-    host's only within the backends' numerical tolerance (a homogeneous cluster gives the same bytes)."""
+    host's only within the backends' numerical tolerance (a homogeneous cluster gives the same
+    bytes)."""
     for key in sorted(keys - _NOTED):
         _NOTED.add(key)
         print(f"note: Dask workers on another host compiled and used their own engine {key[:12]}")
@@ -301,8 +315,8 @@ def _read_tile(path: Path) -> bytes:
     except FileNotFoundError:
         raise DescriptorBatchError(f"{path}: tile vanished during the build") from None
     except OSError as exc:
-        raise DescriptorBatchError(f"{path}: cannot read this tile ({exc.strerror}); fix its permissions "
-                                   "or re-download it") from None
+        raise DescriptorBatchError(f"{path}: cannot read this tile ({exc.strerror}); "
+                                   "fix its permissions or re-download it") from None
 
 
 def cluster_embedder(executor, root: Path, label: str, engine: tuple, prep,
@@ -318,6 +332,7 @@ def cluster_embedder(executor, root: Path, label: str, engine: tuple, prep,
         client = connect(executor.scheduler, label)
         order = engine_order(*engine)
         _register(client, executor.scheduler, order)
-        return ClusterEmbedder(client, order.key, prep, batch_size, Path(root), label, worker_root)(paths)
+        return ClusterEmbedder(client, order.key, prep, batch_size, Path(root), label,
+                               worker_root)(paths)
 
     return embed

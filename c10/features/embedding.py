@@ -1,5 +1,4 @@
-"""Tiles through an engine: batched global descriptors and per-tile local features, every core
-either decoding or inferring."""
+"""Tiles through an engine: batched descriptors and local features, every core busy."""
 from __future__ import annotations
 
 import itertools
@@ -26,7 +25,8 @@ DECODE_THREADS = min(4, os.cpu_count() or 1)
 
 
 def embed_tiles(runner, paths: Sequence[Path], prep: Preprocessing, batch_size: int = 32,
-                workers: int | None = None, progress: Callable[[int], None] | None = None) -> np.ndarray:
+                workers: int | None = None,
+                progress: Callable[[int], None] | None = None) -> np.ndarray:
     """L2-normalised descriptors of `paths`, in order. Each worker takes a whole batch, decodes it
     into its own buffer and runs it on one of the engine's streams: every core is always either
     decoding or inferring, and no engine thread waits for a decoder on its core."""
@@ -68,15 +68,16 @@ def _batch(n: int, batch_size: int, workers: int) -> int:
 def _staggered(n: int, size: int, workers: int) -> list[int]:
     """Batch sizes (at most `size`) that start the workers a 1/workers batch apart and end them
     together: [size/2, size, ..., size, size/2] for two. In step, all would decode at once and
-    then all infer; staggered, one decodes while the others infer, which costs less CPU (measured
-    on 2 cores: a tile decodes in 0.65 ms beside another decoder, 0.55 ms beside inference;
-    embedding rose from 0.831 to 0.846 of the raw engine's rate with ONNX Runtime fp32 and from
-    0.585 to 0.615 with OpenVINO bf16, medians of interleaved rounds)."""
+    then all infer; staggered, one decodes while the others infer, which costs less CPU (measured:
+    a tile decodes faster beside inference than beside another decoder, and embedding came closer
+    to the raw engine's rate with ONNX Runtime fp32 and with OpenVINO bf16; figures in
+    docs/figures.md)."""
     plain = [min(size, n - i) for i in range(0, n, size)]
     if workers < 2 or size < workers or len(plain) < 2 * workers:
         return plain
     head = [size * (k + 1) // workers for k in range(workers - 1)]
-    middle, batches = n - size * (workers - 1), len(plain) - (workers - 1)  # head + tail: workers - 1 batches
+    # head + tail: workers - 1 batches
+    middle, batches = n - size * (workers - 1), len(plain) - (workers - 1)
     even = [middle // batches + (i < middle % batches) for i in range(batches)]
     return [*head, *even, *(size - h for h in head)]
 
@@ -84,16 +85,18 @@ def _staggered(n: int, size: int, workers: int) -> list[int]:
 _BUFFERS = threading.local()
 
 
-def _embed_batch(run: Callable[[np.ndarray], np.ndarray], paths: Sequence[Path], prep: Preprocessing,
-                 size: int) -> np.ndarray:
-    """One batch decoded into this worker's buffer (reused: fresh pages cost as much as a resize), then run."""
+def _embed_batch(run: Callable[[np.ndarray], np.ndarray], paths: Sequence[Path],
+                 prep: Preprocessing, size: int) -> np.ndarray:
+    """One batch decoded into this worker's buffer (reused: fresh pages cost as much as a resize),
+    then run."""
     shape = (size, *prep.shape)
     if getattr(_BUFFERS, "shape", None) != shape:
         _BUFFERS.shape, _BUFFERS.array = shape, np.empty(shape, np.float32)
     batch = _BUFFERS.array[:len(paths)]
     for j, path in enumerate(paths):
         load_tensor(path, prep, batch[j])
-    return np.array(run(batch), dtype=np.float32).reshape(len(paths), -1)  # a copy: the buffer is reused
+    # a copy: the buffer is reused
+    return np.array(run(batch), dtype=np.float32).reshape(len(paths), -1)
 
 
 def l2_normalize(desc: np.ndarray) -> np.ndarray:
@@ -126,12 +129,14 @@ def run_local(runner, batch: np.ndarray) -> Features:
     out = dict(zip(runner.output_names, runner.run({runner.input_names[0]: batch})))
     missing = [name for name in OUTPUTS if name not in out]
     if missing:
-        raise DescriptorBatchError(f"the local-feature engine has outputs {runner.output_names}, not "
-                                   f"{list(OUTPUTS)}", fix="export it with `c10 export-models CACHE`")
+        raise DescriptorBatchError(f"the local-feature engine has outputs {runner.output_names}, "
+                                   f"not {list(OUTPUTS)}",
+                                   fix="export it with `c10 export-models CACHE`")
     return Features(*(np.asarray(out[name], np.float32) for name in OUTPUTS))
 
 
-def extract_tiles(runner, paths: Sequence[Path], prep: Preprocessing, workers: int | None = None) -> Features:
+def extract_tiles(runner, paths: Sequence[Path], prep: Preprocessing,
+                  workers: int | None = None) -> Features:
     """Local features of `paths`, one image per call: each worker decodes a tile and runs it on
     one of the engine's streams (as embed_tiles does with batches), results in order."""
     if not paths:

@@ -6,10 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from c10.canonical import canonical_json, digest
-from c10.store.atomic import move_into, write_text
+from c10.errors import (
+    CalibrationCacheError,
+    ConfigError,
+    EngineBuildError,
+    EngineMismatchError,
+    ModelError,
+)
 from c10.features.backends import AUTO_ORDER, Backend, Runner, get_backend
-from c10.errors import (CalibrationCacheError, ConfigError, EngineBuildError,
-                        EngineMismatchError, ModelError)
+from c10.store.atomic import move_into, write_text
 from c10.store.digest import blake3_file
 from c10.store.layout import ENGINES_DIR, STAGING_DIR
 
@@ -114,7 +119,8 @@ def build_engine(spec: EngineSpec, backend: Backend, engines_dir: Path) -> tuple
         "engine_size": staged.stat().st_size,
         "engine_blake3": blake3_file(staged),
     }
-    write_text(sidecar_path(path), json.dumps(sidecar, sort_keys=True, indent=2) + "\n", staging=staged.parent)
+    write_text(sidecar_path(path), json.dumps(sidecar, sort_keys=True, indent=2) + "\n",
+               staging=staged.parent)
     move_into(staged, path)
     return path, True
 
@@ -134,7 +140,8 @@ def load_engine(path: Path, spec: EngineSpec, backend: Backend) -> Runner:
     if built_host != this_host:
         raise EngineMismatchError(
             f"engine {path} was built for another host or backend; built for "
-            f"{canonical_json(built_host).decode()}, this host is {canonical_json(this_host).decode()}; "
+            f"{canonical_json(built_host).decode()}, "
+            f"this host is {canonical_json(this_host).decode()}; "
             f"{rebuild} on this host")
     if sidecar.get("key") != engine_key(spec, backend):
         changed = sorted(k for k in here if built.get(k) != here[k])
@@ -177,8 +184,8 @@ def inspect_model(spec: EngineSpec) -> ModelInfo:
 
 def _model_info(proto) -> ModelInfo:
     weights = {init.name for init in proto.graph.initializer}
-    inputs = tuple((vi.name, tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                                   for d in vi.type.tensor_type.shape.dim))
+    inputs = tuple((vi.name, tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+                                   else None for d in vi.type.tensor_type.shape.dim))
                    for vi in proto.graph.input if vi.name not in weights)
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return ModelInfo(inputs, tuple(o.name for o in proto.graph.output), proto.ir_version, opset)
@@ -199,7 +206,8 @@ def _check_input_shape(spec: EngineSpec, info: ModelInfo) -> None:
 
 
 def read_calibration(spec: EngineSpec) -> bytes | None:
-    """The INT8 calibration cache bytes (None unless int8); missing/unreadable -> CalibrationCacheError."""
+    """The INT8 calibration cache bytes (None unless int8); missing/unreadable ->
+    CalibrationCacheError."""
     if spec.precision != "int8":
         return None
     where = f"models.{spec.model}.calibration"
@@ -220,12 +228,14 @@ def read_calibration(spec: EngineSpec) -> bytes | None:
 
 
 def check_calibration_for(spec: EngineSpec, data: bytes, tensor_names: list[str]) -> None:
-    """A TensorRT calibration cache names the tensors it calibrated: none of ours -> another model."""
+    """A TensorRT calibration cache names the tensors it calibrated: none of ours -> another
+    model."""
     lines = data.decode("latin-1").splitlines()
     cached = {line.split(":", 1)[0].strip() for line in lines[1:] if ":" in line}
     if not cached & set(tensor_names):
         raise CalibrationCacheError(
-            f"{spec.calibration_path}: this INT8 calibration cache ({lines[0][:60] if lines else ''}) "
+            f"{spec.calibration_path}: this INT8 calibration cache "
+            f"({lines[0][:60] if lines else ''}) "
             f"names none of the tensors of {spec.onnx_path.name} (inputs "
             f"{tensor_names[:3]}); it is for another model: regenerate it or fix "
             f"models.{spec.model}.calibration")

@@ -7,11 +7,11 @@ from typing import Sequence
 
 import numpy as np
 
-from c10.store import refs
 from c10.config import Index
 from c10.errors import IndexBuildError
-from c10.store.layout import index_relpaths
 from c10.features.shards import read_shard
+from c10.store import refs
+from c10.store.layout import index_relpaths
 
 IDS_DTYPE = np.dtype([("z", "<u1"), ("x", "<u4"), ("y", "<u4")])
 
@@ -21,7 +21,8 @@ def load_descriptors(shard_paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarra
     """Descriptors and tile ids of all shards, sorted by (z, x, y)."""
     parts = [read_shard(p) for p in shard_paths]
     if not parts or not sum(len(p) for p in parts):
-        raise IndexBuildError("no descriptors to index: no tiles in scope; fetch tiles into tiles/ first")
+        raise IndexBuildError("no descriptors to index: no tiles in scope; "
+                              "fetch tiles into tiles/ first")
     rows = np.concatenate(parts)
     rows = rows[np.lexsort((rows["y"], rows["x"], rows["z"]))]
     ids = np.zeros(len(rows), IDS_DTYPE)
@@ -39,8 +40,9 @@ def make_index(desc: np.ndarray, params: Index):
     try:
         index = faiss.index_factory(desc.shape[1], params.factory, metric)
     except RuntimeError as exc:
-        raise IndexBuildError(f"index.factory = {params.factory!r} is not a FAISS index_factory string "
-                              f"({str(exc).splitlines()[0]}); fix c10.toml") from None
+        raise IndexBuildError(f"index.factory = {params.factory!r} is not a FAISS "
+                              f"index_factory string ({str(exc).splitlines()[0]}); "
+                              "fix c10.toml") from None
     _set_hnsw(index, params, faiss)
     if not index.is_trained:
         index.train(desc)
@@ -56,7 +58,8 @@ def _set_hnsw(index, params: Index, faiss) -> None:
         hnsw.efSearch = params.ef_search
 
 
-def build_index(root: Path, model: str, shard_paths: Sequence[Path], params: Index) -> tuple[int, list[dict]]:
+def build_index(root: Path, model: str, shard_paths: Sequence[Path],
+                params: Index) -> tuple[int, list[dict]]:
     """Write the model's index and id map under their content names: (rows, their two entries)."""
     import faiss
 

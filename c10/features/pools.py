@@ -19,7 +19,8 @@ def worker_pool(name: str, threads: int) -> ThreadPoolExecutor:
 
 
 def _forget() -> None:
-    """In a forked child (`doit -n N` workers): the parent's threads and lock state did not come along."""
+    """In a forked child (`doit -n N` workers): the parent's threads and lock state did not come
+    along."""
     global _LOCK
     _POOLS.clear()
     _LOCK = threading.Lock()

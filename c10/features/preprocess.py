@@ -23,7 +23,8 @@ _FIX = "re-download or delete this tile"
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize to input_size, scale to [0, 1], subtract mean, divide by std (both in RGB), lay out CHW."""
+    """Resize to input_size, scale to [0, 1], subtract mean, divide by std (both in RGB), lay out
+    CHW."""
 
     input_size: tuple[int, int]  # (H, W)
     mean: tuple[float, float, float]
@@ -34,8 +35,9 @@ class Preprocessing:
     @classmethod
     def from_model(cls, model) -> "Preprocessing":
         if not model.input_size:
-            raise ConfigError(f"c10.toml `models.{model.name}.input_size` must be set for a {model.role!r} "
-                              "model (the size its tiles are resized to), e.g. input_size = [224, 224]")
+            raise ConfigError(f"c10.toml `models.{model.name}.input_size` must be set for a "
+                              f"{model.role!r} model (the size its tiles are resized to), "
+                              "e.g. input_size = [224, 224]")
         return cls(tuple(model.input_size), tuple(model.mean), tuple(model.std),
                    model.channel_order, model.resize)
 
@@ -45,7 +47,8 @@ class Preprocessing:
 
     @cached_property
     def affine(self) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
-        """(source channel, scale, offset) per output channel: x * scale + offset == (x / 255 - mean) / std."""
+        """(source channel, scale, offset) per output channel: x * scale + offset ==
+        (x / 255 - mean) / std."""
         src = (2, 1, 0) if self.channel_order == "bgr" else (0, 1, 2)
         mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
         scale = (1.0 / (255.0 * std)).astype(np.float32)
@@ -54,11 +57,12 @@ class Preprocessing:
 
 
 def decode(path: str | Path | io.BytesIO) -> np.ndarray:
-    """An image file's pixels as (H, W, 3) uint8 RGB, or DescriptorBatchError naming it and what to do.
-    JPEG through libjpeg-turbo straight into numpy (simplejpeg: the same pixels as Pillow's decode,
-    which bundles the same library, in ~0.3 ms instead of ~0.7 ms per 256 px tile with the array copy,
-    CPU the decode threads take from inference); anything else, or a JPEG simplejpeg refuses
-    (truncated, say), through Pillow, which decodes it or says why it cannot."""
+    """An image file's pixels as (H, W, 3) uint8 RGB, or DescriptorBatchError naming it and what to
+    do. JPEG through libjpeg-turbo straight into numpy (simplejpeg: the same pixels as Pillow's
+    decode, which bundles the same library, measured faster than Pillow's decode with its array
+    copy, CPU the decode threads take from inference; figures in docs/figures.md); anything else,
+    or a JPEG simplejpeg refuses (truncated, say), through Pillow, which decodes it or says why it
+    cannot."""
     try:
         data = path.getvalue() if isinstance(path, io.BytesIO) else Path(path).read_bytes()
     except FileNotFoundError:
@@ -81,7 +85,8 @@ def _plain_jpeg(data: bytes) -> bool:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return False
-    return colorspace in ("YCbCr", "Gray") and height * width <= (Image.MAX_IMAGE_PIXELS or height * width)
+    return (colorspace in ("YCbCr", "Gray")
+            and height * width <= (Image.MAX_IMAGE_PIXELS or height * width))
 
 
 def _pillow_rgb(data: bytes, path: str | Path) -> Image.Image:
@@ -92,7 +97,8 @@ def _pillow_rgb(data: bytes, path: str | Path) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise DescriptorBatchError(f"{path}: not a tile ({exc})", _FIX) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DescriptorBatchError(f"{path}: corrupt, truncated or not an image ({exc})", _FIX) from None
+        raise DescriptorBatchError(f"{path}: corrupt, truncated or not an image ({exc})",
+                                   _FIX) from None
 
 
 def open_tile(path: str | Path) -> Image.Image:
@@ -100,19 +106,22 @@ def open_tile(path: str | Path) -> Image.Image:
     return Image.fromarray(decode(path), "RGB")
 
 
-def to_tensor(img: Image.Image | np.ndarray, prep: Preprocessing, out: np.ndarray | None = None) -> np.ndarray:
+def to_tensor(img: Image.Image | np.ndarray, prep: Preprocessing,
+              out: np.ndarray | None = None) -> np.ndarray:
     """One RGB image (PIL, or (H, W, 3) uint8 pixels) resized and normalised into a float32 CHW
     array (into `out` when given)."""
     h, w = prep.input_size
     out = np.empty(prep.shape, np.float32) if out is None else out
-    pixels = img if isinstance(img, np.ndarray) else np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    pixels = img if isinstance(img, np.ndarray) else np.asarray(
+        img if img.mode == "RGB" else img.convert("RGB"))
     if pixels.shape[:2] != (h, w) and prep.resize in _FILTERS:
         return _resample(pixels, prep, out)
     if pixels.shape[:2] != (h, w):
         pixels = np.asarray(Image.fromarray(pixels, "RGB").resize((w, h), _RESAMPLE[prep.resize]))
     src, scale, offset = prep.affine
     # Two ufunc passes per channel straight from uint8: no float HWC copy, no transpose copy
-    # (4x faster than normalising a float image; numpy drops the GIL in both loops).
+    # (measured faster than normalising a float image, figure in docs/figures.md; numpy drops the
+    # GIL in both loops).
     for c in range(3):
         np.multiply(pixels[..., src[c]], scale[c], out=out[c])
         out[c] += offset[c]
@@ -127,9 +136,11 @@ def load_tensor(path: str | Path, prep: Preprocessing, out: np.ndarray | None = 
 # Bilinear and area resizes as two batched matmuls (BLAS, GIL released) instead of Pillow's
 # resize: Pillow's filter weights and support exactly, in float32 instead of Pillow's 8-bit
 # intermediate (within one grey level of it), with the normalisation folded into the weights.
-# Resize + normalise of a 256 px tile to 224: 0.25 ms of CPU instead of 0.9 ms, CPU the decode
-# threads would take from inference on the same cores (bench/embed.py).
-# Filters with negative lobes (bicubic, which Pillow clips at each pass) and nearest stay on Pillow.
+# Resize + normalise of a tile: measured cheaper in CPU than Pillow's resize, CPU the decode
+# threads would take from inference on the same cores (bench/embed.py; figures in
+# docs/figures.md).
+# Filters with negative lobes (bicubic, which Pillow clips at each pass) and nearest stay on
+# Pillow.
 _FILTERS = {"bilinear": (1.0, lambda x: np.maximum(1.0 - np.abs(x), 0.0)),
             "area": (0.5, lambda x: ((x > -0.5) & (x <= 0.5)).astype(np.float64))}
 _SCRATCH_MAX = 16 << 20  # bytes of per-thread float buffers kept between calls (tile-sized images)
@@ -154,7 +165,8 @@ class _Axis:
 
 
 def _coefficients(src: int, dst: int, resize: str) -> tuple[np.ndarray, np.ndarray]:
-    """Pillow's precompute_coeffs (libImaging/Resample.c): first input and weights of each output."""
+    """Pillow's precompute_coeffs (libImaging/Resample.c): first input and weights of each
+    output."""
     support, kernel = _FILTERS[resize]
     scale = src / dst
     stretch = max(scale, 1.0)
@@ -170,8 +182,8 @@ def _coefficients(src: int, dst: int, resize: str) -> tuple[np.ndarray, np.ndarr
 
 @functools.lru_cache(maxsize=64)
 def _axis(src: int, dst: int, resize: str) -> _Axis:
-    """The blocking with the fewest multiply-adds (a BLAS call costs ~64 of them): windows at a fixed
-    stride, so a strided view feeds the matmul without gathering."""
+    """The blocking with the fewest multiply-adds (a BLAS call costs ~64 of them): windows at a
+    fixed stride, so a strided view feeds the matmul without gathering."""
     first, weights = _coefficients(src, dst, resize)
     best = None
     for group in range(4, 17):
@@ -196,7 +208,8 @@ def _axis(src: int, dst: int, resize: str) -> _Axis:
 
 
 @functools.lru_cache(maxsize=16)
-def _plan(shape: tuple[int, int], prep: Preprocessing) -> tuple[_Axis, _Axis, np.ndarray, np.ndarray]:
+def _plan(shape: tuple[int, int],
+          prep: Preprocessing) -> tuple[_Axis, _Axis, np.ndarray, np.ndarray]:
     """Both passes for one image size, the scale of (x / 255 - mean) / std folded into the first."""
     (h, w), _, scale, _ = (prep.input_size, *prep.affine)
     ay, ax = _axis(shape[0], h, prep.resize), _axis(shape[1], w, prep.resize)
@@ -207,7 +220,8 @@ def _plan(shape: tuple[int, int], prep: Preprocessing) -> tuple[_Axis, _Axis, np
 class _Kernel:
     """One thread's resize of one geometry: its float buffers and the strided views the two matmuls
     read and write, made once. Fresh buffers cost a page fault per 4 KiB (as much as the resize
-    itself) and remaking the views costs a tenth of it (as_strided is slow)."""
+    itself) and remaking the views costs a share of it too (as_strided is slow; figure in
+    docs/figures.md)."""
 
     def __init__(self, shape: tuple[int, int], prep: Preprocessing) -> None:
         ay, ax, self.vertical, self.horizontal = _plan(shape, prep)
@@ -220,10 +234,12 @@ class _Kernel:
         interior = padded[:, ay.before:ay.before + shape[0], ax.before:ax.before + shape[1]]
         self.interior = interior[::-1] if prep.channel_order == "bgr" else interior
         c, r, k = padded.strides
-        self.rows_in = as_strided(padded, (3, ay.blocks, ay.span, cols), (c, ay.step * r, r, k), writeable=False)
+        self.rows_in = as_strided(padded, (3, ay.blocks, ay.span, cols), (c, ay.step * r, r, k),
+                                  writeable=False)
         self.rows_out = mid.reshape(3, ay.blocks, ay.group, -1)
         c, r, k = mid.strides
-        self.cols_in = as_strided(mid, (3, ax.blocks, mid.shape[1], ax.span), (c, ax.step * k, r, k), writeable=False)
+        self.cols_in = as_strided(mid, (3, ax.blocks, mid.shape[1], ax.span),
+                                  (c, ax.step * k, r, k), writeable=False)
         self.cols_out = res.reshape(3, res.shape[1], ax.blocks, ax.group).transpose(0, 2, 1, 3)
         self.crop, self.offset = res[:, :h, :w], prep.affine[2][:, None, None]
 

@@ -1,5 +1,4 @@
-"""Block shards: one block of tiles computed through an engine, with tile ids, sizes and hashes,
-byte-deterministic; one algorithm, two codecs (global descriptors, local features)."""
+"""Block shards, byte-deterministic: one algorithm, two codecs (descriptors, local features)."""
 from __future__ import annotations
 
 import io
@@ -51,8 +50,8 @@ class ShardStats:
     entry: dict | None = None  # the written file: path (content-named), size, blake3
 
 
-def build_shard(root: Path, logical: str, records: Sequence[TileRecord], compute: Compute, ident: str,
-                codec: Codec = DESCRIPTORS) -> ShardStats:
+def build_shard(root: Path, logical: str, records: Sequence[TileRecord], compute: Compute,
+                ident: str, codec: Codec = DESCRIPTORS) -> ShardStats:
     """Write one shard under its content name, computing only the tiles that the build's current
     shard of `logical` lacks for this identity; stats.entry names the new file (for its ref)."""
     previous = _previous_rows(refs.reusable_bytes(root, logical), bytes.fromhex(ident)[:8], codec)
@@ -64,8 +63,10 @@ def build_shard(root: Path, logical: str, records: Sequence[TileRecord], compute
             values[i] = tuple(column[j] for column in fresh)
     if len({tuple(v.shape for v in row) for row in values}) != 1:
         raise DescriptorBatchError(f"{logical}: the engine's {codec.what} shape differs from the "
-                                   "previous shard's", fix=f"remove its ref (`rm {ref_relpath(logical)}`)")
-    columns = [np.stack([row[c] for row in values]).astype(np.float32) for c in range(len(codec.columns))]
+                                   "previous shard's",
+                                   fix=f"remove its ref (`rm {ref_relpath(logical)}`)")
+    columns = [np.stack([row[c] for row in values]).astype(np.float32)
+               for c in range(len(codec.columns))]
     if not all(np.all(np.isfinite(column)) for column in columns):
         raise DescriptorBatchError(f"{logical}: the engine produced NaN/inf {codec.what}",
                                    fix="check the model")
@@ -76,13 +77,15 @@ def build_shard(root: Path, logical: str, records: Sequence[TileRecord], compute
 def pack_shard(records: Sequence[TileRecord], columns: Sequence[np.ndarray], ident: str,
                codec: Codec = DESCRIPTORS) -> bytes:
     """The shard file's bytes: .npy of rows in canonical (z, x, y) order (no pickle)."""
-    dtype = np.dtype(BASE_FIELDS + [(name, "<f4", col.shape[1:]) for name, col in zip(codec.columns, columns)])
+    dtype = np.dtype(BASE_FIELDS + [(name, "<f4", col.shape[1:])
+                                    for name, col in zip(codec.columns, columns)])
     rows = np.zeros(len(records), dtype)
     rows["z"] = [r.tile.z for r in records]
     rows["x"] = [r.tile.x for r in records]
     rows["y"] = [r.tile.y for r in records]
     rows["size"] = [r.size for r in records]
-    rows["blake3"] = np.frombuffer(bytes.fromhex("".join(r.blake3 for r in records)), np.uint8).reshape(-1, 32)
+    rows["blake3"] = np.frombuffer(bytes.fromhex("".join(r.blake3 for r in records)),
+                                   np.uint8).reshape(-1, 32)
     rows["ident"] = np.frombuffer(bytes.fromhex(ident)[:8], np.uint8)
     for name, column in zip(codec.columns, columns):
         rows[name] = column
@@ -115,11 +118,13 @@ def _previous_rows(data: bytes | None, tag: bytes, codec: Codec) -> dict:
 
 
 def tile_facts(path: str | Path) -> dict[tuple[int, int, int], tuple[int, str]]:
-    """(z, x, y) -> (size, blake3) of the tiles a shard was built from (the Manifest's tile entries)."""
+    """(z, x, y) -> (size, blake3) of the tiles a shard was built from (the Manifest's tile
+    entries)."""
     rows = read_shard(path)
     digests = rows["blake3"].tobytes().hex()
     ids = zip(rows["z"].tolist(), rows["x"].tolist(), rows["y"].tolist(), rows["size"].tolist())
-    return {(z, x, y): (size, digests[64 * i:64 * (i + 1)]) for i, (z, x, y, size) in enumerate(ids)}
+    return {(z, x, y): (size, digests[64 * i:64 * (i + 1)])
+            for i, (z, x, y, size) in enumerate(ids)}
 
 
 def tile_features(shard_paths: Iterable[Path], tiles: Iterable[tuple[int, int, int]]) -> dict:

@@ -1,4 +1,4 @@
-"""Re-rank retrieval by local matching: candidate tiles ordered by LightGlue matches with the query."""
+"""Re-rank retrieval by local matching: candidate tiles by LightGlue matches with the query."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,14 +32,17 @@ def count_matches(matcher, query: Features, tile: Features) -> int:
              "kpts1": tile.keypoints, "desc1": tile.descriptors}
     missing = [n for n in matcher.input_names if n not in feeds]
     if missing:
-        raise DescriptorBatchError(f"the matcher engine takes inputs {matcher.input_names}; c10 feeds "
-                                   f"{sorted(feeds)}", fix="export it with `c10 export-models CACHE`")
+        raise DescriptorBatchError(f"the matcher engine takes inputs {matcher.input_names}; "
+                                   f"c10 feeds {sorted(feeds)}",
+                                   fix="export it with `c10 export-models CACHE`")
     out = dict(zip(matcher.output_names,
-                   matcher.run({n: np.ascontiguousarray(feeds[n][None], np.float32) for n in matcher.input_names})))
+                   matcher.run({n: np.ascontiguousarray(feeds[n][None], np.float32)
+                                for n in matcher.input_names})))
     return int((np.asarray(out["matches"]) > -1).sum())
 
 
-def order_by_matches(matcher, query: Features, candidates: Sequence[tuple[tuple[int, int, int], float]],
+def order_by_matches(matcher, query: Features,
+                     candidates: Sequence[tuple[tuple[int, int, int], float]],
                      features: dict) -> list[Reranked]:
     """Candidates (tile id, similarity) in retrieval order -> Reranked, most matches first
     (ties keep retrieval order). `features` maps tile id -> Features from the local shards."""
@@ -49,25 +52,29 @@ def order_by_matches(matcher, query: Features, candidates: Sequence[tuple[tuple[
         if tile not in features:
             raise DescriptorBatchError(f"tile {tile} has no local features in the cache",
                                        then=BUILD_FIRST)
-        out.append(Reranked(tile, rank, float(similarity), count_matches(matcher, query, features[tile])))
+        out.append(Reranked(tile, rank, float(similarity),
+                            count_matches(matcher, query, features[tile])))
     return sorted(out, key=lambda v: (-v.matches, v.rank))
 
 
 class Reranker:
     """A cache's local-feature engine, its local shards and its matcher engine."""
 
-    def __init__(self, root: Path, local_runner, prep: Preprocessing, matcher_runner, local_model: str,
-                 block: int):
+    def __init__(self, root: Path, local_runner, prep: Preprocessing, matcher_runner,
+                 local_model: str, block: int):
         self.root, self.local_runner, self.prep = Path(root), local_runner, prep
         self.matcher_runner, self.local_model, self.block = matcher_runner, local_model, block
 
     def local_features(self, image: Image.Image) -> Features:
         return run_local(self.local_runner, to_tensor(image, self.prep)[None])[0]
 
-    def rerank(self, image: Image.Image, candidates: Sequence[tuple[tuple, float]]) -> list[Reranked]:
-        """Candidates (tile id, similarity) re-ranked by LightGlue matches with `image`, most first."""
+    def rerank(self, image: Image.Image,
+               candidates: Sequence[tuple[tuple, float]]) -> list[Reranked]:
+        """Candidates (tile id, similarity) re-ranked by LightGlue matches with `image`, most
+        first."""
         b = self.block
-        rels = sorted({shard_relpath(self.local_model, (z, x // b, y // b)) for (z, x, y), _ in candidates})
+        rels = sorted({shard_relpath(self.local_model, (z, x // b, y // b))
+                       for (z, x, y), _ in candidates})
         feats = tile_features(locate(self.root, rels).values(), [t for t, _ in candidates])
         return order_by_matches(self.matcher_runner, self.local_features(image), candidates, feats)
 
@@ -89,9 +96,10 @@ class LocalizeResult:
 
 def localize_test(searcher, reranker: Reranker, root: Path, n: int = 100, strength: str = "strong",
                   seed: int = 0, k: int = 5) -> LocalizeResult:
-    """Perturb n random indexed tiles (as `c10 selftest`), retrieve the top-k, re-rank by matches."""
-    from c10.store.tiles import TileId
+    """Perturb n random indexed tiles (as `c10 selftest`), retrieve the top-k, re-rank by
+    matches."""
     from c10.query.views import perturb
+    from c10.store.tiles import TileId
 
     rng = np.random.default_rng(seed)
     known = [t for t in (TileId(*(int(v) for v in r)) for r in searcher.ids) if t in searcher.paths]

@@ -1,4 +1,4 @@
-"""Queries on a built cache: embed images as the build embeds tiles, search the index, and the selftest."""
+"""Queries on a built cache: embed images as tiles are embedded, search the index, selftest."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -9,11 +9,9 @@ import numpy as np
 from PIL import Image
 
 from c10.errors import C10Error, DescriptorBatchError, IndexBuildError
-from c10.features.preprocess import Preprocessing, open_tile, to_tensor
 from c10.features.embedding import l2_normalize
+from c10.features.preprocess import Preprocessing, open_tile, to_tensor
 from c10.store.tiles import TileId, center_latlon
-
-Runner = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -31,13 +29,15 @@ class Hit:
 class Searcher:
     """One global model of a cache: its loaded engine, its preprocessing and its index."""
 
-    def __init__(self, runner: Runner, prep: Preprocessing, index, ids: np.ndarray, metric: str,
-                 paths: dict[TileId, str] | None = None, batch_size: int = 32):
+    def __init__(self, runner: Callable[[np.ndarray], np.ndarray], prep: Preprocessing, index,
+                 ids: np.ndarray, metric: str, paths: dict[TileId, str] | None = None,
+                 batch_size: int = 32):
         self.runner, self.prep, self.index, self.ids = runner, prep, index, ids
         self.metric, self.paths, self.batch_size = metric, paths or {}, batch_size
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Unit descriptors of decoded images: to_tensor, the engine, l2_normalize, as every shard."""
+        """Unit descriptors of decoded images: to_tensor, the engine, l2_normalize, as every
+        shard."""
         out = []
         for start in range(0, len(images), self.batch_size):
             part = images[start:start + self.batch_size]
@@ -53,7 +53,8 @@ class Searcher:
         values, rows = self.index.search(np.ascontiguousarray(desc, np.float32), k)
         # FAISS L2 gives squared distances; for unit vectors d^2 = 2 - 2 cos
         scores = values if self.metric == "ip" else 1.0 - values / 2.0
-        return [[self._hit(rank + 1, row, score) for rank, (row, score) in enumerate(zip(rs, ss)) if row >= 0]
+        return [[self._hit(rank + 1, row, score)
+                 for rank, (row, score) in enumerate(zip(rs, ss)) if row >= 0]
                 for rs, ss in zip(rows, scores)]
 
     def query_file(self, image: Path, k: int = 5) -> list[Hit]:
@@ -61,14 +62,15 @@ class Searcher:
         try:
             img = open_tile(image)
         except DescriptorBatchError as exc:  # its problem names the file; a query changes no tile
-            raise DescriptorBatchError(f"{exc.problem} (a query image)", "give a JPEG, PNG or WebP file",
-                                       then="") from None
+            raise DescriptorBatchError(f"{exc.problem} (a query image)",
+                                       "give a JPEG, PNG or WebP file", then="") from None
         return self.search(self.embed([img]), k)[0]
 
     def _hit(self, rank: int, row: int, score: float) -> Hit:
         tid = TileId(*map(int, self.ids[row]))
         lat, lon = center_latlon(tid)
-        return Hit(rank, *tid, round(lat, 7), round(lon, 7), round(float(score), 6), self.paths.get(tid))
+        return Hit(rank, *tid, round(lat, 7), round(lon, 7), round(float(score), 6),
+                   self.paths.get(tid))
 
 
 def load_index_checked(root: Path, model: str):
@@ -78,7 +80,8 @@ def load_index_checked(root: Path, model: str):
     try:
         return load_index(root, model)
     except (OSError, RuntimeError, ValueError, C10Error) as exc:
-        raise IndexBuildError(f"{root}: no readable index of model {model!r} ({str(exc).splitlines()[0]})",
+        raise IndexBuildError(f"{root}: no readable index of model {model!r} "
+                              f"({str(exc).splitlines()[0]})",
                               then=f"run `doit build_cache` in {root} first") from None
 
 
@@ -98,27 +101,32 @@ class SelftestResult:
         return data | {"misses": misses}
 
 
-def selftest(searcher: Searcher, root: Path, n: int = 100, strength: str = "mild", seed: int = 0) -> SelftestResult:
-    """Perturb n random indexed tiles like camera frames (c10.query.views.perturb), query, count the hits."""
+def selftest(searcher: Searcher, root: Path, n: int = 100, strength: str = "mild",
+             seed: int = 0) -> SelftestResult:
+    """Perturb n random indexed tiles like camera frames (c10.query.views.perturb), query, count the
+    hits."""
     from c10.query.views import perturb
 
     rng = np.random.default_rng(seed)
     indexed = (TileId(*map(int, row)) for row in searcher.ids)
     known = [tid for tid in indexed if tid in searcher.paths]
     if not known:
-        raise IndexBuildError(f"{root}: no indexed tile is on disk", then=f"run `doit build_cache` in {root} first")
+        raise IndexBuildError(f"{root}: no indexed tile is on disk",
+                              then=f"run `doit build_cache` in {root} first")
     picked = [known[i] for i in rng.choice(len(known), size=min(n, len(known)), replace=False)]
     images = [perturb(open_tile(root / searcher.paths[tid]), rng, strength) for tid in picked]
     found = searcher.search(searcher.embed(images), 5)
     top = [[(h.z, h.x, h.y) for h in hits] for hits in found]
     at1 = [t[:1] == [tuple(tid)] for t, tid in zip(top, picked)]
     at5 = [tuple(tid) in t for t, tid in zip(top, picked)]
-    return SelftestResult(len(picked), strength, seed, round(float(np.mean(at1)), 4), round(float(np.mean(at5)), 4),
+    return SelftestResult(len(picked), strength, seed, round(float(np.mean(at1)), 4),
+                          round(float(np.mean(at5)), 4),
                           [list(tid) for tid, ok in zip(picked, at1) if not ok])
 
 
 def format_hits(hits: Sequence[Hit]) -> str:
     lines = [f"{'rank':>4} {'z':>3} {'x':>8} {'y':>8} {'lat':>11} {'lon':>11} {'score':>7}  tile"]
-    lines += [f"{h.rank:>4} {h.z:>3} {h.x:>8} {h.y:>8} {h.lat:>11.6f} {h.lon:>11.6f} {h.score:>7.4f}  {h.path or '-'}"
+    lines += [f"{h.rank:>4} {h.z:>3} {h.x:>8} {h.y:>8} {h.lat:>11.6f} {h.lon:>11.6f} "
+              f"{h.score:>7.4f}  {h.path or '-'}"
               for h in hits]
     return "\n".join(lines)

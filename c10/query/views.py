@@ -1,5 +1,4 @@
-"""Camera-frame-like views of tiles (rotated crop, photometric change, noise, blur): what the
-selftests query with."""
+"""Camera-frame-like views of tiles (rotated crop, light, noise, blur) for the selftests."""
 from __future__ import annotations
 
 import math
@@ -33,7 +32,8 @@ def perturb(img: Image.Image, rng: np.random.Generator, strength: str = "mild") 
     return out
 
 
-def _rotated_crop(img: Image.Image, rng: np.random.Generator, keep: float, degrees: float) -> Image.Image:
+def _rotated_crop(img: Image.Image, rng: np.random.Generator, keep: float,
+                  degrees: float) -> Image.Image:
     """Sample a rotated square inside the image (no empty corners) and resample it to full size."""
     w, h = img.size
     theta = math.radians(rng.uniform(-degrees, degrees))
@@ -47,4 +47,5 @@ def _rotated_crop(img: Image.Image, rng: np.random.Generator, keep: float, degre
     a, b, d, e = s * cos, -s * sin, s * sin, s * cos
     c = cx - a * w / 2 - b * h / 2
     f = cy - d * w / 2 - e * h / 2
-    return img.transform((w, h), Image.Transform.AFFINE, (a, b, c, d, e, f), Image.Resampling.BILINEAR)
+    return img.transform((w, h), Image.Transform.AFFINE, (a, b, c, d, e, f),
+                         Image.Resampling.BILINEAR)

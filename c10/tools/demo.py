@@ -15,7 +15,8 @@ ZOOMS = (15, 16)
 
 
 def demo_bbox(tiles: int, zooms: tuple[int, ...] = ZOOMS) -> tuple[float, float, float, float]:
-    """A bbox around CENTER holding about `tiles` tiles over `zooms` (each zoom quarters the count)."""
+    """A bbox around CENTER holding about `tiles` tiles over `zooms` (each zoom quarters the
+    count)."""
     top = max(zooms)
     share = sum(4.0 ** (z - top) for z in zooms)
     side = math.sqrt(max(tiles, 4) / share)  # tiles per side at the top zoom
@@ -34,12 +35,14 @@ def demo_key_path(root: Path) -> Path:
     return base / "c10" / "demo-keys" / f"{root.resolve().name}-{tag}.pem"
 
 
-def make_demo(root: Path, build: Callable[[Path], int], *, tiles: int = 300, key: Path | None = None,
-              backend: str = "auto", real_models: bool = False, keypoints: int = 256) -> int:
+def make_demo(root: Path, build: Callable[[Path], int], *, tiles: int = 300,
+              key: Path | None = None, backend: str = "auto", real_models: bool = False,
+              keypoints: int = 256) -> int:
     """Create (or refresh) the demo cache at `root`, build it with `build` (the doit layer's
     run_build: this module stays doit-free), verify it, and say what was made.
 
-    real_models: pretrained ALIKED and ALIKED-LightGlue (c10 export-models) instead of generated networks."""
+    real_models: pretrained ALIKED and ALIKED-LightGlue (c10 export-models) instead of generated
+    networks."""
     root = Path(root)
     _check_target(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -59,14 +62,15 @@ def make_demo(root: Path, build: Callable[[Path], int], *, tiles: int = 300, key
 def _check_target(root: Path) -> None:
     """Never take over a directory the user made for something else."""
     if root.exists() and any(root.iterdir()) and not (root / "c10.toml").exists():
-        raise ConfigError(f"{root}: exists and is not a c10 cache; pick an empty or new directory for the demo")
+        raise ConfigError(f"{root}: exists and is not a c10 cache; "
+                          "pick an empty or new directory for the demo")
 
 
 def _prepare(root: Path, tiles: int, key: Path, backend: str, keypoints: int | None = None):
+    from c10.store import atomic
     from c10.tools import netgen, synth
     from c10.tools.project import init_cache
     from c10.trust.keys import generate_key, keyid, load_signing_key, public_key_pem
-    from c10.store import atomic
 
     bbox = demo_bbox(tiles)
     if not key.exists():
@@ -104,8 +108,10 @@ def _real_models(root: Path, keypoints: int) -> str:
     models = re.compile(r"\[models\.global\].*?(?=\[shards\])", re.S)
     text = (root / "c10.toml").read_text()
     found, template = models.search(text), models.search(CONFIG_TOML.format(**DEFAULTS))
-    if found and template and found.group(0) == template.group(0):  # after the export: a failure leaves it
-        atomic.write_text(root / "c10.toml", text.replace(found.group(0), models_toml(keypoints) + "\n"))
+    # after the export: a failure leaves it
+    if found and template and found.group(0) == template.group(0):
+        atomic.write_text(root / "c10.toml",
+                          text.replace(found.group(0), models_toml(keypoints) + "\n"))
     return f"pretrained ALIKED-n16 + ALIKED-LightGlue ({keypoints} keypoints)"
 
 
@@ -121,9 +127,11 @@ def _verify_and_report(root: Path, pub: Path, key: Path, prep_s: float, build_s:
     print(f"c10 demo: built {root} in {build_s:.1f} s (inputs made in {prep_s:.1f} s)")
     for sub in ("engines", "shards", "index"):
         files = [p for p in (root / sub).rglob("*") if p.is_file()]
-        print(f"  {sub + '/':9} {len(files):4d} files, {sum(p.stat().st_size for p in files) / 1e6:7.2f} MB")
+        print(f"  {sub + '/':9} {len(files):4d} files, "
+              f"{sum(p.stat().st_size for p in files) / 1e6:7.2f} MB")
     print(f"c10 verify: OK: Manifest v{result.version}, {result.files} files, "
           f"{result.bytes / 1e6:.1f} MB checked in {result.elapsed:.2f} s")
     print(f"next: c10 verify {root} --trusted-keys {pub}   # as the aircraft does")
-    print(f"      cd {root} && doit build_cache   # a no-op now; add tiles and it redoes only their blocks")
+    print(f"      cd {root} && doit build_cache   "
+          "# a no-op now; add tiles and it redoes only their blocks")
     return 0

@@ -1,4 +1,4 @@
-"""`c10 import DIR SOURCE`: tiles from MBTiles or an XYZ/TMS folder into tiles/, inside the request only."""
+"""`c10 import DIR SOURCE`: tiles from MBTiles or an XYZ/TMS folder, inside the request."""
 from __future__ import annotations
 
 import os
@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from c10.store import atomic
 from c10.config import load_config
 from c10.errors import TileError
-from c10.store.lock import BuildLock, require_cache_root
+from c10.store import atomic
 from c10.store.layout import TILE_EXTS, TILES_DIR
+from c10.store.lock import BuildLock, require_cache_root
 from c10.store.tiles import Scope, TileId, scan_tiles
 
 
@@ -20,7 +20,8 @@ class ImportResult:
     source: str
     kind: str                                        # "MBTiles", "XYZ folder" or "TMS folder"
     added: list[str] = field(default_factory=list)
-    identical: int = 0                               # same bytes already in the cache: left untouched
+    identical: int = 0                               # same bytes already in the cache: left
+                                                     # untouched
     replaced: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)  # a different tile is in the cache: kept
     invalid: list[str] = field(default_factory=list)    # not JPEG/PNG/WebP: not imported
@@ -28,11 +29,14 @@ class ImportResult:
 
     @property
     def seen(self) -> int:
-        return len(self.added) + self.identical + len(self.replaced) + len(self.conflicts) + len(self.invalid)
+        return (len(self.added) + self.identical + len(self.replaced) + len(self.conflicts)
+                + len(self.invalid))
 
 
-def import_tiles(root: Path, source: Path, *, tms: bool = False, replace: bool = False) -> ImportResult:
-    """Copy the source's tiles inside the request into tiles/; never overwrite a different tile unasked."""
+def import_tiles(root: Path, source: Path, *, tms: bool = False,
+                 replace: bool = False) -> ImportResult:
+    """Copy the source's tiles inside the request into tiles/; never overwrite a different tile
+    unasked."""
     root = require_cache_root(root)
     config = load_config(root)
     scope = Scope(config.area.bbox, config.area.zooms)
@@ -101,15 +105,16 @@ def mbtiles_rows(path: Path, scope: Scope) -> Iterator[tuple[TileId, bytes, str]
         conn = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
         total = conn.execute("select count(*) from tiles").fetchone()[0]
     except sqlite3.DatabaseError as exc:
-        raise TileError(f"{path}: not an MBTiles file ({exc}); pass a .mbtiles file with a `tiles` table "
-                        "or a tile folder") from None
+        raise TileError(f"{path}: not an MBTiles file ({exc}); "
+                        "pass a .mbtiles file with a `tiles` table or a tile folder") from None
     inside = 0
     try:
         for z, (x0, x1, y0, y1) in sorted(scope.ranges.items()):
             flip = 2 ** z - 1
             rows = conn.execute(
-                "select tile_column, tile_row, tile_data from tiles where zoom_level = ? and tile_column "
-                "between ? and ? and tile_row between ? and ? order by tile_column, tile_row",
+                "select tile_column, tile_row, tile_data from tiles where zoom_level = ? "
+                "and tile_column between ? and ? and tile_row between ? and ? "
+                "order by tile_column, tile_row",
                 (z, x0, x1, flip - y1, flip - y0))
             for x, row, data in rows:
                 inside += 1
@@ -120,7 +125,8 @@ def mbtiles_rows(path: Path, scope: Scope) -> Iterator[tuple[TileId, bytes, str]
 
 
 def folder_rows(path: Path, scope: Scope, tms: bool) -> Iterator[tuple[TileId, bytes, str] | int]:
-    """In-scope tiles of a {z}/{x}/{y}.ext folder (y from the south with tms), then the count outside."""
+    """In-scope tiles of a {z}/{x}/{y}.ext folder (y from the south with tms), then the count
+    outside."""
     outside = 0
     for rel, z, x, y in _walk(path):
         tile = TileId(z, x, 2 ** z - 1 - y if tms else y)
@@ -146,8 +152,9 @@ def _numbered(path: Path) -> list[int]:
 
 def summary(result: ImportResult, root: Path) -> str:
     lines = [f"c10 import: {result.seen} tile(s) of the request in {result.kind} {result.source}: "
-             f"{len(result.added)} added, {result.identical} identical (skipped), {len(result.replaced)} "
-             f"replaced, {len(result.conflicts)} different and kept; {result.outside} outside "
+             f"{len(result.added)} added, {result.identical} identical (skipped), "
+             f"{len(result.replaced)} replaced, {len(result.conflicts)} different and kept; "
+             f"{result.outside} outside "
              "area.bbox/zooms not imported"]
     lines += [f"  replaced: {rel}" for rel in result.replaced]
     lines += [f"  differs from the source, kept: {rel}" for rel in result.conflicts[:20]]
@@ -157,5 +164,6 @@ def summary(result: ImportResult, root: Path) -> str:
         lines.append("  re-run with --replace to overwrite them with the source's tiles")
     lines += [f"  not a JPEG/PNG/WebP tile, skipped: {where}" for where in result.invalid[:20]]
     if result.added or result.replaced:
-        lines.append(f"next: `c10 status {root}` shows what the build will redo; then `doit build_cache`")
+        lines.append(f"next: `c10 status {root}` shows what the build will redo; "
+                     "then `doit build_cache`")
     return "\n".join(lines)

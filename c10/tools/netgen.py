@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from c10.store.atomic import write_bytes
 from c10.errors import ModelError
+from c10.store.atomic import write_bytes
 
 # onnx 1.23 writes IR 14 by default; onnxruntime 1.31 reads at most IR 13 (DESIGN.md).
 IR_VERSION = 10
@@ -50,7 +50,8 @@ class _Graph:
     def conv(self, x: str, weight: np.ndarray, stride: int = 1) -> str:
         k = weight.shape[-1]
         w = self.const("w", weight.astype(np.float32))
-        return self.op("Conv", x, w, kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4)
+        return self.op("Conv", x, w, kernel_shape=[k, k], strides=[stride, stride],
+                       pads=[k // 2] * 4)
 
     def he(self, c_out: int, c_in: int, k: int = 3) -> np.ndarray:
         """He-normal weights, each filter made zero-mean so flat regions give no response."""
@@ -80,8 +81,8 @@ def _save(model: onnx.ModelProto, path) -> Path:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ModelError(f"generated network {model.graph.name} for {path} fails onnx.checker: {exc}; "
-                         "this is a c10 bug, report it with `c10 --version`") from exc
+        raise ModelError(f"generated network {model.graph.name} for {path} fails onnx.checker: "
+                         f"{exc}; this is a c10 bug, report it with `c10 --version`") from exc
     write_bytes(path, model.SerializeToString())
     return path
 
@@ -105,7 +106,8 @@ def gabor_bank(size: int = 7) -> np.ndarray:
     for sigma in (1.5, 3.0):
         blob = np.exp(-(xx**2 + yy**2) / (2 * sigma**2))
         blob /= np.linalg.norm(blob)
-        for colour in (np.array([1.0, -1.0, 0.0]) / math.sqrt(2), np.array([-0.5, -0.5, 1.0]) / math.sqrt(1.5)):
+        for colour in (np.array([1.0, -1.0, 0.0]) / math.sqrt(2),
+                       np.array([-0.5, -0.5, 1.0]) / math.sqrt(1.5)):
             filters += [colour[:, None, None] * blob, -colour[:, None, None] * blob]
     return np.stack(filters).astype(np.float32)
 
@@ -153,7 +155,8 @@ def write_local_model(path, *, input_size: int = 256, keypoints: int = 256, desc
                          g.const("k", np.array([k])), outputs=2, axis=1)
     px = g.op("Mod", index, g.const("w", np.array(s)))
     py = g.op("Div", index, g.const("w", np.array(s)))
-    xy = [g.op("Unsqueeze", g.op("Cast", c, to=TensorProto.FLOAT), g.const("ax", np.array([2]))) for c in (px, py)]
+    xy = [g.op("Unsqueeze", g.op("Cast", c, to=TensorProto.FLOAT), g.const("ax", np.array([2])))
+          for c in (px, py)]
     g.op("Concat", *xy, out="keypoints", axis=2)
     g.op("Sigmoid", values, out="scores")
     _descriptors_at(g, "image", px, py, s, k, desc_dim)
@@ -195,15 +198,18 @@ def write_matcher_model(path, *, keypoints: int = 256, desc_dim: int = 64, seed:
     g = _Graph(seed)
     k, d = keypoints, desc_dim
     w_in = g.const("w_in", (g.rng.standard_normal((d, d)) * 0.1 / math.sqrt(d)).astype(np.float32))
-    w_out = g.const("w_out", (g.rng.standard_normal((d, d)) * 0.1 / math.sqrt(d)).astype(np.float32))
+    w_out = g.const("w_out",
+                    (g.rng.standard_normal((d, d)) * 0.1 / math.sqrt(d)).astype(np.float32))
     p0, p1 = (g.op("Add", x, g.op("MatMul", x, w_in)) for x in ("desc0", "desc1"))
     m0 = _cross_attend(g, p0, p1, w_out, d)
     m1 = _cross_attend(g, p1, p0, w_out, d)
     m0, m1 = (g.op("LpNormalization", m, axis=2, p=2) for m in (m0, m1))
-    sim = g.op("Mul", g.op("MatMul", m0, g.op("Transpose", m1, perm=[0, 2, 1])), g.const("inv_t", np.float32(10.0)))
+    sim = g.op("Mul", g.op("MatMul", m0, g.op("Transpose", m1, perm=[0, 2, 1])),
+               g.const("inv_t", np.float32(10.0)))
     prob = g.op("Mul", g.op("Softmax", sim, axis=2), g.op("Softmax", sim, axis=1))
     _mutual_matches(g, prob, k)
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, k, d]) for n in ("desc0", "desc1")]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, k, d])
+              for n in ("desc0", "desc1")]
     outputs = [helper.make_tensor_value_info("matches", TensorProto.INT64, [1, k]),
                helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, k])]
     return _save(g.model(inputs, outputs, "c10_matcher"), path)
@@ -211,7 +217,8 @@ def write_matcher_model(path, *, keypoints: int = 256, desc_dim: int = 64, seed:
 
 def _cross_attend(g: _Graph, q: str, kv: str, w_out: str, d: int) -> str:
     """q + softmax(q kvᵀ / √d) kv W: symmetric, so a set matched with itself stays itself."""
-    logits = g.op("Mul", g.op("MatMul", q, g.op("Transpose", kv, perm=[0, 2, 1])), g.const("scale", np.float32(1 / math.sqrt(d))))
+    logits = g.op("Mul", g.op("MatMul", q, g.op("Transpose", kv, perm=[0, 2, 1])),
+                  g.const("scale", np.float32(1 / math.sqrt(d))))
     attended = g.op("MatMul", g.op("Softmax", logits, axis=2), kv)
     return g.op("Add", q, g.op("MatMul", attended, w_out))
 

@@ -1,4 +1,4 @@
-"""A cache directory's control files: the dodo.py, doit.cfg and commented c10.toml `c10 init` writes."""
+"""A cache's control files as `c10 init` writes them: dodo.py, doit.cfg, c10.toml."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,8 @@ from c10.store import atomic
 from c10.store.layout import CONFIG_NAME, CONTROL_DIR, DODO_NAME, DOIT_CFG_NAME
 from c10.store.lock import require_cache_root
 
-DODO_PY = '''"""This cache's build graph is c10's own: `doit list` shows it, `c10 init` wrote this file.
+DODO_PY = '''\
+"""This cache's build graph is c10's own: `doit list` shows it, `c10 init` wrote this file.
 
 doit loads the graph through c10's loader, which doit.cfg beside this file names: doit then
 imports nothing from this directory, so nothing planted here (bytecode, a module) can run in a
@@ -18,12 +19,14 @@ raise SystemExit("dodo.py: doit.cfg is missing here, so doit read this file inst
 '''
 
 # What `c10 init` wrote before c10 0.2 (it imported a top-level `rules`): replaced, never kept.
-OLD_DODO_PY = ('''"""The c10 build graph of this cache directory (written by `c10 init`): `doit list` shows the tasks."""
+OLD_DODO_PY = ('"""The c10 build graph of this cache directory (written by `c10 init`): '
+               '''`doit list` shows the tasks."""
 from rules import DOIT_CONFIG  # noqa: F401
 from rules.tasks import *  # noqa: F401,F403  (every task_* generator: the graph grows with c10)
 ''',)
 
-DOIT_CFG = '''# doit's settings for this cache (written by `c10 init`): load the build graph through c10's
+DOIT_CFG = '''\
+# doit's settings for this cache (written by `c10 init`): load the build graph through c10's
 # installed loader, never by importing a file from this directory (see dodo.py).
 [GLOBAL]
 loader = c10
@@ -92,7 +95,8 @@ validity_days = 30
 # [executor]
 # kind = "dask"                        # "local" (default) or "dask": workers of a Dask scheduler
 # scheduler = "tcp://10.0.0.5:8786"    # what `dask scheduler` prints; workers need c10 installed
-# tiles = "bytes"                      # "bytes": tiles travel to workers; "shared": workers read them
+# tiles = "bytes"                      # "bytes": tiles travel to workers; "shared": workers \
+read them
 # shared_root = "/mnt/sector-7"        # with tiles = "shared": this cache as the workers mount it
 '''
 
@@ -105,7 +109,8 @@ def init_cache(root: Path, **values) -> list[str]:
     an older c10's own dodo.py. Returns what was skipped."""
     root = require_cache_root(root)
     skipped = []
-    texts = {DODO_NAME: DODO_PY, DOIT_CFG_NAME: DOIT_CFG, CONFIG_NAME: CONFIG_TOML.format(**(DEFAULTS | values))}
+    texts = {DODO_NAME: DODO_PY, DOIT_CFG_NAME: DOIT_CFG,
+             CONFIG_NAME: CONFIG_TOML.format(**(DEFAULTS | values))}
     for name, text in texts.items():
         if (root / name).exists() and not _outdated(root / name):
             skipped.append(name)

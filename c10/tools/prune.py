@@ -1,16 +1,16 @@
-"""Stale derived files: engines of other keys and writers' leftovers, listed and removed only on request."""
+"""Stale derived files (engines of other keys, leftovers), listed, removed only on request."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from c10.store.atomic import is_temp_name
-from c10.store.orphans import walk_files
 from c10.store.layout import ENGINE_NAME, ENGINES_DIR
-
+from c10.store.orphans import walk_files
 
 
 def stale_files(root: Path, declared: set[str]) -> tuple[list[str], list[str]]:
-    """(stale, unknown): derived files c10 recognises but no task declares, and files it does not recognise."""
+    """(stale, unknown): derived files c10 recognises but no task declares, and files it does not
+    recognise."""
     stale, unknown = [], []
     if not (root / ENGINES_DIR).is_dir():
         return stale, unknown

@@ -5,18 +5,21 @@ from pathlib import Path
 
 # What each family's `uptodate` callables stand for when they say "not up to date".
 SETTINGS = {
-    "engines": "engine identity key changed (ONNX bytes, backend or its version, host, precision, workspace)",
+    "engines": ("engine identity key changed (ONNX bytes, backend or its version, host, "
+                "precision, workspace)"),
     "shards": "embedding identity changed (engine key or preprocessing)",
     "index": "index parameters changed (factory, metric, efConstruction, efSearch)",
     "manifest": "request, signing key or tile count changed",
 }
 CALLABLES = {"manifest_fresh": "the Manifest expires within a day: it is re-signed",
-             "refs_current": "its file is missing or damaged, or a stopped build left another one current"}
+             "refs_current": ("its file is missing or damaged, or a stopped build left another "
+                              "one current")}
 SHOWN = 3
 
 
 def plan(status: dict) -> list[dict]:
-    """Each task as {name, run: bool, why: [str], error: bool}, with reruns caused by rebuilt inputs."""
+    """Each task as {name, run: bool, why: [str], error: bool}, with reruns caused by rebuilt
+    inputs."""
     root = Path(status["root"])
     rebuilt: dict[str, str] = {}  # absolute path -> task that rewrites it
     out = []
@@ -24,7 +27,8 @@ def plan(status: dict) -> list[dict]:
         why = explain(task, root)
         error = task["status"] == "error"
         if task["status"] == "up-to-date":
-            inputs = [(d, rebuilt[_abs(root, d)]) for d in task["file_dep"] if _abs(root, d) in rebuilt]
+            inputs = [(d, rebuilt[_abs(root, d)]) for d in task["file_dep"]
+                      if _abs(root, d) in rebuilt]
             if inputs:
                 why = [f"input rebuilt first by {inputs[0][1]}: {_rel(root, inputs[0][0])}"
                        + (f" and {len(inputs) - 1} more" if len(inputs) > 1 else "")]
@@ -48,7 +52,8 @@ def explain(task: dict, root: Path) -> list[str]:
     why = []
     added = set(reasons.get("added_file_dep", ()))
     if added:  # doit also lists an added file as changed: say it once
-        reasons = {**reasons, "changed_file_dep": [p for p in reasons.get("changed_file_dep", ()) if p not in added]}
+        reasons = {**reasons, "changed_file_dep": [p for p in reasons.get("changed_file_dep", ())
+                                                   if p not in added]}
     for label, key in (("missing", "missing_target"), ("added", "added_file_dep"),
                        ("removed", "removed_file_dep"), ("changed", "changed_file_dep"),
                        ("MISSING INPUT (the build fails)", "missing_file_dep")):
@@ -57,7 +62,8 @@ def explain(task: dict, root: Path) -> list[str]:
     listed = reasons.get("added_file_dep") or reasons.get("removed_file_dep")
     for name in reasons.get("uptodate_false", []):
         if name == "config_changed":
-            if not (family == "shards" and listed):  # a shard's key holds its tile list: said already
+            # a shard's key holds its tile list: said already
+            if not (family == "shards" and listed):
                 why.append(SETTINGS.get(family, "settings changed"))
         else:
             why.append(CALLABLES.get(name, f"{name} says it is not up to date"))
@@ -88,7 +94,8 @@ def render(status: dict) -> str:
     todo = [s for s in steps if s["run"]]
     work = [s for s in todo if not s["name"].startswith("coverage")]
     head = (f"c10 status {status['root']}: "
-            + (f"a build would redo {len(work)} task(s)" if work else "up to date: a build changes nothing")
+            + (f"a build would redo {len(work)} task(s)" if work
+               else "up to date: a build changes nothing")
             + f"; {len(steps) - len(todo)} up to date")
     lines = [head]
     width = max((len(s["name"]) for s in todo), default=0)
@@ -105,12 +112,14 @@ def render(status: dict) -> str:
 def _gate(status: dict) -> list[str]:
     lines = []
     if status["dead"]:
-        lines.append(f"the build removes {len(status['dead'])} dead file(s): {_paths(Path('.'), status['dead'])}")
+        lines.append(f"the build removes {len(status['dead'])} dead file(s): "
+                     f"{_paths(Path('.'), status['dead'])}")
     if status["orphans"]:
         lines.append(f"the coverage gate would FAIL: {len(status['orphans'])} undeclared file(s): "
                      f"{_paths(Path('.'), status['orphans'])}")
     if status["tiles_present"] == 0:
-        lines.append(f"the build would FAIL: no tiles in scope; `c10 import {status['root']} SOURCE` first")
+        lines.append("the build would FAIL: no tiles in scope; "
+                     f"`c10 import {status['root']} SOURCE` first")
     return lines
 
 

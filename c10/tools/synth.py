@@ -11,8 +11,8 @@ import mercantile
 import numpy as np
 from PIL import Image
 
-from c10.store.atomic import write_bytes
 from c10.errors import ConfigError
+from c10.store.atomic import write_bytes
 
 PIL_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
@@ -66,7 +66,8 @@ def _unit(h: np.ndarray) -> np.ndarray:
     return (h & np.uint64(0xFFFFFF)).astype(np.float32) * np.float32(2.0 ** -24)
 
 
-def _cell_hash(key, cx: np.ndarray, cy: np.ndarray, depth: int = 1, k: np.ndarray | None = None) -> np.ndarray:
+def _cell_hash(key, cx: np.ndarray, cy: np.ndarray, depth: int = 1,
+               k: np.ndarray | None = None) -> np.ndarray:
     """Per-pixel hash of integer cells, hashing only the few distinct cells of the tile once."""
     x0, y0 = int(cx.min()), int(cy.min())
     gx = np.arange(x0, int(cx.max()) + 1)
@@ -124,7 +125,8 @@ class _Tile:
         return _fbm(self.key(layer), self.xs, self.ys, scale, octaves)
 
     def grid(self, cell: int, dx: np.ndarray | float = 0.0, dy: np.ndarray | float = 0.0):
-        """Cell index (int64) and in-cell position in [0, 1) of every pixel, for cells of `cell` px."""
+        """Cell index (int64) and in-cell position in [0, 1) of every pixel, for cells of `cell`
+        px."""
         qx, rx = divmod(self.x0, cell)
         qy, ry = divmod(self.y0, cell)
         u = (self.lx + np.float32(rx) + dx) / np.float32(cell)
@@ -144,7 +146,8 @@ def _fields(t: _Tile) -> tuple[np.ndarray, tuple]:
     strip = np.minimum(np.floor(along * strips).astype(np.int64), 2)
     field = _cell_hash(t.key("strip"), cx, cy, 3, strip)
     rgb = CROP_COLOURS[(field % np.uint64(len(CROP_COLOURS))).astype(np.int64)]
-    shade = (np.float32(0.9) + np.float32(0.2) * _unit(field >> np.uint64(3))) * _row_texture(t, field)
+    shade = ((np.float32(0.9) + np.float32(0.2) * _unit(field >> np.uint64(3)))
+             * _row_texture(t, field))
     rgb *= shade[..., None]
     edge = np.float32(1.2 / FIELD_CELL)
     hedge = (np.minimum(fx, 1 - fx) < edge) | (np.minimum(fy, 1 - fy) < edge)
@@ -166,7 +169,8 @@ def _row_texture(t: _Tile, field: np.ndarray) -> np.ndarray:
     slope_x = (cos / ROW_PERIODS[None, :]).astype(np.float32)
     slope_y = (sin / ROW_PERIODS[None, :]).astype(np.float32)
     phase = origin[a, p] + t.lx * slope_x[a, p] + t.ly * slope_y[a, p]
-    depth = np.float32(0.16) * _unit(field >> np.uint64(29)) * (_unit(field >> np.uint64(41)) > 0.25)
+    depth = (np.float32(0.16) * _unit(field >> np.uint64(29))
+             * (_unit(field >> np.uint64(41)) > 0.25))
     return np.float32(1) + depth * np.sin(np.float32(2 * np.pi) * phase)
 
 
@@ -189,8 +193,10 @@ def _roads(t: _Tile, grid: tuple) -> np.ndarray:
     """Roads along some field-grid lines, long and straight-ish, broken into segments."""
     cx, cy, fx, fy = grid
     bx, by = cx + (fx > 0.5), cy + (fy > 0.5)  # nearest grid line
-    v_on = (_unit(_cell_hash(t.key("vroad"), bx, bx * 0)) < 0.3) & (_unit(_cell_hash(t.key("vseg"), bx, cy)) < 0.8)
-    h_on = (_unit(_cell_hash(t.key("hroad"), by * 0, by)) < 0.3) & (_unit(_cell_hash(t.key("hseg"), cx, by)) < 0.8)
+    v_on = ((_unit(_cell_hash(t.key("vroad"), bx, bx * 0)) < 0.3)
+            & (_unit(_cell_hash(t.key("vseg"), bx, cy)) < 0.8))
+    h_on = ((_unit(_cell_hash(t.key("hroad"), by * 0, by)) < 0.3)
+            & (_unit(_cell_hash(t.key("hseg"), cx, by)) < 0.8))
     half = np.float32(2.6 / FIELD_CELL)
     return (v_on & (np.minimum(fx, 1 - fx) < half)) | (h_on & (np.minimum(fy, 1 - fy) < half))
 
@@ -218,12 +224,14 @@ def _buildings(t: _Tile, rgb: np.ndarray, keep_out: np.ndarray) -> None:
     caster, _, _ = _house_mask(t, density, SHADOW)
     roof &= ~keep_out
     rgb[caster & ~roof & ~keep_out] *= np.float32(0.45)
-    colour = ROOF_COLOURS[((h[roof] >> np.uint64(24)) % np.uint64(len(ROOF_COLOURS))).astype(np.int64)]
+    colour = ROOF_COLOURS[((h[roof] >> np.uint64(24))
+                           % np.uint64(len(ROOF_COLOURS))).astype(np.int64)]
     rgb[roof] = colour * np.where(half[roof], np.float32(0.82), np.float32(1.0))[:, None]
 
 
 def render_tile(z: int, x: int, y: int, *, size: int = 256, seed: int = 0) -> Image.Image:
-    """One synthetic aerial tile; deterministic for (seed, z, x, y, size), continuous across borders."""
+    """One synthetic aerial tile; deterministic for (seed, z, x, y, size), continuous across
+    borders."""
     t = _Tile(seed, z, x, y, size)
     rgb, grid = _fields(t)
     wood = _forest(t, rgb)
@@ -240,7 +248,8 @@ def render_tile(z: int, x: int, y: int, *, size: int = 256, seed: int = 0) -> Im
 
 
 def _grain(seed: int, z: int, x: int, y: int, size: int) -> np.ndarray:
-    """Sensor grain (luminance only: chroma grain costs 3x and JPEG drops it anyway)."""
+    """Sensor grain (luminance only: chroma grain costs more, figure in docs/figures.md, and JPEG
+    drops it anyway)."""
     rng = np.random.default_rng([seed, z, x, y])
     return rng.standard_normal((size, size, 1), dtype=np.float32) * np.float32(4.5)
 
@@ -254,7 +263,8 @@ def encode(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def tile_ids(bbox: tuple[float, float, float, float], zooms: Sequence[int]) -> list[tuple[int, int, int]]:
+def tile_ids(bbox: tuple[float, float, float, float],
+             zooms: Sequence[int]) -> list[tuple[int, int, int]]:
     """Sorted (z, x, y) of every XYZ tile touching bbox = (lat_min, lon_min, lat_max, lon_max)."""
     lat_min, lon_min, lat_max, lon_max = bbox
     if not (-85.06 <= lat_min < lat_max <= 85.06 and -180 <= lon_min < lon_max <= 180):

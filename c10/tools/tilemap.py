@@ -1,4 +1,4 @@
-"""`c10 map DIR -o map.png`: the requested area per zoom, its tiles present, missing and rebuilt last run."""
+"""`c10 map DIR -o map.png`: the area per zoom, its tiles present, missing, rebuilt."""
 from __future__ import annotations
 
 import math
@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from c10.store import atomic
 from c10.config import load_config
 from c10.report import read_report
+from c10.store import atomic
 from c10.store.tiles import Scope, scan_tiles
 
 PRESENT, REBUILT, MISSING = 1, 2, 3
-COLORS = {0: (255, 255, 255), PRESENT: (67, 160, 71), REBUILT: (30, 136, 229), MISSING: (229, 57, 53)}
+COLORS = {0: (255, 255, 255), PRESENT: (67, 160, 71), REBUILT: (30, 136, 229),
+          MISSING: (229, 57, 53)}
 LABELS = {PRESENT: "present", REBUILT: "rebuilt in the last build", MISSING: "missing"}
 OUTLINE, INK, GRID = (20, 20, 20), (33, 33, 33), (255, 255, 255)
 MAX_PANEL, MAX_CELL = 480, 40  # px of a panel's longer side; px of one tile at most
@@ -71,11 +72,13 @@ def render_map(root: Path) -> CoverageMap:
     grids = {z: _grid(z, scope.ranges[z], present, rebuilt) for z in cfg.area.zooms}
     font = _font(13)
     title = [f"c10 coverage map of {root.resolve()}  (north up)",
-             f"bbox lat {cfg.area.bbox[0]:.5f}..{cfg.area.bbox[2]:.5f}, lon {cfg.area.bbox[1]:.5f}.."
+             f"bbox lat {cfg.area.bbox[0]:.5f}..{cfg.area.bbox[2]:.5f}, "
+             f"lon {cfg.area.bbox[1]:.5f}.."
              f"{cfg.area.bbox[3]:.5f} (black outline); zooms {', '.join(map(str, cfg.area.zooms))}",
              _last_build(report)]
     width = max([p.size[0] + RIGHT for p, _ in grids.values()] + [560]) + 2 * MARGIN
-    height = MARGIN + LINE * (len(title) + 2) + sum(p.size[1] + LINE * 3 for p, _ in grids.values()) + MARGIN
+    height = (MARGIN + LINE * (len(title) + 2)
+              + sum(p.size[1] + LINE * 3 for p, _ in grids.values()) + MARGIN)
     image = Image.new("RGB", (width, height), COLORS[0])
     draw = ImageDraw.Draw(image)
     y = MARGIN
@@ -96,7 +99,8 @@ def save_map(root: Path, out: Path) -> CoverageMap:
     return result
 
 
-def _grid(z: int, ranges: tuple[int, int, int, int], present: set, rebuilt: set) -> tuple[Panel, np.ndarray]:
+def _grid(z: int, ranges: tuple[int, int, int, int], present: set,
+          rebuilt: set) -> tuple[Panel, np.ndarray]:
     """Cell statuses of one zoom; a cell of k x k tiles is missing if any of its tiles is."""
     x0, x1, y0, y1 = ranges
     nx, ny = x1 - x0 + 1, y1 - y0 + 1
@@ -129,10 +133,12 @@ def _legend(draw: ImageDraw.ImageDraw, font, y: int, grids: dict) -> int:
 def _panel(image: Image.Image, draw: ImageDraw.ImageDraw, font, panel: Panel, cells: np.ndarray,
            bbox: tuple[float, float, float, float], y: int) -> int:
     c = panel.counts
-    draw.text((MARGIN, y), f"zoom {panel.z}: x {panel.x0}..{panel.x0 + panel.nx - 1}, y {panel.y0}.."
-              f"{panel.y0 + panel.ny - 1}: {c[PRESENT] + c[REBUILT]} of {panel.nx * panel.ny} present, "
-              f"{c[MISSING]} missing, {c[REBUILT]} rebuilt" + (f" ({panel.k}x{panel.k} tiles per pixel)"
-                                                             if panel.k > 1 else ""), fill=INK, font=font)
+    draw.text((MARGIN, y), f"zoom {panel.z}: x {panel.x0}..{panel.x0 + panel.nx - 1}, "
+              f"y {panel.y0}..{panel.y0 + panel.ny - 1}: "
+              f"{c[PRESENT] + c[REBUILT]} of {panel.nx * panel.ny} present, "
+              f"{c[MISSING]} missing, {c[REBUILT]} rebuilt"
+              + (f" ({panel.k}x{panel.k} tiles per pixel)" if panel.k > 1 else ""),
+              fill=INK, font=font)
     panel.left, panel.top = MARGIN, y + LINE + LINE // 2
     lut = np.array([COLORS[i] for i in range(4)], np.uint8)
     grid = Image.fromarray(lut[cells], "RGB").resize(panel.size, Image.NEAREST)
@@ -140,15 +146,19 @@ def _panel(image: Image.Image, draw: ImageDraw.ImageDraw, font, panel: Panel, ce
     if panel.cell >= 8:  # tile borders, so single tiles can be counted
         w, h = panel.size
         for i in range(1, cells.shape[1]):
-            draw.line([(panel.left + i * panel.cell, panel.top), (panel.left + i * panel.cell, panel.top + h - 1)], fill=GRID)
+            draw.line([(panel.left + i * panel.cell, panel.top),
+                       (panel.left + i * panel.cell, panel.top + h - 1)], fill=GRID)
         for j in range(1, cells.shape[0]):
-            draw.line([(panel.left, panel.top + j * panel.cell), (panel.left + w - 1, panel.top + j * panel.cell)], fill=GRID)
+            draw.line([(panel.left, panel.top + j * panel.cell),
+                       (panel.left + w - 1, panel.top + j * panel.cell)], fill=GRID)
     _bbox(draw, font, panel, bbox)
     return panel.top + panel.size[1] + LINE + LINE // 2
 
 
-def _bbox(draw: ImageDraw.ImageDraw, font, panel: Panel, bbox: tuple[float, float, float, float]) -> None:
-    """The requested bbox as an outline, labelled with its latitudes (right) and longitudes (below)."""
+def _bbox(draw: ImageDraw.ImageDraw, font, panel: Panel,
+          bbox: tuple[float, float, float, float]) -> None:
+    """The requested bbox as an outline, labelled with its latitudes (right) and longitudes
+    (below)."""
     lat_min, lon_min, lat_max, lon_max = bbox
     (x0, y0), (x1, y1) = panel.pixel(lat_max, lon_min), panel.pixel(lat_min, lon_max)
     draw.rectangle([round(x0), round(y0), round(x1), round(y1)], outline=OUTLINE, width=2)
@@ -160,7 +170,8 @@ def _bbox(draw: ImageDraw.ImageDraw, font, panel: Panel, bbox: tuple[float, floa
     draw.text((x0, below), left, fill=INK, font=font)
     text = f"lon {lon_max:.5f} ^"
     at = x1 - draw.textlength(text, font=font)
-    if at < x0 + draw.textlength(left, font=font) + 12:  # a narrow bbox: east label after the west one
+    # a narrow bbox: east label after the west one
+    if at < x0 + draw.textlength(left, font=font) + 12:
         text, at = f"..{lon_max:.5f} (east edge)", x0 + draw.textlength(left, font=font) + 6
     draw.text((at, below), text, fill=INK, font=font)
 

@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 from tiny_models import images, reference, row_cosine, spec_for
 
+from c10.errors import CalibrationCacheError, ConfigError, EngineBuildError, EngineMismatchError
 from c10.features import backends
 from c10.features.backends.onnxruntime import OnnxRuntimeBackend, ort_streams
 from c10.features.backends.openvino import OpenVinoBackend
 from c10.features.backends.tensorrt import TensorRTBackend
 from c10.features.engines import build_engine, engine_key, get_backend, load_engine, sidecar_path
-from c10.errors import CalibrationCacheError, ConfigError, EngineBuildError, EngineMismatchError
-
 
 # --- OpenVINO (real runs) ------------------------------------------------------------------
 
@@ -43,12 +42,15 @@ def test_openvino_engine_agrees_with_fp32_reference(tmp_path, onnx_file, precisi
         assert row_cosine(out, reference(onnx_file, batch)).min() >= 0.999
 
 
-@pytest.mark.parametrize("backend", [OnnxRuntimeBackend(), OpenVinoBackend()], ids=["onnxruntime", "openvino"])
+@pytest.mark.parametrize("backend", [OnnxRuntimeBackend(), OpenVinoBackend()],
+                         ids=["onnxruntime", "openvino"])
 def test_streams_run_at_once_and_a_batch_split_over_them_is_the_whole(tmp_path, onnx_file, backend):
-    """Embedding workers call run_stream from several threads; runner(batch) splits over the streams."""
+    """Embedding workers call run_stream from several threads; runner(batch) splits over the
+    streams."""
     spec = spec_for(onnx_file, batch=(1, 8, 16))
     runner = load_engine(build_engine(spec, backend, tmp_path)[0], spec, backend)
-    assert runner.streams == (ort_streams(os.cpu_count())[0] if backend.name == "onnxruntime" else runner.streams) >= 1
+    assert runner.streams == (ort_streams(os.cpu_count())[0] if backend.name == "onnxruntime"
+                              else runner.streams) >= 1
     batches = [images(8, seed=s) for s in range(6)]
     alone = [runner.stream(b) for b in batches]
     with ThreadPoolExecutor(3) as pool:
@@ -60,7 +62,8 @@ def test_streams_run_at_once_and_a_batch_split_over_them_is_the_whole(tmp_path, 
     np.testing.assert_allclose(runner(batches[0]), alone[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("cpus, want", [(1, (1, 1)), (2, (2, 1)), (8, (8, 1)), (12, (8, 2)), (64, (8, 8))])
+@pytest.mark.parametrize("cpus, want", [(1, (1, 1)), (2, (2, 1)), (8, (8, 1)), (12, (8, 2)),
+                                        (64, (8, 8))])
 def test_ort_runs_one_thread_per_stream_up_to_a_cap(cpus, want):
     assert ort_streams(cpus) == want
 
@@ -121,7 +124,8 @@ def test_unknown_backend_is_a_config_error():
 
 def test_named_backends_are_shared_so_probing_happens_once():
     assert get_backend("onnxruntime") is get_backend("onnxruntime")
-    assert get_backend("openvino").suffix == ".blob" and get_backend("onnxruntime").suffix == ".onnx"
+    assert (get_backend("openvino").suffix == ".blob"
+            and get_backend("onnxruntime").suffix == ".onnx")
 
 
 def test_graph_load_path_imports_no_heavy_library():
@@ -181,8 +185,10 @@ def test_tensorrt_key_follows_sm_and_flags_not_gpu_name_or_driver(onnx_file):
 
 
 def test_tensorrt_int8_key_follows_the_calibration_cache(tmp_path, onnx_file):
-    spec = spec_for(onnx_file, precision="int8", calibration_path=tmp_path / "c", calibration_hash="a")
-    assert engine_key(spec, fake_trt()) != engine_key(replace(spec, calibration_hash="b"), fake_trt())
+    spec = spec_for(onnx_file, precision="int8", calibration_path=tmp_path / "c",
+                    calibration_hash="a")
+    assert (engine_key(spec, fake_trt())
+            != engine_key(replace(spec, calibration_hash="b"), fake_trt()))
 
 
 def test_tensorrt_timing_cache_is_keyed_by_version_sm_and_cuda(tmp_path):

@@ -1,5 +1,6 @@
-"""The embedding stage on a real Dask LocalCluster (2 worker processes): same bytes as a local build,
-a worker killed mid-build retried or failed cleanly, engines prepared for each worker's own host."""
+"""The embedding stage on a real Dask LocalCluster (2 worker processes): same bytes as a local
+build, a worker killed mid-build retried or failed cleanly, engines prepared for each worker's own
+host."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,13 +16,14 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from c10.features import cluster, engines  # noqa: E402
+from c10.rules.driver import run_build  # noqa: E402
+from conftest import executed, make_cache  # noqa: E402
+
 from c10.config import load_config  # noqa: E402
 from c10.errors import ConfigError  # noqa: E402
-from c10.rules.driver import run_build  # noqa: E402
+from c10.features import cluster, engines  # noqa: E402
 from c10.trust.keys import load_trusted_keys  # noqa: E402
 from c10.trust.verify import verify_cache  # noqa: E402
-from conftest import executed, make_cache  # noqa: E402
 
 # the scheduler's HTTP server falls back from a busy 8787 (other clusters on a shared host)
 pytestmark = pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
@@ -74,8 +76,9 @@ def verified(root: Path, pub: Path) -> int:
 @pytest.fixture(scope="module")
 def local_cluster(tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("worker-cache")
-    lc = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="1GiB",
-                                  dashboard_address=None, env={cluster.WORKER_CACHE_ENV: str(cache_dir)})
+    lc = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  memory_limit="1GiB", dashboard_address=None,
+                                  env={cluster.WORKER_CACHE_ENV: str(cache_dir)})
     client = distributed.Client(lc, set_as_default=False)
     yield lc, client
     cluster.close()
@@ -99,10 +102,12 @@ def test_cluster_build_is_byte_identical_to_a_local_one(local_cluster, reference
     cluster_cache(root, inputs, operator_key, dask_table(lc.scheduler_address, tiles, str(root)))
     assert build(root, *args, "build_cache") == 0, capsys.readouterr().out
     out = capsys.readouterr().out
-    assert sum(name.startswith("shards:") for name in executed(out)) == len(list((root / "shards").rglob("*.npy")))
+    assert (sum(name.startswith("shards:") for name in executed(out))
+            == len(list((root / "shards").rglob("*.npy"))))
     assert derived(root) == reference
     assert verified(root, operator_key[1]) > 0
-    loaded = client.run(lambda: sorted(cluster._WORKER_RUNNERS))  # engines loaded once per worker process
+    # engines loaded once per worker process
+    loaded = client.run(lambda: sorted(cluster._WORKER_RUNNERS))
     assert all(keys in ([], [cluster_key(root)]) for keys in loaded.values()), loaded
     assert build(root) == 0
     out = capsys.readouterr()
@@ -110,7 +115,8 @@ def test_cluster_build_is_byte_identical_to_a_local_one(local_cluster, reference
 
 
 def _kill_first_batch(marker: str):
-    """A worker plugin that SIGKILLs the first worker to start a c10 batch (defined here, pickled by value)."""
+    """A worker plugin that SIGKILLs the first worker to start a c10 batch (defined here, pickled by
+    value)."""
 
     class KillFirstBatch(distributed.WorkerPlugin):
         name = "kill-first-c10-batch"
@@ -137,8 +143,8 @@ def killer(local_cluster, tmp_path):
     client.wait_for_workers(2, timeout=60)
 
 
-def test_worker_killed_mid_build_is_retried_by_dask(local_cluster, killer, reference, tmp_path, inputs,
-                                                   operator_key, capsys):
+def test_worker_killed_mid_build_is_retried_by_dask(local_cluster, killer, reference, tmp_path,
+                                                   inputs, operator_key, capsys):
     lc, _ = local_cluster
     root = cluster_cache(tmp_path / "cache", inputs, operator_key, dask_table(lc.scheduler_address))
     code = build(root, "-n", "2", "-P", "thread", "build_cache")
@@ -147,8 +153,9 @@ def test_worker_killed_mid_build_is_retried_by_dask(local_cluster, killer, refer
     assert derived(root) == reference and verified(root, operator_key[1]) > 0
 
 
-def test_worker_lost_fails_the_shard_cleanly_and_a_rerun_completes(local_cluster, killer, reference, tmp_path,
-                                                                  inputs, operator_key, capsys):
+def test_worker_lost_fails_the_shard_cleanly_and_a_rerun_completes(local_cluster, killer,
+                                                                  reference, tmp_path, inputs,
+                                                                  operator_key, capsys):
     lc, _ = local_cluster
     lc.scheduler.allowed_failures = 0  # no retry: the lost batch fails its shard
     root = cluster_cache(tmp_path / "cache", inputs, operator_key, dask_table(lc.scheduler_address))
@@ -158,7 +165,8 @@ def test_worker_lost_fails_the_shard_cleanly_and_a_rerun_completes(local_cluster
     assert "DescriptorBatchError: shards/global/15/" in out and "failed on the Dask cluster" in out
     assert "run `doit build_cache` again" in out
     assert not (root / "Manifest.json").exists()
-    assert not [p for p in (root / "shards").rglob("*") if p.name.endswith(".tmp")]  # nothing half-written
+    # nothing half-written
+    assert not [p for p in (root / "shards").rglob("*") if p.name.endswith(".tmp")]
     lc.scheduler.allowed_failures = 3
     assert run_build(root) == 0, capsys.readouterr().out
     assert derived(root) == reference and verified(root, operator_key[1]) > 0
@@ -179,7 +187,8 @@ def driver_engine(tmp_path, inputs, operator_key):
 
 def test_worker_with_the_drivers_key_uses_the_drivers_engine(driver_engine, tmp_path):
     spec, backend, path = driver_engine
-    order = cluster.EngineOrder.from_driver(spec, backend.name, engines.engine_key(spec, backend), path)
+    order = cluster.EngineOrder.from_driver(spec, backend.name, engines.engine_key(spec, backend),
+                                            path)
     runner, key = cluster.prepare_engine(order, tmp_path / "worker")
     assert key == order.key
     placed = engines.engine_path(tmp_path / "worker" / "engines", spec, backend)
@@ -188,7 +197,8 @@ def test_worker_with_the_drivers_key_uses_the_drivers_engine(driver_engine, tmp_
     assert np.array_equal(runner(batch), engines.load_engine(path, spec, backend)(batch))
 
 
-def test_worker_on_another_host_compiles_its_own_engine_and_never_uses_the_drivers(driver_engine, tmp_path):
+def test_worker_on_another_host_compiles_its_own_engine_and_never_uses_the_drivers(driver_engine,
+                                                                                  tmp_path):
     spec, backend, path = driver_engine
     # The driver's key and engine as from a host whose fingerprint differs from this one's.
     order = dataclasses.replace(cluster.EngineOrder.from_driver(spec, backend.name, "f" * 64, path),
@@ -196,14 +206,16 @@ def test_worker_on_another_host_compiles_its_own_engine_and_never_uses_the_drive
     runner, key = cluster.prepare_engine(order, tmp_path / "worker")
     assert key == engines.engine_key(spec, backend) != order.key
     built = sorted((tmp_path / "worker" / "engines").glob("*.onnx"))
-    assert [p.name for p in built] == [f"global-{key}.onnx"] and b"not an engine" not in built[0].read_bytes()
+    assert ([p.name for p in built] == [f"global-{key}.onnx"]
+            and b"not an engine" not in built[0].read_bytes())
     batch = np.random.default_rng(0).standard_normal((2, *spec.input_shape), dtype=np.float32)
     assert np.array_equal(runner(batch), engines.load_engine(path, spec, backend)(batch))
 
 
 def test_worker_of_another_c10_version_refuses(driver_engine, tmp_path):
     spec, backend, path = driver_engine
-    order = dataclasses.replace(cluster.EngineOrder.from_driver(spec, backend.name, "0" * 64, path), version="0.0.1")
+    order = dataclasses.replace(cluster.EngineOrder.from_driver(spec, backend.name, "0" * 64, path),
+                                version="0.0.1")
     with pytest.raises(engines.EngineBuildError, match="install the same c10 on every worker"):
         cluster.prepare_engine(order, tmp_path / "worker")
 
@@ -221,8 +233,8 @@ def test_bad_executor_table_is_named(tmp_path, inputs, operator_key, table, need
         load_config(root)
 
 
-def test_unreachable_scheduler_fails_the_shard_saying_what_to_do(tmp_path, inputs, operator_key, capsys,
-                                                                monkeypatch):
+def test_unreachable_scheduler_fails_the_shard_saying_what_to_do(tmp_path, inputs, operator_key,
+                                                                capsys, monkeypatch):
     monkeypatch.setattr(cluster, "CONNECT_TIMEOUT_S", 2)
     root = cluster_cache(tmp_path / "cache", inputs, operator_key, dask_table("tcp://127.0.0.1:9"))
     assert run_build(root) == 1

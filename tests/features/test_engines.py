@@ -1,4 +1,5 @@
-"""Engine identity keys, build-or-reuse, sidecar checks and clear failures (real onnxruntime runs)."""
+"""Engine identity keys, build-or-reuse, sidecar checks and clear failures (real onnxruntime
+runs)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,11 +12,23 @@ import onnx
 import pytest
 from tiny_models import images, reference, row_cosine, spec_for, tiny_cnn
 
+from c10.errors import (
+    CalibrationCacheError,
+    ConfigError,
+    EngineBuildError,
+    EngineMismatchError,
+    ModelError,
+)
 from c10.features.backends.onnxruntime import OnnxRuntimeBackend
-from c10.features.engines import (build_engine, check_calibration_for, engine_key,
-                         engine_path, key_material, load_engine, sidecar_path)
-from c10.errors import (CalibrationCacheError, ConfigError, EngineBuildError,
-                        EngineMismatchError, ModelError)
+from c10.features.engines import (
+    build_engine,
+    check_calibration_for,
+    engine_key,
+    engine_path,
+    key_material,
+    load_engine,
+    sidecar_path,
+)
 
 
 class FakeBackend(OnnxRuntimeBackend):
@@ -208,7 +221,8 @@ def test_int8_without_or_with_missing_calibration_cache(tmp_path, built, onnx_fi
 
 def test_calibration_cache_for_another_model(tmp_path, onnx_file):
     cache = b"TRT-100300-EntropyCalibration2\ninput_ids: 3c010a14\nlogits: 3d8f5c29\n"
-    spec = spec_for(onnx_file, precision="int8", calibration_path=tmp_path / "c", calibration_hash="0")
+    spec = spec_for(onnx_file, precision="int8", calibration_path=tmp_path / "c",
+                    calibration_hash="0")
     with pytest.raises(CalibrationCacheError, match="another model"):
         check_calibration_for(spec, cache, ["image"])
     check_calibration_for(spec, b"TRT-100300-EntropyCalibration2\nimage: 3c010a14\n", ["image"])

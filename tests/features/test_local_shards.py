@@ -5,14 +5,14 @@ import shutil
 
 import numpy as np
 import pytest
+from c10.rules.driver import run_build
+from conftest import current, executed, make_cache
 
-from c10.tools import netgen
 from c10.features.embedding import Features
 from c10.features.shards import LOCAL_FEATURES, TileRecord, build_shard, read_shard, tile_features
 from c10.query.rerank import order_by_matches
-from c10.rules.driver import run_build
 from c10.store.tiles import Tile
-from conftest import current, executed, make_cache
+from c10.tools import netgen
 
 K, DIM = 32, 16
 LOCAL_TOML = '''
@@ -26,7 +26,8 @@ input_size = [64, 64]
 @pytest.fixture
 def local_cache(tmp_path, inputs, operator_key):
     root = make_cache(tmp_path / "cache", inputs, operator_key)
-    netgen.write_local_model(root / "models" / "local.onnx", input_size=64, keypoints=K, desc_dim=DIM)
+    netgen.write_local_model(root / "models" / "local.onnx", input_size=64, keypoints=K,
+                             desc_dim=DIM)
     text = (root / "c10.toml").read_text()
     (root / "c10.toml").write_text(text.replace("[shards]", LOCAL_TOML.lstrip() + "\n[shards]"))
     return root
@@ -50,7 +51,8 @@ def test_cold_build_writes_local_shards_then_noop(local_cache, capsys):
     rows = np.concatenate([read_shard(p) for p in shards])
     assert len(rows) == len(list((local_cache / "tiles").rglob("*.jpg")))
     assert rows["keypoints"].shape[1:] == (K, 2) and rows["descriptors"].shape[1:] == (K, DIM)
-    assert not list((local_cache / "index").glob("local*")) and not (local_cache / ".c10/refs/index/local.faiss.json").exists()
+    assert (not list((local_cache / "index").glob("local*"))
+            and not (local_cache / ".c10/refs/index/local.faiss.json").exists())
     manifest = (local_cache / "Manifest.json").read_text()
     assert "shards/local/15/" in manifest
     assert build(local_cache, capsys) == ["coverage"]
@@ -105,7 +107,8 @@ def test_a_block_extracts_only_its_new_tiles_and_is_byte_deterministic(inputs, t
     root = tmp_path
     shutil.copytree(inputs / "tiles", root / "tiles")
     paths = sorted((root / "tiles/15").rglob("*.jpg"))[:3]
-    tiles = [Tile(15, int(p.parent.name), int(p.stem), p.relative_to(root).as_posix()) for p in paths]
+    tiles = [Tile(15, int(p.parent.name), int(p.stem), p.relative_to(root).as_posix())
+             for p in paths]
     asked = []
 
     def extract(ps):
@@ -122,9 +125,11 @@ def test_a_block_extracts_only_its_new_tiles_and_is_byte_deterministic(inputs, t
     assert asked == [2, 1] and (stats.embedded, stats.reused) == (1, 2)
     feats = tile_features([current(root, "shards/local/15/0-0.npy")], [t.id for t in tiles])
     assert [float(feats[t.id].scores[0]) for t in tiles] == [1.0, 1.0, 2.0]
-    stats = build_local_shard(root, "shards/local/15/0-0.npy", records(root, tiles), extract, "cd" * 32)
+    stats = build_local_shard(root, "shards/local/15/0-0.npy", records(root, tiles), extract,
+                              "cd" * 32)
     assert stats.embedded == 3  # another engine or preprocessing: nothing is reused
-    build_local_shard(root, "shards/local/15/0-0.npy", records(root, tiles[:2]), lambda ps: fake_features(len(ps), value=1.0).columns(), ident)
+    build_local_shard(root, "shards/local/15/0-0.npy", records(root, tiles[:2]),
+                      lambda ps: fake_features(len(ps), value=1.0).columns(), ident)
     assert current(root, "shards/local/15/0-0.npy").read_bytes() == first
 
 
@@ -143,5 +148,7 @@ class CountingMatcher:
 def test_rerank_orders_by_matches_then_retrieval_rank():
     query = fake_features(1, k=4)[0]
     feats = {(15, 1, 1): fake_features(1, k=4, value=1.0)[0], (15, 2, 2): query, (15, 3, 3): query}
-    out = order_by_matches(CountingMatcher(), query, [((15, 1, 1), 0.9), ((15, 2, 2), 0.8), ((15, 3, 3), 0.7)], feats)
-    assert [(v.tile, v.matches, v.rank) for v in out] == [((15, 2, 2), 4, 1), ((15, 3, 3), 4, 2), ((15, 1, 1), 0, 0)]
+    out = order_by_matches(CountingMatcher(), query,
+                           [((15, 1, 1), 0.9), ((15, 2, 2), 0.8), ((15, 3, 3), 0.7)], feats)
+    assert [(v.tile, v.matches, v.rank) for v in out] == [((15, 2, 2), 4, 1), ((15, 3, 3), 4, 2),
+                                                          ((15, 1, 1), 0, 0)]

@@ -1,4 +1,5 @@
-"""Per-model preprocessing: the configured resize, mean/std and channel order, and unreadable tiles."""
+"""Per-model preprocessing: the configured resize, mean/std and channel order, and unreadable
+tiles."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,8 @@ def image(h=40, w=56, seed=0) -> Image.Image:
 def reference(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     """The textbook formula, written out independently of the fast path."""
     h, w = prep.input_size
-    filt = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST, "area": Image.BOX}
+    filt = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+            "area": Image.BOX}
     arr = np.asarray(img.resize((w, h), filt[prep.resize]), np.float64) / 255.0
     arr = (arr - np.array(prep.mean)) / np.array(prep.std)
     if prep.channel_order == "bgr":
@@ -43,8 +45,9 @@ def test_tensor_matches_the_formula(order, resize):
 
 
 @pytest.mark.parametrize("resize", ["bilinear", "area"])
-@pytest.mark.parametrize("src,dst", [((256, 256), (224, 224)), ((256, 256), (518, 518)), ((480, 640), (224, 224)),
-                                     ((256, 256), (100, 77)), ((7, 9), (30, 31)), ((300, 200), (3, 2)),
+@pytest.mark.parametrize("src,dst", [((256, 256), (224, 224)), ((256, 256), (518, 518)),
+                                     ((480, 640), (224, 224)), ((256, 256), (100, 77)),
+                                     ((7, 9), (30, 31)), ((300, 200), (3, 2)),
                                      ((1, 1), (5, 5)), ((5, 5), (1, 1)), ((256, 256), (256, 224))])
 def test_matmul_resize_is_pillows_filter_at_any_scale(resize, src, dst):
     img = image(*src, seed=sum(src))
@@ -81,8 +84,10 @@ def test_bgr_is_rgb_with_channels_reversed():
 
 def test_every_setting_changes_the_tensor():
     base = Preprocessing((16, 16), MEAN, STD)
-    variants = [Preprocessing((16, 16), (0.5, 0.5, 0.5), STD), Preprocessing((16, 16), MEAN, (0.5, 0.5, 0.5)),
-                Preprocessing((16, 16), MEAN, STD, "bgr"), Preprocessing((16, 16), MEAN, STD, "rgb", "nearest")]
+    variants = [Preprocessing((16, 16), (0.5, 0.5, 0.5), STD),
+                Preprocessing((16, 16), MEAN, (0.5, 0.5, 0.5)),
+                Preprocessing((16, 16), MEAN, STD, "bgr"),
+                Preprocessing((16, 16), MEAN, STD, "rgb", "nearest")]
     ref = to_tensor(image(), base)
     assert all(not np.array_equal(to_tensor(image(), v), ref) for v in variants)
 
@@ -95,9 +100,10 @@ def test_writes_into_a_given_buffer_and_keeps_exact_size_images():
 
 
 def test_from_model_takes_the_toml_settings(tmp_path):
-    model = Model("g", tmp_path / "g.onnx", input_size=(48, 64), mean=(0.1, 0.2, 0.3), std=(1.0, 2.0, 3.0),
-                  channel_order="bgr", resize="area")
-    assert Preprocessing.from_model(model) == Preprocessing((48, 64), (0.1, 0.2, 0.3), (1.0, 2.0, 3.0), "bgr", "area")
+    model = Model("g", tmp_path / "g.onnx", input_size=(48, 64), mean=(0.1, 0.2, 0.3),
+                  std=(1.0, 2.0, 3.0), channel_order="bgr", resize="area")
+    assert Preprocessing.from_model(model) == Preprocessing((48, 64), (0.1, 0.2, 0.3),
+                                                            (1.0, 2.0, 3.0), "bgr", "area")
     with pytest.raises(ConfigError, match="models.g.input_size"):
         Preprocessing.from_model(Model("g", tmp_path / "g.onnx", input_size=None))
 
@@ -123,7 +129,8 @@ def test_unreadable_tile_names_the_file_and_the_next_step(tmp_path, content):
 
 @pytest.mark.parametrize("mode, subsampling", [("RGB", 0), ("RGB", 2), ("L", 0), ("CMYK", 0)])
 def test_jpeg_decodes_to_pillows_pixels(tmp_path, mode, subsampling):
-    """simplejpeg (RGB and grey JPEGs) and Pillow (CMYK, which simplejpeg refuses) give the same pixels."""
+    """simplejpeg (RGB and grey JPEGs) and Pillow (CMYK, which simplejpeg refuses) give the same
+    pixels."""
     path = tmp_path / "t.jpg"
     image(64, 48, seed=3).convert(mode).save(path, "JPEG", quality=90, subsampling=subsampling)
     pixels = decode(path)
@@ -133,7 +140,8 @@ def test_jpeg_decodes_to_pillows_pixels(tmp_path, mode, subsampling):
 
 
 def test_a_jpeg_cut_short_in_its_scan_is_refused(tmp_path):
-    """simplejpeg would fill the missing rows grey; the strict decode hands it to Pillow, which refuses."""
+    """simplejpeg would fill the missing rows grey; the strict decode hands it to Pillow, which
+    refuses."""
     path = tmp_path / "cut.jpg"
     image(256, 256).save(path, "JPEG", quality=95)
     path.write_bytes(path.read_bytes()[:-2000])

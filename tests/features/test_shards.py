@@ -1,21 +1,22 @@
-"""Shards: the pipelined embedder against one-by-one inference, reuse of unchanged rows, exact bytes."""
+"""Shards: the pipelined embedder against one-by-one inference, reuse of unchanged rows, exact
+bytes."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import current
 from PIL import Image
 
-from c10.features import engines
-from c10.tools import netgen
 from c10.errors import DescriptorBatchError
-from c10.store.digest import blake3_file
+from c10.features import engines
+from c10.features.embedding import _batch, _staggered, embed_tiles, l2_normalize
 from c10.features.preprocess import Preprocessing, load_tensor
 from c10.features.shards import TileRecord, build_shard, pack_shard, read_shard, tile_facts
-from c10.features.embedding import _batch, _staggered, embed_tiles, l2_normalize
+from c10.store.digest import blake3_file
 from c10.store.tiles import Tile
-from conftest import current
+from c10.tools import netgen
 
 PREP = Preprocessing((32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 IDENT = "ab" * 32
@@ -26,8 +27,8 @@ def runner(tmp_path_factory):
     """A real onnxruntime engine of a tiny generated global model."""
     d = tmp_path_factory.mktemp("engine")
     onnx = netgen.write_global_model(d / "g.onnx", input_size=32, dim=16)
-    spec = engines.EngineSpec(model="g", onnx_path=onnx, onnx_hash=blake3_file(onnx), input_shape=(3, 32, 32),
-                              batch=(1, 4, 64))
+    spec = engines.EngineSpec(model="g", onnx_path=onnx, onnx_hash=blake3_file(onnx),
+                              input_shape=(3, 32, 32), batch=(1, 4, 64))
     backend = engines.get_backend("onnxruntime")
     path, _ = engines.build_engine(spec, backend, d / "engines")
     return engines.load_engine(path, spec, backend)
@@ -60,16 +61,18 @@ def test_pipeline_gives_the_one_by_one_descriptors_in_order(runner, tiles, batch
     assert sum(seen) == 11
 
 
-@pytest.mark.parametrize("n, batch, workers, size", [(256, 32, 2, 32), (200, 32, 2, 25), (10, 32, 2, 5),
-                                                     (1, 32, 4, 1), (11, 4, 3, 4), (64, 32, 1, 32)])
+@pytest.mark.parametrize("n, batch, workers, size", [(256, 32, 2, 32), (200, 32, 2, 25),
+                                                     (10, 32, 2, 5), (1, 32, 4, 1), (11, 4, 3, 4),
+                                                     (64, 32, 1, 32)])
 def test_batches_split_evenly_over_the_workers(n, batch, workers, size):
-    """At most `batch` tiles a batch, and no worker runs the last batch alone while the others idle."""
+    """At most `batch` tiles a batch, and no worker runs the last batch alone while the others
+    idle."""
     assert _batch(n, batch, workers) == size
     assert -(-n // size) % workers == 0 or n < workers
 
 
-@pytest.mark.parametrize("n, batch, workers", [(256, 32, 2), (200, 32, 2), (256, 32, 4), (1000, 32, 3), (10, 32, 2),
-                                                (64, 32, 1)])
+@pytest.mark.parametrize("n, batch, workers", [(256, 32, 2), (200, 32, 2), (256, 32, 4),
+                                                (1000, 32, 3), (10, 32, 2), (64, 32, 1)])
 def test_staggered_batches_start_the_workers_apart_and_end_them_together(n, batch, workers):
     """Handed to whichever worker is free first (as the pool does), at a cost proportional to
     size: the workers start their second batch a fraction of a batch apart and finish within two
@@ -81,7 +84,8 @@ def test_staggered_batches_start_the_workers_apart_and_end_them_together(n, batc
     for s in sizes:
         free[free.index(min(free))] += s
     if -(-n // size) >= 2 * workers:
-        assert len(set(sizes[:workers])) == workers  # every worker's first batch ends at another time
+        # every worker's first batch ends at another time
+        assert len(set(sizes[:workers])) == workers
         assert max(free) - min(free) <= 2
     else:  # too few batches to stagger: the even split
         assert sizes == [min(size, n - i) for i in range(0, n, size)]
@@ -95,7 +99,8 @@ def test_a_corrupt_tile_fails_the_batch_naming_it(runner, tiles, tmp_path):
 
 
 def records(root: Path, paths) -> list[TileRecord]:
-    return [TileRecord(Tile(15, 3, int(p.stem), p.relative_to(root).as_posix()), p.stat().st_size, blake3_file(p))
+    return [TileRecord(Tile(15, 3, int(p.stem), p.relative_to(root).as_posix()), p.stat().st_size,
+                       blake3_file(p))
             for p in sorted(paths, key=lambda p: int(p.stem))]
 
 
@@ -118,10 +123,12 @@ def test_rebuild_embeds_only_new_or_changed_tiles(runner, tiles):
     recs = records(root, tiles[:9])
     again = build_shard(root, "shards/g/15/0-0.npy", recs, embed, IDENT)
     assert (again.embedded, again.reused) == (1, 8) and embed.calls == [8, 1]
-    assert again.entry["path"] == f"shards/g/15/0-0.{again.entry['blake3'][:16]}.npy" != first.entry["path"]
+    assert (again.entry["path"] == f"shards/g/15/0-0.{again.entry['blake3'][:16]}.npy"
+            != first.entry["path"])
     rows = read_shard(current(root, "shards/g/15/0-0.npy"))
     np.testing.assert_allclose(rows["desc"], one_by_one(runner, tiles[:9]), atol=1e-5)
-    changed = [recs[0].__class__(r.tile, r.size, "00" * 32) if i == 3 else r for i, r in enumerate(recs)]
+    changed = [recs[0].__class__(r.tile, r.size, "00" * 32) if i == 3 else r
+               for i, r in enumerate(recs)]
     assert build_shard(root, "shards/g/15/0-0.npy", changed, embed, IDENT).embedded == 1
     assert build_shard(root, "shards/g/15/0-0.npy", changed, embed, "cd" * 32).embedded == 9
 
@@ -137,5 +144,6 @@ def test_shard_bytes_are_deterministic_and_carry_the_tile_facts(runner, tiles):
     facts = tile_facts(out)
     assert facts == {r.tile.id: (r.size, r.blake3) for r in recs}
     rows = read_shard(out)
-    assert [tuple(map(int, (r["z"], r["x"], r["y"]))) for r in rows] == [tuple(r.tile.id) for r in recs]
+    assert ([tuple(map(int, (r["z"], r["x"], r["y"]))) for r in rows]
+            == [tuple(r.tile.id) for r in recs])
     assert all(bytes(r["ident"]) == bytes.fromhex(IDENT)[:8] for r in rows)

@@ -1,17 +1,18 @@
-"""`c10 query` and `c10 selftest` on a real built cache: the build's own preprocessing, engine and index."""
+"""`c10 query` and `c10 selftest` on a real built cache: the build's own preprocessing, engine and
+index."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+from c10.rules.driver import run_build
 
 from c10.cli import main as c10_main
 from c10.features.preprocess import open_tile
-from c10.rules.driver import run_build
 from c10.features.shards import read_shard
-from c10.store.tiles import TileId, center_latlon
 from c10.query.open import open_searcher
+from c10.store.tiles import TileId, center_latlon
 
 
 @pytest.fixture
@@ -32,7 +33,8 @@ def test_a_tile_queried_gets_its_shard_descriptor_and_finds_itself(built):
     shard = sorted((built / "shards/global/15").iterdir())[2]
     rows = read_shard(shard)
     paths = [built / f"tiles/15/{int(r['x'])}/{int(r['y'])}.jpg" for r in rows]
-    np.testing.assert_allclose(searcher.embed([open_tile(p) for p in paths]), rows["desc"], atol=1e-5)
+    np.testing.assert_allclose(searcher.embed([open_tile(p) for p in paths]), rows["desc"],
+                               atol=1e-5)
     hits = searcher.query_file(paths[0], k=3)
     assert (hits[0].z, hits[0].x, hits[0].y) == tuple(int(rows[0][k]) for k in "zxy")
     assert hits[0].score > 0.9999 and [h.rank for h in hits] == [1, 2, 3]
@@ -47,7 +49,8 @@ def test_query_cli_prints_tiles_with_their_centres(built, capsys):
     assert data["model"] == "global" and len(data["hits"]) == 4
     best = data["hits"][0]
     assert best["path"] == tile.relative_to(built).as_posix()
-    assert (best["lat"], best["lon"]) == pytest.approx(center_latlon(TileId(best["z"], best["x"], best["y"])))
+    assert (best["lat"], best["lon"]) == pytest.approx(
+        center_latlon(TileId(best["z"], best["x"], best["y"])))
     code, out = cli(capsys, "query", built, tile)
     assert code == 0 and "lat" in out and tile.relative_to(built).as_posix() in out
 
@@ -64,7 +67,8 @@ def test_selftest_finds_mildly_perturbed_tiles(built, capsys):
 
 def test_query_before_any_build_says_build_first(cache, capsys, tmp_path):
     code, out = cli(capsys, "query", cache, sorted((cache / "tiles").rglob("*.jpg"))[0])
-    assert code != 0 and "IndexBuildError" in out and "doit build_cache" in out and "Traceback" not in out
+    assert (code != 0 and "IndexBuildError" in out and "doit build_cache" in out
+            and "Traceback" not in out)
 
 
 def test_unreadable_query_image_is_named(built, capsys, tmp_path):

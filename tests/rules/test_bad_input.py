@@ -1,4 +1,5 @@
-"""Hostile and broken input through real builds: one clear error naming the file and the next step, nothing lost."""
+"""Hostile and broken input through real builds: one clear error naming the file and the next
+step, nothing lost."""
 from __future__ import annotations
 
 import errno
@@ -9,12 +10,12 @@ import shutil
 
 import numpy as np
 import pytest
+from c10.rules.driver import run_build
+from conftest import current, make_cache
 from PIL import Image
 
 from c10.cli import main as c10_main
 from c10.errors import CacheRootMissingError
-from c10.rules.driver import run_build
-from conftest import current, make_cache
 
 NOT_LOST = ("tiles", "models", "engines", "shards", "index")
 
@@ -36,9 +37,11 @@ def built(built_once, tmp_path, capsys):
 
 
 def snapshot(root) -> dict[str, bytes]:
-    """Every file a build must not lose or change when it fails: inputs, outputs, the Manifest pair."""
+    """Every file a build must not lose or change when it fails: inputs, outputs, the Manifest
+    pair."""
     files = {p.relative_to(root).as_posix(): p.read_bytes()
-             for top in NOT_LOST if (root / top).is_dir() for p in (root / top).rglob("*") if p.is_file()}
+             for top in NOT_LOST if (root / top).is_dir()
+             for p in (root / top).rglob("*") if p.is_file()}
     for name in ("c10.toml", "Manifest.json", "Manifest.json.dsse"):
         if (root / name).exists():
             files[name] = (root / name).read_bytes()
@@ -80,7 +83,8 @@ def test_broken_tile_names_itself_and_loses_nothing(built, capsys, damage):  # a
     before = snapshot(built)
     out = fails(built, capsys, "DescriptorBatchError", str(tile), "re-download or delete this tile",
                 "doit build_cache")
-    assert snapshot(built) == before, out  # the broken tile itself is kept, as is every engine/shard
+    # the broken tile itself is kept, as is every engine/shard
+    assert snapshot(built) == before, out
     tile.unlink()  # the next step the message names
     succeeds(built, capsys)
 
@@ -107,12 +111,14 @@ def _descriptor(rows, x, y):
 
 def test_files_in_tiles_that_are_not_zxy_are_named(built, capsys):
     column = tiles_of(built)[0].parent
-    strays = [column / "notes.txt", built / "tiles/15/abc/1.jpg", built / "tiles/README", column / "012.jpg"]
+    strays = [column / "notes.txt", built / "tiles/15/abc/1.jpg", built / "tiles/README",
+              column / "012.jpg"]
     for path in strays:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
     before = snapshot(built)
-    out = fails(built, capsys, "ManifestCoverageError", "tiles/{z}/{x}/{y}", "previous Manifest stays in force")
+    out = fails(built, capsys, "ManifestCoverageError", "tiles/{z}/{x}/{y}",
+                "previous Manifest stays in force")
     for path in strays[:3]:
         assert path.relative_to(built).as_posix() in out
     assert snapshot(built) == before
@@ -128,10 +134,12 @@ def test_onnx_that_does_not_parse(built, capsys):
     assert snapshot(built) == before
 
 
-def test_engine_failure_mid_corpus_keeps_finished_engines_and_manifest(built, capsys, tmp_path):  # CP-TC-8
+def test_engine_failure_mid_corpus_keeps_finished_engines_and_manifest(built, capsys,
+                                                                       tmp_path):  # CP-TC-8
+    from conftest import plan_of
+
     from c10.features import engines
     from c10.tools import netgen
-    from conftest import plan_of
 
     outside = tmp_path / "models"
     netgen.write_local_model(outside / "local.onnx", input_size=64, keypoints=32)
@@ -154,15 +162,20 @@ input_size = []
     # set of implicit deps, which varies from run to run): local is built, then matcher fails.
     code = run_build(built, ["engines"])
     out = capsys.readouterr().out
-    assert code != 0 and "ModelError" in out and "matcher.onnx" in out and "not a valid ONNX model" in out
-    assert re.findall(r"^\.  (engines:\S+)", out, re.M)[-2:] == ["engines:local", "engines:matcher"], out
+    assert (code != 0 and "ModelError" in out and "matcher.onnx" in out
+            and "not a valid ONNX model" in out)
+    assert re.findall(r"^\.  (engines:\S+)", out, re.M)[-2:] == ["engines:local",
+                                                               "engines:matcher"], out
     new = sorted(set(p.name for p in (built / "engines").iterdir()) - set(engines_before))
-    assert len(new) == 2 and all(n.startswith("local-") for n in new)  # engine + sidecar, no matcher
+    # engine + sidecar, no matcher
+    assert len(new) == 2 and all(n.startswith("local-") for n in new)
     fails(built, capsys, "ModelError", "matcher.onnx")  # the whole build stops there too
     assert sorted(p.name for p in (built / "engines").iterdir()) == sorted(engines_before + new)
-    assert ((built / "Manifest.json").read_bytes(), (built / "Manifest.json.dsse").read_bytes()) == manifest
+    assert ((built / "Manifest.json").read_bytes(),
+            (built / "Manifest.json.dsse").read_bytes()) == manifest
     plan = plan_of(built).plans["local"]
-    runner = engines.load_engine(built / plan.engine_rel, plan.spec, plan.backend)  # usable as built
+    # usable as built
+    runner = engines.load_engine(built / plan.engine_rel, plan.spec, plan.backend)
     outs = runner.run({runner.input_names[0]: np.zeros((1, 3, 64, 64), np.float32)})
     assert outs[0].shape[:2] == (1, 32)
 
@@ -190,7 +203,8 @@ def test_bad_request_names_the_file_and_key(built, capsys, edit, needle):
 # ---------------------------------------------------------------- the operator key
 
 def _set_key(root, key, passphrase_file=None) -> None:
-    text = re.sub(r'^key = ".*?"', f'key = "{key}"', (root / "c10.toml").read_text(), count=1, flags=re.M)
+    text = re.sub(r'^key = ".*?"', f'key = "{key}"', (root / "c10.toml").read_text(), count=1,
+                  flags=re.M)
     if passphrase_file:
         text = text.replace("# passphrase_file =", f'passphrase_file = "{passphrase_file}"\n# was:')
     (root / "c10.toml").write_text(text)
@@ -215,7 +229,8 @@ def test_key_wrong_passphrase(built, capsys, tmp_path):
     generate_key(tmp_path / "locked.pem", passphrase=b"right horse battery")
     (tmp_path / "pass").write_text("wrong horse battery\n")
     text = (built / "c10.toml").read_text()
-    (built / "c10.toml").write_text(re.sub(r"allowed_keyids = \[.*?\]", "allowed_keyids = []", text))
+    (built / "c10.toml").write_text(re.sub(r"allowed_keyids = \[.*?\]", "allowed_keyids = []",
+                                           text))
     _set_key(built, tmp_path / "locked.pem", tmp_path / "pass")
     tiles_of(built)[3].write_bytes(tiles_of(built)[0].read_bytes())  # work to do: the key is needed
     before = snapshot(built)
@@ -235,13 +250,15 @@ def test_disk_full_while_writing_a_shard(built, capsys, monkeypatch):
 
     def full_for_shards(fd, data):
         # shards are staged in .c10/tmp/ under their content names, then renamed into shards/
-        if re.search(r"/\.c10/tmp/\.\d+-\d+\.[0-9a-f]{16}\.npy\.", os.readlink(f"/proc/self/fd/{fd}")):
+        if re.search(r"/\.c10/tmp/\.\d+-\d+\.[0-9a-f]{16}\.npy\.",
+                     os.readlink(f"/proc/self/fd/{fd}")):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", full_for_shards)
-    out = fails(built, capsys, "StorageError", "No space left on device", "the disk is full: free space",
-                "doit build_cache", "previous Manifest stays in force")
+    out = fails(built, capsys, "StorageError", "No space left on device",
+                "the disk is full: free space", "doit build_cache",
+                "previous Manifest stays in force")
     assert re.search(r"shards/global/15/\d+-\d+\.[0-9a-f]{16}\.npy: cannot write it", out), out
     monkeypatch.setattr(os, "write", real_write)
     assert snapshot(built) == before

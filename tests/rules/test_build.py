@@ -7,14 +7,15 @@ import re
 import shutil
 
 import pytest
+from conftest import build, built, executed
 
 from c10.cli import main as c10_main
 from c10.store.lock import BuildLock
-from conftest import build, built, executed
 
 
 def verify(root, pub, tmp_path) -> int:
-    return c10_main(["verify", str(root), "--trusted-keys", str(pub), "--state", str(tmp_path / "state.json")])
+    return c10_main(["verify", str(root), "--trusted-keys", str(pub), "--state",
+                     str(tmp_path / "state.json")])
 
 
 def shard_tasks(names):
@@ -36,7 +37,8 @@ def test_warm_rerun_runs_only_coverage_and_leaves_manifest(cache, capsys):  # CP
     before = (cache / "Manifest.json").read_bytes(), os.stat(cache / "Manifest.json").st_mtime_ns
     code, out = build(cache, capsys)
     assert code == 0 and executed(out) == ["coverage"]
-    assert ((cache / "Manifest.json").read_bytes(), os.stat(cache / "Manifest.json").st_mtime_ns) == before
+    assert ((cache / "Manifest.json").read_bytes(),
+            os.stat(cache / "Manifest.json").st_mtime_ns) == before
 
 
 def _a_tile(cache):
@@ -89,7 +91,8 @@ def test_different_bbox_rebuilds_and_replaces_manifest(cache, capsys, tmp_path):
     built(cache, capsys)
     first = (cache / "Manifest.json").read_bytes()
     text = (cache / "c10.toml").read_text()
-    (cache / "c10.toml").write_text(re.sub(r"bbox = \[.*?\]", "bbox = [50.43, 30.49, 50.47, 30.52]", text))
+    (cache / "c10.toml").write_text(re.sub(r"bbox = \[.*?\]", "bbox = [50.43, 30.49, 50.47, 30.52]",
+                                           text))
     outside = [p for p in (cache / "tiles/15").iterdir() if int(p.name) > 19160]
     for column in outside:  # tiles outside the new bbox are taken out of the cache
         shutil.move(column, tmp_path / column.name)
@@ -152,7 +155,8 @@ def test_key_inside_cache_is_refused(cache, capsys):
 
     generate_key(cache / ".c10" / "inside.pem")
     text = (cache / "c10.toml").read_text()
-    (cache / "c10.toml").write_text(re.sub(r'key = ".*?"', f'key = "{cache}/.c10/inside.pem"', text, count=1))
+    (cache / "c10.toml").write_text(re.sub(r'key = ".*?"', f'key = "{cache}/.c10/inside.pem"', text,
+                                           count=1))
     code, out = build(cache, capsys)
     assert code != 0 and "SigningKeyError" in out and "inside" in out
     assert not (cache / "engines").exists()
@@ -184,11 +188,14 @@ def test_nearly_expired_manifest_is_resigned_by_a_noop_build(cache, capsys, monk
 def test_parallel_build_in_threads_matches_serial(tmp_path, inputs, operator_key, capsys):
     from conftest import make_cache
 
-    serial, parallel = (make_cache(tmp_path / n, inputs, operator_key) for n in ("serial", "parallel"))
+    serial, parallel = (make_cache(tmp_path / n, inputs, operator_key)
+                        for n in ("serial", "parallel"))
     built(serial, capsys)
     code, out = build(parallel, capsys, "-n", "2", "build_cache")
     assert code == 0, out
-    names = [sorted(p.relative_to(root).as_posix() for p in [*root.glob("shards/**/*.npy"), *root.glob("index/*")])
+    names = [sorted(p.relative_to(root).as_posix()
+                    for p in [*root.glob("shards/**/*.npy"), *root.glob("index/*")])
              for root in (serial, parallel)]
-    assert names[0] == names[1] and len(names[0]) > 3  # content names: the same names, the same bytes
+    # content names: the same names, the same bytes
+    assert names[0] == names[1] and len(names[0]) > 3
     assert all((parallel / rel).read_bytes() == (serial / rel).read_bytes() for rel in names[0])

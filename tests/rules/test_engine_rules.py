@@ -1,12 +1,14 @@
-"""Engines inside the doit graph: identity decides rebuilds, a path change does not, stale ones wait for prune."""
+"""Engines inside the doit graph: identity decides rebuilds, a path change does not, stale ones
+wait for prune."""
 from __future__ import annotations
 
 import json
 import re
 
-from c10.tools import netgen
 from c10.rules.driver import run_build
 from conftest import current_files, executed
+
+from c10.tools import netgen
 
 
 def run(root, capsys, *args):

@@ -1,17 +1,17 @@
-"""Fault injection: os.replace, os.fsync and os.write fail (EIO, ENOSPC) at the k-th call of a build, for every k."""
+"""Fault injection: os.replace, os.fsync and os.write fail (EIO, ENOSPC) at the k-th call of a
+build, for every k."""
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-
 from c10.rules.driver import run_build
 from conftest import executed
 
@@ -51,7 +51,8 @@ class FaultAt:
         return f"{self.name} {self._last}"
 
 
-RACY_S = 2.2  # c10.store.tiles.RACY_NS: tile columns younger than this are re-read (and the memo rewritten)
+# c10.store.tiles.RACY_NS: tile columns younger than this are re-read (and the memo rewritten)
+RACY_S = 2.2
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,12 @@ def world(tmp_path_factory, operator_key, inputs):
     from c10.trust.keys import load_trusted_keys
 
     key, pub, kid = operator_key
-    fx = {"key": key, "pub": pub, "keyid": kid, "inputs": inputs, "trusted": load_trusted_keys([pub])}
+    fx = {"key": key, "pub": pub, "keyid": kid, "inputs": inputs,
+          "trusted": load_trusted_keys([pub])}
     work = tmp_path_factory.mktemp("faults")
     made = time.monotonic()
-    caches = {name: crash.new_cache(work / name, fx, block=8) for name in ("replace", "fsync", "write")}
+    caches = {name: crash.new_cache(work / name, fx, block=8)
+              for name in ("replace", "fsync", "write")}
     refs = {}
     for state in "AC":  # tile 9 as made, and rewritten: one shard differs
         root = crash.new_cache(work / f"ref-{state}", fx, block=8)
@@ -93,10 +96,12 @@ def _built(root: Path) -> dict:
 
 
 @pytest.mark.parametrize("name", ["replace", "fsync", "write"])
-def test_every_kth_call_fails_cleanly_and_the_next_build_converges(name, world, capsys, monkeypatch):
+def test_every_kth_call_fails_cleanly_and_the_next_build_converges(name, world, capsys,
+                                                                   monkeypatch):
     fx, refs, caches = world
     # fsync only matters across a power cut, which an in-process test cannot have: counted, not
-    # performed, it no longer dominates these 60-odd builds (its failures are injected all the same).
+    # performed, it no longer dominates these 60-odd builds (its failures are injected all the
+    # same).
     monkeypatch.setattr(os, "fsync", lambda fd: None)
     root = caches[name]
     crash.set_state(root, fx, "A")
@@ -161,8 +166,9 @@ def test_a_full_build_with_sockets_blocked(cache, capsys, monkeypatch, operator_
         attempts.append(args[1:3])
         raise OSError(errno.ENETUNREACH, "network blocked by the test (seed CP-INV-6)")
 
-    for owner, name in [(socket.socket, "__init__"), (socket.socket, "connect"), (socket.socket, "bind"),
-                        (socket, "create_connection"), (socket, "getaddrinfo")]:
+    for owner, name in [(socket.socket, "__init__"), (socket.socket, "connect"),
+                        (socket.socket, "bind"), (socket, "create_connection"),
+                        (socket, "getaddrinfo")]:
         monkeypatch.setattr(owner, name, blocked)
     code, out = _build(cache, capsys)
     monkeypatch.undo()
@@ -193,14 +199,16 @@ def _now():
 
 @pytest.fixture
 def two_versions(world, tmp_path, capsys):
-    """A cache built twice (v1, v2) and both signed pairs: (root, fx, refs, {version: (manifest, envelope)})."""
+    """A cache built twice (v1, v2) and both signed pairs:
+    (root, fx, refs, {version: (manifest, envelope)})."""
     fx, refs, _ = world
     root = crash.new_cache(tmp_path / "cache", fx, block=8)
     pairs = {}
     for version, state in ((1, "A"), (2, "C")):
         crash.set_state(root, fx, state)
         assert _build(root, capsys)[0] == 0
-        pairs[version] = ((root / "Manifest.json").read_bytes(), (root / "Manifest.json.dsse").read_bytes())
+        pairs[version] = ((root / "Manifest.json").read_bytes(),
+                          (root / "Manifest.json.dsse").read_bytes())
     return root, fx, refs, pairs
 
 
@@ -222,9 +230,11 @@ def test_roll_forward_never_goes_back_or_across(two_versions):
     from c10.trust.manifest import roll_forward
 
     root, _, _, pairs = two_versions
-    (root / "Manifest.json.dsse").write_bytes(pairs[1][1])  # an older envelope beside a newer Manifest
+    # an older envelope beside a newer Manifest
+    (root / "Manifest.json.dsse").write_bytes(pairs[1][1])
     assert roll_forward(root) is None and (root / "Manifest.json").read_bytes() == pairs[2][0]
-    (root / "Manifest.json.dsse").write_bytes(b'{"payloadType": "x", "payload": "!!", "signatures": []}')
+    (root / "Manifest.json.dsse").write_bytes(
+        b'{"payloadType": "x", "payload": "!!", "signatures": []}')
     assert roll_forward(root) is None and (root / "Manifest.json").read_bytes() == pairs[2][0]
     other = pairs[1][0].replace(b'"cache_id":"', b'"cache_id":"0')  # another cache's Manifest.json
     (root / "Manifest.json").write_bytes(other)
@@ -242,9 +252,11 @@ def test_a_corrupt_dep_db_is_moved_aside_and_the_build_converges(world, tmp_path
     db.write_bytes(b"\x00garbage" * 512 if damage == "garbage" else data[: len(data) // 2])
     (root / ".c10" / "doit.sqlite-journal").write_bytes(b"\xd9\xd5\x05\xf9 \xa1c\xd7" + bytes(504))
     code, out = _build(root, capsys)
-    assert code == 0 and "doit.sqlite is corrupt" in out and "moved it to doit.sqlite.corrupt-" in out, out
+    assert (code == 0 and "doit.sqlite is corrupt" in out
+            and "moved it to doit.sqlite.corrupt-" in out), out
     assert list((root / ".c10").glob("doit.sqlite.corrupt-*"))
-    # the stale journal went aside with its DB (or sqlite discarded it): never replayed into the new one
+    # the stale journal went aside with its DB (or sqlite discarded it): never replayed into the
+    # new one
     assert not (root / ".c10" / "doit.sqlite-journal").exists()
     crash.check_converged(root, fx, refs["A"])
     code, out = _build(root, capsys)

@@ -1,4 +1,5 @@
-"""What a rebuild redoes, told by which doit tasks ran: blocks, models, preprocessing, index params, bad tiles."""
+"""What a rebuild redoes, told by which doit tasks ran: blocks, models, preprocessing, index
+params, bad tiles."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from c10.tools import netgen
-from c10.features.shards import read_shard
 from conftest import build, built, current, current_files, executed
+
+from c10.features.shards import read_shard
+from c10.tools import netgen
 
 SECOND = '''
 [models.second]
@@ -58,8 +59,10 @@ def test_removed_block_loses_its_shard_and_nothing_is_left_behind(cache, capsys)
     assert f"removed dead .c10/refs/{logical}.json" in out and not victim.exists()
     left = {p.relative_to(cache).as_posix() for p in (cache / "shards").rglob("*")}
     manifest = (cache / "Manifest.json").read_text()
-    assert all(rel in manifest for rel in left if rel.endswith(".npy")) and victim.name not in manifest
-    assert not [rel for rel in left if not rel.endswith(".npy") and rel.count("/") > 2]  # no temp files or dirs
+    assert (all(rel in manifest for rel in left if rel.endswith(".npy"))
+            and victim.name not in manifest)
+    # no temp files or dirs
+    assert not [rel for rel in left if not rel.endswith(".npy") and rel.count("/") > 2]
     ids = read_shard(current(cache, "index/global.ids.npy"))
     assert {int(r["x"]) // 4 for r in ids} != set() and \
         not any(int(r["x"]) // 4 == bx and int(r["y"]) // 4 == by for r in ids)
@@ -75,8 +78,10 @@ def test_preprocessing_change_reembeds_every_shard_of_that_model_only(cache, cap
         code, out = build(cache, capsys)
         assert code == 0, out
         ran = executed(out)
-        assert sorted(t for t in ran if t.startswith("shards:")) == shard_tasks(cache, "second"), line
-        assert [t for t in ran if not t.startswith("shards:")] == ["index:second", "coverage", "manifest"]
+        assert (sorted(t for t in ran if t.startswith("shards:"))
+                == shard_tasks(cache, "second")), line
+        assert [t for t in ran if not t.startswith("shards:")] == ["index:second", "coverage",
+                                                                   "manifest"]
         assert files(cache, "shards/global") == before[0]
         after = files(cache, "shards/second")
         assert after.keys() == before[1].keys() and all(after[k] != before[1][k] for k in after)
@@ -90,7 +95,8 @@ def test_new_preprocessing_code_reembeds_every_shard(cache, capsys, monkeypatch)
     monkeypatch.setattr(config, "PREPROCESSING_CODE", config.PREPROCESSING_CODE + 1)
     code, out = build(cache, capsys)
     assert code == 0, out
-    assert sorted(t for t in executed(out) if t.startswith("shards:")) == shard_tasks(cache, "global")
+    assert (sorted(t for t in executed(out) if t.startswith("shards:"))
+            == shard_tasks(cache, "global"))
 
 
 def test_new_weights_of_one_model_redo_that_model_only(cache, capsys):
@@ -125,19 +131,22 @@ def test_a_bad_tile_fails_its_shard_and_keeps_the_previous_cache(cache, capsys, 
     manifest = (cache / "Manifest.json").read_bytes(), (cache / "Manifest.json.dsse").read_bytes()
     tile = sorted((cache / "tiles/15").rglob("*.jpg"))[7]
     data = tile.read_bytes()
-    tile.write_bytes({"truncate": data[:len(data) // 3], "html": b"<html>503</html>", "empty": b""}[damage])
+    tile.write_bytes({"truncate": data[:len(data) // 3], "html": b"<html>503</html>",
+                      "empty": b""}[damage])
     code, out = build(cache, capsys)
     assert code != 0
     rel = tile.relative_to(cache).as_posix()
     assert "DescriptorBatchError" in out and rel in out and "re-download or delete" in out
     assert "doit build_cache" in out and "Traceback" not in out
     assert files(cache, "shards") | files(cache, "index") == kept
-    assert ((cache / "Manifest.json").read_bytes(), (cache / "Manifest.json.dsse").read_bytes()) == manifest
+    assert ((cache / "Manifest.json").read_bytes(),
+            (cache / "Manifest.json.dsse").read_bytes()) == manifest
     tile.unlink()
     code, out = build(cache, capsys)
     assert code == 0, out
     x, y = int(tile.parent.name), int(tile.stem)
-    assert executed(out) == [f"shards:global/15/{x // 4}-{y // 4}", "index:global", "coverage", "manifest"]
+    assert executed(out) == [f"shards:global/15/{x // 4}-{y // 4}", "index:global", "coverage",
+                             "manifest"]
 
 
 def test_added_tile_embeds_one_tile_and_reuses_its_block(cache, capsys, tmp_path):
@@ -146,7 +155,8 @@ def test_added_tile_embeds_one_tile_and_reuses_its_block(cache, capsys, tmp_path
     built(cache, capsys)
     x, y = int(tile.parent.name), int(tile.stem)
     shard = f"shards/global/15/{x // 4}-{y // 4}.npy"
-    before = {(int(r["x"]), int(r["y"])): r["desc"].copy() for r in read_shard(current(cache, shard))}
+    before = {(int(r["x"]), int(r["y"])): r["desc"].copy()
+              for r in read_shard(current(cache, shard))}
     shutil.move(tmp_path / "held.jpg", tile)
     built(cache, capsys)
     after = {(int(r["x"]), int(r["y"])): r["desc"] for r in read_shard(current(cache, shard))}

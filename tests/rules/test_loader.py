@@ -1,5 +1,6 @@
-"""`doit` in a cache loads c10's installed graph through the loader doit.cfg names: nothing planted in
-the cache directory (a module, a package, bytecode) is imported, and dodo.py alone says what to do."""
+"""`doit` in a cache loads c10's installed graph through the loader doit.cfg names: nothing
+planted in the cache directory (a module, a package, bytecode) is imported, and dodo.py alone says
+what to do."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,8 @@ DOIT = str(Path(sys.executable).with_name("doit"))
 
 
 def doit(cache: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
     return subprocess.run([DOIT, *args], cwd=cache, env=env | {"C10_NO_PROGRESS": "1"},
                           capture_output=True, text=True, timeout=300)
 
@@ -32,25 +34,29 @@ def test_strays_named_like_the_graph_change_nothing(cache, tmp_path):
     clean = doit(cache, "list", "--all")
     assert clean.returncode == 0, clean.stderr
     marker = tmp_path / "imported"
-    for rel in ("rules/__init__.py", "rules/tasks.py", "rules.py", "c10/__init__.py", "c10/rules/__init__.py",
-                "c10/rules/dodo.py", "faiss.py", "onnxruntime.py"):
+    for rel in ("rules/__init__.py", "rules/tasks.py", "rules.py", "c10/__init__.py",
+                "c10/rules/__init__.py", "c10/rules/dodo.py", "faiss.py", "onnxruntime.py"):
         plant(cache, rel, marker)
     listed = doit(cache, "list", "--all")
     assert listed.returncode == 0 and listed.stdout == clean.stdout and "evil" not in listed.stdout
     run = doit(cache, "build_cache")
     ran = re.findall(r"^\.  (\S+)", run.stdout, re.M)
     assert ran[0].startswith("engines:") and "coverage" in ran and "manifest" not in ran, run.stdout
-    assert "ManifestCoverageError" in run.stdout and "c10/__init__.py" in run.stdout and "8 file(s)" in run.stdout
-    assert not marker.exists(), marker.read_text()  # the index, engines, shards ran: no stray was imported
+    assert ("ManifestCoverageError" in run.stdout and "c10/__init__.py" in run.stdout
+            and "8 file(s)" in run.stdout)
+    # the index, engines, shards ran: no stray was imported
+    assert not marker.exists(), marker.read_text()
 
 
 def _planted_pyc(cache: Path, marker: Path) -> Path:
-    """Bytecode for dodo.py that Python would load without looking at the source (unchecked hash)."""
+    """Bytecode for dodo.py that Python would load without looking at the source (unchecked
+    hash)."""
     evil = cache / "evil_src.py"
     evil.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     pyc = cache / "__pycache__" / f"dodo.{sys.implementation.cache_tag}.pyc"
     pyc.parent.mkdir(exist_ok=True)
-    py_compile.compile(str(evil), cfile=str(pyc), invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    py_compile.compile(str(evil), cfile=str(pyc),
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
     evil.unlink()
     return pyc
 
@@ -86,4 +92,5 @@ def test_init_replaces_an_older_c10s_dodo_and_keeps_the_users(tmp_path):
 def test_list_and_info_need_no_dodo(cache):
     (cache / "dodo.py").unlink()
     assert "build_cache" in doit(cache, "list").stdout
-    assert "Write Manifest.json and its signed DSSE envelope" in doit(cache, "info", "manifest").stdout
+    assert ("Write Manifest.json and its signed DSSE envelope"
+            in doit(cache, "info", "manifest").stdout)

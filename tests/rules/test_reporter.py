@@ -5,10 +5,11 @@ import json
 import re
 import shutil
 
-from c10.store.lock import BuildLock
-from c10.store.layout import REPORT_PATH
-from c10.report import BuildOutcome, BuildReport, read_report, summary
 from c10.rules.driver import run_build
+
+from c10.report import BuildOutcome, BuildReport, read_report, summary
+from c10.store.layout import REPORT_PATH
+from c10.store.lock import BuildLock
 
 
 def build(root, capsys, *args) -> tuple[int, str]:
@@ -32,8 +33,8 @@ def test_every_build_writes_a_report_and_prints_a_table(cache, capsys, tmp_path)
     code, out = build(cache, capsys)  # warm: nothing changed
     warm = read_report(cache)
     assert warm.outcome is BuildOutcome.IDEMPOTENT_NO_OP and "IDEMPOTENT_NO_OP" in out
-    assert (warm.engines_built, warm.engines_reused, warm.descriptors_generated, warm.shards_generated,
-            warm.rebuilt_tiles) == (0, 0, 0, 0, ())
+    assert (warm.engines_built, warm.engines_reused, warm.descriptors_generated,
+            warm.shards_generated, warm.rebuilt_tiles) == (0, 0, 0, 0, ())
     assert warm.manifest_hash == first.manifest_hash and warm.manifest_version == 1
 
     tile = sorted((cache / "tiles/15").rglob("*.jpg"))[7]
@@ -53,7 +54,8 @@ def test_failed_build_reports_why(cache, capsys):
     code, out = build(cache, capsys)
     report = read_report(cache)
     assert code != 0 and report.outcome is BuildOutcome.FAILURE
-    assert report.error_type == "ManifestCoverageError" and "models/extra.bin" in report.failure_reason
+    assert (report.error_type == "ManifestCoverageError"
+            and "models/extra.bin" in report.failure_reason)
     assert report.manifest_version == 1  # the Manifest in force is still the previous one
     assert re.search(r"^c10 build report: FAILURE", out, re.M) and "  failed: " in out
 
@@ -63,7 +65,8 @@ def test_bad_request_still_leaves_a_report(cache, capsys):
     (cache / "c10.toml").write_text(text.replace("[index]", "[index]\nfactroy = 1"))
     code, out = build(cache, capsys)
     report = read_report(cache)
-    assert code != 0 and report.outcome is BuildOutcome.FAILURE and report.error_type == "ConfigError"
+    assert (code != 0 and report.outcome is BuildOutcome.FAILURE
+            and report.error_type == "ConfigError")
     assert "index.factroy" in report.failure_reason and report.tiles_expected is None
 
 
@@ -91,7 +94,8 @@ def test_report_json_round_trip_and_unknown_outcome():
                          stages={"load": {"seconds": 0.1}}, rebuilt_tiles=((15, 1, 2),))
     data = json.loads(json.dumps(report.to_json()))
     assert BuildReport.from_json(data) == report
-    assert BuildReport.from_json(data | {"outcome": "partial", "future_field": 1}).outcome is BuildOutcome.FAILURE
+    assert (BuildReport.from_json(data | {"outcome": "partial", "future_field": 1}).outcome
+            is BuildOutcome.FAILURE)
     assert "c10 build report: SUCCESS" in summary(report)
 
 
@@ -99,9 +103,11 @@ def test_manifest_facts_read_the_canonical_head_and_tail_or_parse(tmp_path):
     from c10.report import manifest_facts
 
     ident = "ab" * 32
-    (tmp_path / "Manifest.json").write_bytes(b'{"build_identity":"%s","files":[],"version":7}\n' % ident.encode())
+    (tmp_path / "Manifest.json").write_bytes(b'{"build_identity":"%s","files":[],"version":7}\n'
+                                             % ident.encode())
     facts = manifest_facts(tmp_path)
     assert (facts["manifest_version"], facts["build_identity"]) == (7, ident)
     (tmp_path / "Manifest.json").write_text('{"version": 8, "build_identity": "cd"}')
-    assert (manifest_facts(tmp_path)["manifest_version"], manifest_facts(tmp_path)["build_identity"]) == (8, "cd")
+    assert (manifest_facts(tmp_path)["manifest_version"],
+            manifest_facts(tmp_path)["build_identity"]) == (8, "cd")
     assert manifest_facts(tmp_path / "none")["manifest_hash"] is None

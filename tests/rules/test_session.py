@@ -6,7 +6,6 @@ import gc
 import json
 
 import pytest
-
 from c10.rules import session
 from c10.rules.driver import run_build
 from conftest import built

@@ -1,4 +1,5 @@
-"""The task generators: one dict per artifact, and uptodate callables doit can call without inspecting them."""
+"""The task generators: one dict per artifact, and uptodate callables doit can call without
+inspecting them."""
 from __future__ import annotations
 
 import inspect

@@ -1,4 +1,5 @@
-"""The one atomic-write helper: all or nothing, durable, and a failed write is one clean StorageError."""
+"""The one atomic-write helper: all or nothing, durable, and a failed write is one clean
+StorageError."""
 from __future__ import annotations
 
 import errno
@@ -6,8 +7,8 @@ import os
 
 import pytest
 
-from c10.store import atomic
 from c10.errors import C10Error, StorageError
+from c10.store import atomic
 
 
 def _fail_on(monkeypatch, name: str, err: int = errno.EIO) -> list:
@@ -33,7 +34,8 @@ def test_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
 
 def test_short_writes_are_completed(tmp_path, monkeypatch):
     real = os.write
-    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data[:7])))  # the kernel may do this
+    # the kernel may do this
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data[:7])))
     atomic.write_bytes(tmp_path / "f", b"0123456789" * 10)
     assert (tmp_path / "f").read_bytes() == b"0123456789" * 10
 
@@ -43,7 +45,8 @@ def test_short_writes_are_completed(tmp_path, monkeypatch):
     ("fsync", errno.EIO, "I/O error"),
     ("replace", errno.EROFS, "read-only"),
 ])
-def test_a_failed_write_keeps_the_old_file_and_says_what_to_do(tmp_path, monkeypatch, name, err, hint):
+def test_a_failed_write_keeps_the_old_file_and_says_what_to_do(tmp_path, monkeypatch, name, err,
+                                                               hint):
     target = tmp_path / "shard.npy"
     target.write_bytes(b"previous")
     calls = _fail_on(monkeypatch, name, err)
@@ -52,7 +55,8 @@ def test_a_failed_write_keeps_the_old_file_and_says_what_to_do(tmp_path, monkeyp
     monkeypatch.undo()
     exc = info.value
     assert isinstance(exc, C10Error) and isinstance(exc, OSError) and exc.errno == err
-    assert str(exc).startswith(f"{target}: cannot write it ({os.strerror(err)}); ") and hint in str(exc)
+    assert (str(exc).startswith(f"{target}: cannot write it ({os.strerror(err)}); ")
+            and hint in str(exc))
     assert "doit build_cache" in str(exc)
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["shard.npy"]  # the temp file is gone
@@ -85,7 +89,8 @@ def test_atomic_path_for_writers_that_take_a_name(tmp_path):
         with atomic.atomic_path(target) as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("the compiler failed")
-    assert target.read_bytes() == b"engine" and [p.name for p in tmp_path.iterdir()] == ["engine.onnx"]
+    assert (target.read_bytes() == b"engine"
+            and [p.name for p in tmp_path.iterdir()] == ["engine.onnx"])
 
 
 def test_every_writer_goes_through_the_helper():
@@ -94,14 +99,17 @@ def test_every_writer_goes_through_the_helper():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    pattern = re.compile(r"open\([^)]*['\"][wax]b?\+?['\"]|\.write_(bytes|text)\(|np\.save[z]?\((?!\s*buf)"
+    pattern = re.compile(r"open\([^)]*['\"][wax]b?\+?['\"]"
+                         r"|\.write_(bytes|text)\(|np\.save[z]?\((?!\s*buf)"
                          r"|write_index\(|\.save\(\s*(str\(|path|out)|os\.O_WRONLY|os\.O_CREAT|shutil\.copy")
-    allowed = {"c10/store/atomic.py", "c10/trust/keys.py"}  # signing: the key, created exclusively (never replaced)
+    # signing: the key, created exclusively (never replaced)
+    allowed = {"c10/store/atomic.py", "c10/trust/keys.py"}
     offenders = []
     for path in sorted([*root.glob("c10/**/*.py"), *root.glob("rules/*.py")]):
         rel = path.relative_to(root).as_posix()
         for n, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#")[0]
-            if pattern.search(code) and rel not in allowed and "atomic." not in code and "devnull" not in code:
+            if (pattern.search(code) and rel not in allowed and "atomic." not in code
+                    and "devnull" not in code):
                 offenders.append(f"{rel}:{n}: {line.strip()}")
     assert offenders == []

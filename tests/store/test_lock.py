@@ -1,4 +1,5 @@
-"""The build lock across processes (seed CP-INV-4, CP-TC-5): fast refusal naming the holder, free on kill."""
+"""The build lock across processes (seed CP-INV-4, CP-TC-5): fast refusal naming the holder, free
+on kill."""
 from __future__ import annotations
 
 import datetime as dt
@@ -10,19 +11,21 @@ import sys
 import time
 
 import pytest
+from c10.rules.driver import run_build
 
 from c10.errors import BuildLockHeldError, ConfigError, StorageError
 from c10.store.lock import BuildLock, filesystem_type, refuse_network_fs
-from c10.rules.driver import run_build
 
 # A process that holds the lock as a running build does, until killed.
-HOLD = ("import sys, time\nfrom c10.store.lock import BuildLock\nlock = BuildLock(sys.argv[1])\nlock.acquire()\n"
+HOLD = ("import sys, time\nfrom c10.store.lock import BuildLock\n"
+        "lock = BuildLock(sys.argv[1])\nlock.acquire()\n"
         "print('held', flush=True)\ntime.sleep(120)\n")
 
 
 @pytest.fixture
 def holder(cache):
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(cache)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(cache)], stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout.readline().strip() == "held"
     yield proc
     if proc.poll() is None:
@@ -41,14 +44,16 @@ def test_second_build_fails_at_once_naming_the_holder(cache, holder, capsys):
     code = run_build(cache)  # the Python API's path: the same graph in-process
     api_s = time.perf_counter() - started
     out = capsys.readouterr().out
-    assert code != 0 and "BuildLockHeldError" in out and f"pid {holder.pid} on " in out and "started 20" in out
+    assert (code != 0 and "BuildLockHeldError" in out and f"pid {holder.pid} on " in out
+            and "started 20" in out)
     started = time.perf_counter()
     proc = _doit(cache, "build_cache")
     out, _ = proc.communicate()
     cli_s = time.perf_counter() - started
     assert proc.returncode != 0 and "BuildLockHeldError" in out and f"pid {holder.pid} on " in out
     assert "Traceback" not in out
-    print(f"refused in {api_s:.2f} s in-process, {cli_s:.2f} s as `doit build_cache` (with interpreter start)")
+    print(f"refused in {api_s:.2f} s in-process, {cli_s:.2f} s as `doit build_cache` "
+          "(with interpreter start)")
     assert api_s < 1.0 and cli_s < 3.0  # the CLI time is mostly Python and imports on a loaded host
     assert not (cache / "engines").exists() and not (cache / "Manifest.json").exists()
 
@@ -56,11 +61,13 @@ def test_second_build_fails_at_once_naming_the_holder(cache, holder, capsys):
 def test_list_and_info_work_while_a_build_holds_the_lock(cache, capsys):
     assert run_build(cache) == 0
     capsys.readouterr()
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(cache)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(cache)], stdout=subprocess.PIPE,
+                            text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
         assert run_build(cache, ["list", "--all"]) == 0
-        shard = next(line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("shards:"))
+        shard = next(line.split()[0] for line in capsys.readouterr().out.splitlines()
+                     if line.startswith("shards:"))
         assert run_build(cache, ["info", shard]) == 0
         assert "up-to-date" in capsys.readouterr().out
     finally:
@@ -90,7 +97,8 @@ def test_two_builds_started_together_exactly_one_runs(cache, operator_key):
     codes = [p.returncode for p in procs]
     assert sorted(c == 0 for c in codes) == [False, True], outs
     winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
-    assert "BuildLockHeldError" in outs[loser] and f"pid {procs[winner].pid} on " in outs[loser], outs[loser]
+    assert ("BuildLockHeldError" in outs[loser]
+            and f"pid {procs[winner].pid} on " in outs[loser]), outs[loser]
     assert "Traceback" not in outs[loser]
     verify_cache(cache, trusted=load_trusted_keys([operator_key[1]]),
                  now=dt.datetime.now(dt.timezone.utc), state_path=None)
@@ -137,7 +145,8 @@ def test_a_second_build_in_another_thread_of_the_process_is_refused(cache, capsy
     deadline = time.monotonic() + 30
     while session._owner is None and first.is_alive() and time.monotonic() < deadline:
         time.sleep(0.001)
-    with pytest.raises(BuildLockHeldError, match=f"another build is running in this process \\(pid {os.getpid()}"):
+    with pytest.raises(BuildLockHeldError,
+                       match=f"another build is running in this process \\(pid {os.getpid()}"):
         run_build(cache)
     first.join()
     assert results["first"] == 0, capsys.readouterr().out

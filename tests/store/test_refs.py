@@ -1,23 +1,26 @@
-"""Content-named shards and index files: a stopped build never touches what the last Manifest lists."""
+"""Content-named shards and index files: a stopped build never touches what the last Manifest
+lists."""
 from __future__ import annotations
 
 import datetime as dt
 import json
 
 import pytest
-from hypothesis import given, strategies as st
+from conftest import build, built, current, current_files, executed
+from hypothesis import given
+from hypothesis import strategies as st
 
-from c10.store import refs
 from c10.errors import VerifyError
+from c10.store import refs
 from c10.store.layout import ref_relpath, split_tagged, tagged_relpath
 from c10.trust.keys import load_trusted_keys
 from c10.trust.verify import verify_cache
-from conftest import build, built, current, current_files, executed
 
 HEX = "0123456789abcdef"
 
 
-@given(st.sampled_from(["shards/g/15/12-34.npy", "index/g.faiss", "index/g.ids.npy", "shards/a.b/0/0-0.npy"]),
+@given(st.sampled_from(["shards/g/15/12-34.npy", "index/g.faiss", "index/g.ids.npy",
+                        "shards/a.b/0/0-0.npy"]),
        st.text(HEX, min_size=64, max_size=64))
 def test_content_names_round_trip(logical, digest):
     tagged = tagged_relpath(logical, digest)
@@ -43,40 +46,48 @@ def test_publish_writes_the_file_then_its_ref(tmp_path):
 
 def _verify(cache, operator_key, **kw):
     now = dt.datetime.now(dt.timezone.utc)
-    return verify_cache(cache, trusted=load_trusted_keys([operator_key[1]]), now=now, state_path=None, **kw)
+    return verify_cache(cache, trusted=load_trusted_keys([operator_key[1]]), now=now,
+                        state_path=None, **kw)
 
 
 def _reembed_everything(cache):
     toml = cache / "c10.toml"
-    toml.write_text(toml.read_text().replace("mean = [0.485, 0.456, 0.406]", "mean = [0.5, 0.5, 0.5]", 1))
+    toml.write_text(toml.read_text().replace("mean = [0.485, 0.456, 0.406]",
+                                             "mean = [0.5, 0.5, 0.5]", 1))
 
 
-def test_a_build_stopped_before_its_commit_leaves_the_last_manifest_verifying(cache, capsys, operator_key):
+def test_a_build_stopped_before_its_commit_leaves_the_last_manifest_verifying(cache, capsys,
+                                                                              operator_key):
     built(cache, capsys)
     committed = {p.relative_to(cache).as_posix(): p.read_bytes()
                  for p in [*cache.glob("shards/**/*.npy"), *cache.glob("index/*")]}
     _reembed_everything(cache)
-    code, out = build(cache, capsys, "index")  # every shard and the index rebuilt, no coverage, no Manifest
+    # every shard and the index rebuilt, no coverage, no Manifest
+    code, out = build(cache, capsys, "index")
     assert code == 0 and "index:global" in executed(out), out
     result = _verify(cache, operator_key)
-    now = {p.relative_to(cache).as_posix() for top in ("shards", "index") for p in current_files(cache, top).values()}
+    now = {p.relative_to(cache).as_posix()
+           for top in ("shards", "index") for p in current_files(cache, top).values()}
     # every shard and the index are new files; the id map has the same bytes, so the same name
     assert result.pending == len(now - set(committed)) == len(current_files(cache, "shards")) + 1
     assert all((cache / rel).read_bytes() == data for rel, data in committed.items())
     code, out = build(cache, capsys)
     assert code == 0 and executed(out) == ["coverage", "manifest"], out
     assert _verify(cache, operator_key).pending == 0
-    assert {rel for rel in committed if (cache / rel).exists()} == set(committed) & now  # the old ones went
+    # the old ones went
+    assert {rel for rel in committed if (cache / rel).exists()} == set(committed) & now
 
 
 def test_a_pending_name_must_match_its_bytes(cache, capsys, operator_key):
     built(cache, capsys)
     shard = sorted(current_files(cache, "shards/global/15").values())[0]
-    fake = shard.with_name(shard.name.replace(split_tagged(shard.relative_to(cache).as_posix())[1], "0" * 16))
+    fake = shard.with_name(shard.name.replace(split_tagged(shard.relative_to(cache).as_posix())[1],
+                                              "0" * 16))
     fake.write_bytes(shard.read_bytes())
     with pytest.raises(VerifyError) as info:
         _verify(cache, operator_key)
-    assert info.value.reason == "extra-file" and info.value.path == fake.relative_to(cache).as_posix()
+    assert (info.value.reason == "extra-file"
+            and info.value.path == fake.relative_to(cache).as_posix())
     fake.unlink()
     fake.with_name("notes.txt").write_text("operator notes")
     with pytest.raises(VerifyError, match="notes.txt"):

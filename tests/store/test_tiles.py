@@ -2,9 +2,19 @@
 from pathlib import Path
 
 import mercantile
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from c10.store.tiles import Scope, Tile, TileId, block_of, center_latlon, group_blocks, scan_tiles, tile_ranges
+from c10.store.tiles import (
+    Scope,
+    Tile,
+    TileId,
+    block_of,
+    center_latlon,
+    group_blocks,
+    scan_tiles,
+    tile_ranges,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -59,14 +69,16 @@ def _ids(scan):
 def test_scan_memo_skips_unchanged_columns_and_sees_every_change(tmp_path, monkeypatch):
     import c10.store.tiles as tiles_mod
 
-    for rel in ["tiles/15/3/2.jpg", "tiles/15/3/10.png", "tiles/15/4/1.jpg", "tiles/15/4/notes.txt"]:
+    for rel in ["tiles/15/3/2.jpg", "tiles/15/3/10.png", "tiles/15/4/1.jpg",
+                "tiles/15/4/notes.txt"]:
         _touch(tmp_path, rel)
     assert "tiles/15/3" not in scan_tiles(tmp_path, {}).memo  # changed just now: not trusted yet
     monkeypatch.setattr(tiles_mod, "RACY_NS", 0)
     first = scan_tiles(tmp_path, {})
     assert first.reread == 2 and set(first.memo) == {"tiles/15/3", "tiles/15/4"}
     again = scan_tiles(tmp_path, first.memo)
-    assert again.reread == 0 and again.tiles == first.tiles and again.strays == first.strays == ["tiles/15/4/notes.txt"]
+    assert (again.reread == 0 and again.tiles == first.tiles
+            and again.strays == first.strays == ["tiles/15/4/notes.txt"])
     assert all(type(t) is Tile for t in again.tiles)
     _touch(tmp_path, "tiles/15/3/4.jpg")
     (tmp_path / "tiles/15/4/1.jpg").unlink()
@@ -88,6 +100,7 @@ def test_scan_memo_round_trips_and_a_torn_one_is_ignored(tmp_path, monkeypatch):
         _touch(tmp_path, f"tiles/15/{x}/2.jpg")
     scan = scan_tiles(tmp_path, {})
     tiles_mod.write_memo(path, scan)
-    assert tiles_mod.read_memo(path) == scan.memo and len(scan.memo) == 1 + tiles_mod.MEMO_MIN_REREAD
+    assert (tiles_mod.read_memo(path) == scan.memo
+            and len(scan.memo) == 1 + tiles_mod.MEMO_MIN_REREAD)
     path.write_bytes(path.read_bytes()[:20])
     assert tiles_mod.read_memo(path) == {}

@@ -1,4 +1,5 @@
-"""Real networks: each exported ONNX, compiled by each CPU backend, agrees with the PyTorch model."""
+"""Real networks: each exported ONNX, compiled by each CPU backend, agrees with the PyTorch
+model."""
 from __future__ import annotations
 
 import json
@@ -8,20 +9,20 @@ import shutil
 import numpy as np
 import pytest
 
+from c10.errors import ModelError
 from c10.query.views import perturb
 from c10.tools import synth
-from c10.errors import ModelError
 
 # CI installs the `export` extra: there these tests must run, never skip.
 torch = pytest.importorskip("torch") if not os.environ.get("CI") else __import__("torch")
 
-from c10.tools.demo import make_demo  # noqa: E402
-from c10.features.engines import EngineSpec, build_engine, get_backend, load_engine  # noqa: E402
-from c10.tools.export import MODEL_FILES, check_backend, export_models, read_metadata  # noqa: E402
-from c10.tools.export import nets, writer  # noqa: E402
-from c10.cli import main as c10_main  # noqa: E402
 from c10.rules.driver import run_build  # noqa: E402
 from conftest import executed  # noqa: E402
+
+from c10.cli import main as c10_main  # noqa: E402
+from c10.features.engines import EngineSpec, build_engine, get_backend, load_engine  # noqa: E402
+from c10.tools.demo import make_demo  # noqa: E402
+from c10.tools.export import MODEL_FILES, check_backend, export_models, nets, read_metadata, writer  # noqa: E402  # noqa: E402
 
 KEYPOINTS = 128  # small K: LightGlue's cost grows with K², agreement does not depend on it
 DEMO_TILES = 40
@@ -31,11 +32,13 @@ MATCH_TOL = 1e-3  # match probabilities after 9 attention layers: measured 3e-5.
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    """`c10 demo --real-models` on onnxruntime, once per session: its models/ is the DeformConv export."""
+    """`c10 demo --real-models` on onnxruntime, once per session: its models/ is the DeformConv
+    export."""
     base = tmp_path_factory.mktemp("real")
     root = base / "demo"
-    assert make_demo(root, run_build, tiles=DEMO_TILES, key=base / "demo.pem", backend="onnxruntime",
-                     real_models=True, keypoints=KEYPOINTS) == 0  # built, then verified
+    assert make_demo(root, run_build, tiles=DEMO_TILES, key=base / "demo.pem",
+                     backend="onnxruntime", real_models=True,
+                     keypoints=KEYPOINTS) == 0  # built, then verified
     return root
 
 
@@ -62,7 +65,8 @@ def reference():
 def tiles(n: int = 4) -> np.ndarray:
     """Real-looking RGB tiles in [0, 1], NCHW float32, from both demo zooms."""
     ids = [(16, 38322 + 3 * i, 22135 + i) if i % 2 else (15, 19161 + i, 11067) for i in range(n)]
-    return np.stack([np.asarray(synth.render_tile(*t), np.float32).transpose(2, 0, 1) / 255 for t in ids])
+    return np.stack([np.asarray(synth.render_tile(*t), np.float32).transpose(2, 0, 1) / 255
+                     for t in ids])
 
 
 def engine(path, backend_name: str, tmp_path, *, batch=(1, 1, 1), shape=(3, 256, 256)):
@@ -89,7 +93,8 @@ def test_global_agrees_with_torch(exported, reference, variant, backend, tmp_pat
 
 
 def align(got: np.ndarray, want: np.ndarray) -> np.ndarray:
-    """Index into `want` of each keypoint of `got`: engines may order near-equal peaks differently."""
+    """Index into `want` of each keypoint of `got`: engines may order near-equal peaks
+    differently."""
     dist = np.linalg.norm(got[:, None] - want[None], axis=2)
     order = dist.argmin(1)
     assert len(set(order.tolist())) == len(got) and dist.min(1).max() < TOL
@@ -189,15 +194,18 @@ def test_query_rerank_confirms_a_strong_view_by_matches(demo, capsys, tmp_path):
     with Image.open(tile) as img:
         perturb(img.convert("RGB"), np.random.default_rng(5), "strong").save(tmp_path / "frame.png")
     capsys.readouterr()
-    assert c10_main(["query", str(demo), str(tmp_path / "frame.png"), "-k", "5", "--rerank", "--json"]) == 0
+    assert c10_main(["query", str(demo), str(tmp_path / "frame.png"), "-k", "5", "--rerank",
+                     "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     best, others = out["reranked"][0], out["reranked"][1:]
     print(f"query --rerank: {[(v['x'], v['y'], v['rank'], v['matches']) for v in out['reranked']]}")
     assert f"tiles/16/{best['x']}/{best['y']}.jpg" == tile.relative_to(demo).as_posix()
     assert best == out["best"] and best["matches"] > 2 * max(v["matches"] for v in others)
     capsys.readouterr()
-    assert c10_main(["query", str(demo), str(tmp_path / "frame.png"), "-k", "5", "--verify", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["reranked"] == out["reranked"]  # the 0.1 name, kept one release
+    assert c10_main(["query", str(demo), str(tmp_path / "frame.png"), "-k", "5", "--verify",
+                     "--json"]) == 0
+    # the 0.1 name, kept one release
+    assert json.loads(capsys.readouterr().out)["reranked"] == out["reranked"]
 
 
 def test_localize_test_counts_retrieval_and_reranked_hits(demo):

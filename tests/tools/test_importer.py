@@ -1,4 +1,5 @@
-"""`c10 import`: MBTiles (TMS rows) and XYZ/TMS folders into tiles/, inside the request, never silently."""
+"""`c10 import`: MBTiles (TMS rows) and XYZ/TMS folders into tiles/, inside the request, never
+silently."""
 from __future__ import annotations
 
 import sqlite3
@@ -6,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from c10.tools import synth
 from c10.cli import main as c10_main
 from c10.errors import BuildLockHeldError
-from c10.tools.importer import import_tiles, sniff
 from c10.store.lock import BuildLock
-from c10.tools.project import init_cache
 from c10.store.tiles import Scope
+from c10.tools import synth
+from c10.tools.importer import import_tiles, sniff
+from c10.tools.project import init_cache
 
 # A request that is 3 tiles wide and 2 high at z15 (asymmetric, so a swapped or mirrored axis
 # lands tiles in the wrong place), and a source that also holds tiles outside it and a zoom more.
@@ -28,7 +29,8 @@ def xyz(tmp_path_factory) -> Path:
 
 
 def files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in folder.rglob("*") if p.is_file()}
 
 
 def tms_copy(xyz: Path, out: Path) -> Path:
@@ -46,7 +48,8 @@ def mbtiles(xyz: Path, path: Path) -> Path:
     conn = sqlite3.connect(path)
     conn.execute("create table metadata (name text, value text)")
     conn.execute("insert into metadata values ('format', 'jpg')")
-    conn.execute("create table tiles (zoom_level integer, tile_column integer, tile_row integer, tile_data blob)")
+    conn.execute("create table tiles (zoom_level integer, tile_column integer, tile_row integer, "
+                 "tile_data blob)")
     for rel, data in files(xyz).items():
         z, x, name = rel.split("/")
         row = 2 ** int(z) - 1 - int(name.split(".")[0])
@@ -100,10 +103,12 @@ def test_reimport_changes_nothing_and_conflicts_are_never_silent(xyz, tmp_path, 
     capsys.readouterr()
     assert c10_main(["import", str(root), str(source)]) == 1  # kept, and said so
     out = capsys.readouterr().out
-    assert f"differs from the source, kept: {mine.relative_to(root).as_posix()}" in out and "--replace" in out
+    assert (f"differs from the source, kept: {mine.relative_to(root).as_posix()}" in out
+            and "--replace" in out)
     assert mine.read_bytes() == b"\xff\xd8\xff operator's own tile"
     replaced = import_tiles(root, source, replace=True)
-    assert replaced.replaced == [mine.relative_to(root).as_posix()] and mine.read_bytes()[:3] == b"\xff\xd8\xff"
+    assert (replaced.replaced == [mine.relative_to(root).as_posix()]
+            and mine.read_bytes()[:3] == b"\xff\xd8\xff")
     assert mine.read_bytes() == (xyz / mine.relative_to(root / "tiles")).read_bytes()
 
 
@@ -135,5 +140,6 @@ def test_import_waits_for_no_build(xyz, tmp_path):
 
 
 def test_sniff():
-    assert [sniff(b) for b in (b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"RIFF\0\0\0\0WEBPVP8 ", b"\x1f\x8b")] \
+    assert [sniff(b) for b in (b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"RIFF\0\0\0\0WEBPVP8 ",
+                               b"\x1f\x8b")] \
         == ["jpg", "png", "webp", None]

@@ -4,11 +4,21 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+from c10.rules.driver import run_build
 from PIL import Image
 
 from c10.cli import main as c10_main
-from c10.tools.tilemap import COLORS, LINE, MARGIN, MISSING, PRESENT, REBUILT, RIGHT, _grid, render_map
-from c10.rules.driver import run_build
+from c10.tools.tilemap import (
+    COLORS,
+    LINE,
+    MARGIN,
+    MISSING,
+    PRESENT,
+    REBUILT,
+    RIGHT,
+    _grid,
+    render_map,
+)
 
 
 def tile_xy(path) -> tuple[int, int]:
@@ -35,7 +45,8 @@ def test_map_of_a_built_cache(cache, capsys, tmp_path):
     assert panel.size == (panel.nx * panel.cell, panel.ny * panel.cell) and panel.cell >= 8
     colours = {name: image.getpixel(panel.cell_center(*tile_xy(t)))
                for name, t in (("present", kept), ("missing", gone), ("rebuilt", back))}
-    assert colours == {"present": COLORS[PRESENT], "missing": COLORS[MISSING], "rebuilt": COLORS[REBUILT]}
+    assert colours == {"present": COLORS[PRESENT], "missing": COLORS[MISSING],
+                       "rebuilt": COLORS[REBUILT]}
     assert panel.counts == {PRESENT: len(tiles) - 2, REBUILT: 1, MISSING: 1}
 
 

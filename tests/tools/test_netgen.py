@@ -22,7 +22,8 @@ def _session(path):
 
 
 def _batch(images, size=SIZE):
-    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) / 255 for im in images])
+    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) / 255
+                    for im in images])
     arr = (arr - np.array(netgen.MEAN, np.float32)) / np.array(netgen.STD, np.float32)
     return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
 
@@ -62,8 +63,11 @@ def test_global_retrieval_recall(models):
     tiles = [synth.render_tile(*t) for t in ids]
     rng = np.random.default_rng(0)
     queries = [perturb(t, rng, "mild") for t in tiles]
-    embed = lambda imgs: np.concatenate([sess.run(None, {"image": _batch(imgs[i:i + 25])})[0]
-                                         for i in range(0, len(imgs), 25)])
+
+    def embed(imgs):
+        return np.concatenate([sess.run(None, {"image": _batch(imgs[i:i + 25])})[0]
+                               for i in range(0, len(imgs), 25)])
+
     db, q = embed(tiles), embed(queries)
     recall = np.mean((q @ db.T).argmax(axis=1) == np.arange(len(ids)))
     assert len(ids) == 100 and recall >= 0.9
@@ -74,7 +78,8 @@ def test_global_runs_in_openvino_like_onnxruntime(models):
     x = _batch([synth.render_tile(16, 38300 + i, 22000) for i in range(2)])
     (ref,) = _session(models["global"]).run(None, {"image": x})
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(models["global"])), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = core.compile_model(core.read_model(str(models["global"])), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"})
     got = compiled(x)[compiled.output(0)]
     assert got.shape == ref.shape
     assert np.min(np.sum(got * ref, axis=1)) >= 0.999
@@ -82,7 +87,8 @@ def test_global_runs_in_openvino_like_onnxruntime(models):
 
 def test_local_model_outputs(models):
     x = _batch([synth.render_tile(16, 38300, 22000)], size=256)
-    kp, desc, scores = _session(models["local"]).run(["keypoints", "descriptors", "scores"], {"image": x})
+    kp, desc, scores = _session(models["local"]).run(["keypoints", "descriptors", "scores"],
+                                                     {"image": x})
     assert kp.shape == (1, 256, 2) and desc.shape == (1, 256, 64) and scores.shape == (1, 256)
     assert kp.min() >= 0 and kp.max() < 256
     assert len({tuple(p) for p in kp[0]}) == 256  # non-maximum suppression: distinct points

@@ -23,7 +23,8 @@ def test_prune_lists_then_removes_only_stale_engines(cache, capsys):
     assert code != 0 and "doit prune" in out and stale.name in out
 
     code, out = run(cache, capsys, "prune")
-    assert code == 0 and f"stale engines/{stale.name}" in out and "left alone: engines/notes.txt" in out
+    assert (code == 0 and f"stale engines/{stale.name}" in out
+            and "left alone: engines/notes.txt" in out)
     assert stale.exists()
 
     code, out = run(cache, capsys, "prune", "--apply")

@@ -1,4 +1,5 @@
-"""`c10 status`: what a build would redo and why, from doit's reasons, without the lock or any write."""
+"""`c10 status`: what a build would redo and why, from doit's reasons, without the lock or any
+write."""
 from __future__ import annotations
 
 import json
@@ -7,9 +8,10 @@ import re
 import shutil
 from pathlib import Path
 
+from c10.rules.driver import build_status, run_build
+
 from c10.cli import main as c10_main
 from c10.store.lock import BuildLock
-from c10.rules.driver import build_status, run_build
 from c10.tools.status import plan, render
 
 
@@ -31,7 +33,8 @@ def built(root: Path, capsys) -> None:
 def test_never_built_cache_says_so_and_writes_nothing(cache):
     before = snapshot(cache)
     todo = steps(cache)
-    assert todo["engines:global"] == ["no successful run recorded (never built, or its last run failed)"]
+    assert todo["engines:global"] == [
+        "no successful run recorded (never built, or its last run failed)"]
     assert "index:global" in todo and "manifest" in todo
     assert snapshot(cache) == before and not (cache / ".c10.lock").exists()
 
@@ -40,7 +43,8 @@ def test_up_to_date_cache_exits_zero(cache, capsys):
     built(cache, capsys)
     assert c10_main(["status", str(cache)]) == 0
     out = capsys.readouterr().out
-    assert "up to date: a build changes nothing" in out and re.search(r"^  coverage +always runs", out, re.M)
+    assert ("up to date: a build changes nothing" in out
+            and re.search(r"^  coverage +always runs", out, re.M))
     assert "42 present, 0 missing of 42" in out
 
 
@@ -69,8 +73,10 @@ def test_settings_changes_and_the_coverage_gate(cache, capsys):
     (cache / "shards" / "global" / "15" / "999-999.npy").write_bytes(b"dead")
     status = build_status(cache)
     todo = {s["name"]: s["why"] for s in plan(status) if s["run"]}
-    assert todo["index:global"] == ["index parameters changed (factory, metric, efConstruction, efSearch)"]
-    assert todo["manifest"] == ["request, signing key or tile count changed"]  # index params are in the request
+    assert todo["index:global"] == [
+        "index parameters changed (factory, metric, efConstruction, efSearch)"]
+    # index params are in the request
+    assert todo["manifest"] == ["request, signing key or tile count changed"]
     page = render(status)
     assert "coverage gate would FAIL: 1 undeclared file(s): models/notes.txt" in page
     assert "removes 1 dead file(s): shards/global/15/999-999.npy" in page
@@ -84,7 +90,8 @@ def test_a_deleted_shard_file_is_named_as_the_reason(cache, capsys):
     logical = shard.relative_to(cache / ".c10/refs").as_posix().removesuffix(".json")
     current_path(cache, logical).unlink()
     task = "shards:" + logical.removeprefix("shards/").removesuffix(".npy")
-    assert steps(cache)[task] == ["its file is missing or damaged, or a stopped build left another one current"]
+    assert steps(cache)[task] == [
+        "its file is missing or damaged, or a stopped build left another one current"]
 
 
 def test_status_works_while_a_build_holds_the_lock(cache, capsys):
@@ -96,5 +103,6 @@ def test_status_works_while_a_build_holds_the_lock(cache, capsys):
     finally:
         holder.release()
     data = json.loads(capsys.readouterr().out)
-    assert data["tiles_present"] == 42 and {t["status"] for t in data["tasks"]} <= {"up-to-date", "run"}
+    assert (data["tiles_present"] == 42
+            and {t["status"] for t in data["tasks"]} <= {"up-to-date", "run"})
     assert os.path.isfile(cache / "Manifest.json")

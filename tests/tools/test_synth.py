@@ -1,14 +1,13 @@
 """Synthetic tiles: right z/x/y files, deterministic bytes, distinct content, perturbations."""
 from __future__ import annotations
 
-
 import mercantile
 import numpy as np
 import pytest
 from PIL import Image
 
-from c10.tools import synth
 from c10.errors import ConfigError
+from c10.tools import synth
 
 KYIV = (50.448, 30.518, 50.452, 30.526)  # lat_min, lon_min, lat_max, lon_max
 
@@ -19,7 +18,8 @@ def _pixels(path):
 
 def test_tiles_written_at_xyz_paths(tmp_path):
     ids = synth.make_tiles(tmp_path, KYIV, [15, 16])
-    expected = sorted((t.z, t.x, t.y) for t in mercantile.tiles(30.518, 50.448, 30.526, 50.452, [15, 16]))
+    expected = sorted((t.z, t.x, t.y)
+                      for t in mercantile.tiles(30.518, 50.448, 30.526, 50.452, [15, 16]))
     assert ids == expected
     files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.jpg"))
     assert files == sorted(f"{z}/{x}/{y}.jpg" for z, x, y in ids)

@@ -17,7 +17,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from c10.errors import SigningKeyError, VerifyError
 from c10.trust.dsse import PAYLOAD_TYPE, pae, sign_envelope, verify_envelope
-from c10.trust.keys import generate_key, keyid, load_signing_key, load_trusted_keys, public_key_pem, ssh_fingerprint
+from c10.trust.keys import (
+    generate_key,
+    keyid,
+    load_signing_key,
+    load_trusted_keys,
+    public_key_pem,
+    ssh_fingerprint,
+)
 
 
 @pytest.fixture
@@ -316,6 +323,8 @@ def test_prompt_is_asked_only_for_an_encrypted_key(tmp_path):
     asked = []
     generate_key(tmp_path / "enc.pem", b"secret")
     generate_key(tmp_path / "plain.pem")
-    load_signing_key(tmp_path / "enc.pem", passphrase=lambda: asked.append("enc") or b"secret", cache_root=None)
-    load_signing_key(tmp_path / "plain.pem", passphrase=lambda: asked.append("plain") or b"x", cache_root=None)
+    load_signing_key(tmp_path / "enc.pem", passphrase=lambda: asked.append("enc") or b"secret",
+                     cache_root=None)
+    load_signing_key(tmp_path / "plain.pem", passphrase=lambda: asked.append("plain") or b"x",
+                     cache_root=None)
     assert asked == ["enc"]

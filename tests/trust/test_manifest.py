@@ -9,11 +9,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from c10.trust import manifest as mf
 from c10.errors import ManifestWriteError, VerifyError
-from c10.trust.manifest import FileEntry, build_manifest, dumps_manifest, loads_manifest
 from c10.store.layout import is_control
+from c10.trust import manifest as mf
 from c10.trust.keys import check_key_allowed, keyid, ssh_fingerprint
+from c10.trust.manifest import FileEntry, build_manifest, dumps_manifest, loads_manifest
 from c10.trust.verify import verify_cache
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -114,7 +114,8 @@ def test_loads_checks_schema_version_and_structure():
 @pytest.mark.parametrize("rel, expected", [
     ("dodo.py", True), ("c10.toml", True), (".c10.lock", True), ("Manifest.json", True),
     ("Manifest.json.dsse", True), (".c10/deps.db", True), (".c10/logs/a.log", True),
-    ("doit.cfg", True), ("__pycache__/dodo.cpython-311.pyc", False), ("__pycache__/other.cpython-311.pyc", False),
+    ("doit.cfg", True), ("__pycache__/dodo.cpython-311.pyc", False),
+    ("__pycache__/other.cpython-311.pyc", False),
     ("tiles/__pycache__/dodo.cpython-311.pyc", False), ("tiles/dodo.py", False),
     (".c10", False), (".hidden", False), ("Manifest.json.bak", False),
 ])
@@ -151,7 +152,8 @@ def test_write_signed_manifest_pair(tmp_path):
     env = json.loads((tmp_path / "Manifest.json.dsse").read_bytes())
     assert base64.b64decode(env["payload"]) == data
     assert env["payloadType"] == "application/vnd.c10.manifest+json"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".c10", "Manifest.json", "Manifest.json.dsse"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c10", "Manifest.json",
+                                                          "Manifest.json.dsse"]
     assert not list((tmp_path / ".c10").rglob("*.*"))  # temp files staged there, all renamed
 
 
@@ -206,14 +208,17 @@ def test_next_version_refuses_unreadable_previous(tmp_path, name):
 
 def test_commit_fast_path_reads_tails_only(tmp_path):
     """Equal payload/Manifest tails mean a finished commit; any other tail takes the full path."""
-    from c10.trust.manifest import _committed_in_order
-    from c10.trust.dsse import PAYLOAD_TYPE, sign_envelope
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     import json
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from c10.trust.dsse import PAYLOAD_TYPE, sign_envelope
+    from c10.trust.manifest import _committed_in_order
 
     payload = json.dumps({"files": ["x" * 5000], "version": 7}, sort_keys=True).encode()
     envelope = sign_envelope(payload, PAYLOAD_TYPE, Ed25519PrivateKey.generate())
-    (tmp_path / "Manifest.json.dsse").write_text(json.dumps(envelope, sort_keys=True, separators=(",", ":")))
+    (tmp_path / "Manifest.json.dsse").write_text(json.dumps(envelope, sort_keys=True,
+                                                            separators=(",", ":")))
     (tmp_path / "Manifest.json").write_bytes(payload)
     assert _committed_in_order(tmp_path)
     (tmp_path / "Manifest.json").write_bytes(payload.replace(b'"version": 7', b'"version": 6'))

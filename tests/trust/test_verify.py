@@ -12,15 +12,16 @@ import blake3
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from c10.trust import manifest as mf
-from c10.errors import VerifyError
 from c10.canonical import digest
-from c10.trust.manifest import FileEntry
+from c10.errors import VerifyError
+from c10.store.digest import MMAP_MIN
+from c10.store.digest import blake3_file as hash_file
 from c10.store.layout import tagged_relpath
+from c10.trust import manifest as mf
 from c10.trust.dsse import PAYLOAD_TYPE, sign_envelope
 from c10.trust.keys import generate_key, keyid, load_signing_key
+from c10.trust.manifest import FileEntry
 from c10.trust.verify import EXIT_CODES, VerifyResult, verify_cache, verify_to_json
-from c10.store.digest import MMAP_MIN, blake3_file as hash_file
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 NOW = T0 + timedelta(hours=1)
@@ -235,7 +236,8 @@ def _engine_pair(material: dict) -> tuple[str, dict]:
 def test_a_new_engine_and_its_sidecar_are_pending_when_they_prove_each_other(cache):
     stem, sidecar = _engine_pair({"onnx_hash": "ab" * 32, "backend": "onnxruntime"})
     engine = b"compiled engine bytes"
-    (cache.root / f"{stem}.json").write_text(json.dumps({**sidecar, "engine_blake3": hash_file_bytes(engine)}))
+    (cache.root / f"{stem}.json").write_text(
+        json.dumps({**sidecar, "engine_blake3": hash_file_bytes(engine)}))
     assert cache.verify().pending == 1  # a kill between the sidecar and the engine's rename
     (cache.root / f"{stem}.onnx").write_bytes(engine)
     assert cache.verify().pending == 2
@@ -329,7 +331,8 @@ def test_unsafe_listed_paths(cache, rel):
 # ---------------------------------------------------------------- freshness attacks
 
 def test_rollback_to_older_version(cache, tmp_path):
-    old = (cache.root / "Manifest.json").read_bytes(), (cache.root / "Manifest.json.dsse").read_bytes()
+    old = ((cache.root / "Manifest.json").read_bytes(),
+           (cache.root / "Manifest.json.dsse").read_bytes())
     cache.version = 2
     cache.sign()
     cache.verify()

@@ -1,4 +1,4 @@
-"""The engine backend interface, cheap host probing, and backend selection (no heavy imports here)."""
+"""The engine backend interface, cheap host probing and backend selection (no heavy imports)."""
 from __future__ import annotations
 
 import functools
@@ -43,7 +43,8 @@ class Runner:
         from c10.features.pools import worker_pool
 
         chunks = split_batch(feeds, self.streams)
-        rest = [worker_pool("streams", self.streams - 1).submit(self.run_stream, c) for c in chunks[1:]]
+        rest = [worker_pool("streams", self.streams - 1).submit(self.run_stream, c)
+                for c in chunks[1:]]
         first = self.run_stream(chunks[0])  # the caller's thread runs one part itself
         return join_outputs([first, *(f.result() for f in rest)])
 
@@ -125,7 +126,8 @@ class Backend:
         return {"platform": platform.platform(), "cpu": cpu_info()["model"], "cpus": os.cpu_count()}
 
     def compile(self, spec: EngineSpec, out: Path) -> dict:
-        """Validate the request, compile it, write `out` atomically; return build info for the sidecar."""
+        """Validate the request, compile it, write `out` atomically; return build info for the
+        sidecar."""
         from c10.features.engines import inspect_model, read_calibration
 
         self.require_available()
@@ -229,7 +231,8 @@ def package_dir(module: str) -> Path | None:
 
 @functools.cache
 def package_version(module: str, dists: tuple[str, ...] = ()) -> str | None:
-    """Version of `module` from a `*.dist-info` beside it (first of `dists`), else its `__version__` line."""
+    """Version of `module` from a `*.dist-info` beside it (first of `dists`), else its
+    `__version__` line."""
     pkg = package_dir(module)
     if pkg is None:
         return None

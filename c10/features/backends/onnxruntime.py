@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from c10.store.atomic import atomic_path
 from c10.features.backends import Backend, Runner, os_arch, package_dir, package_version
+from c10.store.atomic import atomic_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -64,10 +64,10 @@ class OnnxRuntimeBackend(Backend):
 
 # Several calls at once, one thread each (Runner.streams), rather than one call on every core:
 # ORT's intra-op threads wait at every op for the one that shares its core with a decoding tile.
-# Measured on 2 cores (bench/embed.py): tiles embedded at 0.88 of the raw engine with one call
-# on two threads, 0.92 with two calls on one thread each; the raw engine is no slower. Each
-# stream holds a batch's activations, so a large host gets at most MAX_STREAMS streams of
-# several threads each (not measured here: these machines have 2 cores).
+# Measured (bench/embed.py): tiles embed closer to the raw engine's rate with one call per core
+# on one thread each than with one call on every core; the raw engine is no slower (figures in
+# docs/figures.md). Each stream holds a batch's activations, so a large host gets at most
+# MAX_STREAMS streams of several threads each (not measured here: these machines have 2 cores).
 MAX_STREAMS = 8
 
 
@@ -78,7 +78,8 @@ def ort_streams(cpus: int) -> tuple[int, int]:
 
 
 class OrtRunner(Runner):
-    """An ORT session; `run_stream` may be called from several threads at once (Session.run is thread-safe)."""
+    """An ORT session; `run_stream` may be called from several threads at once (Session.run is
+    thread-safe)."""
 
     def __init__(self, session, streams: int = 1) -> None:
         self.session, self.streams = session, streams
@@ -91,7 +92,8 @@ class OrtRunner(Runner):
 
 @functools.cache
 def _build_info() -> dict:
-    """`onnxruntime/capi/build_and_package_info.py` holds package name and version; read, not imported."""
+    """`onnxruntime/capi/build_and_package_info.py` holds package name and version; read, not
+    imported."""
     pkg = package_dir("onnxruntime")
     info: dict[str, str] = {}
     if pkg is None:

