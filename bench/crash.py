@@ -264,7 +264,7 @@ def differing_files(root: Path) -> tuple[list[str], int]:
     """(paths listed with other bytes or missing, and unlisted files verify would refuse;
     the number of unlisted files it accepts as pending)."""
     from c10.store.layout import is_control
-    from c10.trust.verify import is_pending
+    from c10.trust.tree import is_pending
 
     manifest = json.loads((root / "Manifest.json").read_bytes())
     listed = {f["path"]: f["blake3"] for f in manifest["files"]}

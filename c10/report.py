@@ -97,7 +97,7 @@ _TAIL = re.compile(rb'"version":(\d+)\}\s*\Z')
 
 
 def _head_and_tail(data: bytes) -> tuple[int | None, str | None]:
-    """Two fields without parsing 15 MB of JSON on every no-op build; a full parse if the layout
+    """Two fields without parsing a large Manifest on every no-op build; a full parse if the layout
     differs."""
     head, tail = _HEAD.match(data), _TAIL.search(data[-64:])
     if head and tail:

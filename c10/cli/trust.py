@@ -1,0 +1,129 @@
+"""`c10` subcommands of trust: verify (what the aircraft runs) and keygen."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+from c10.errors import C10Error, ConfigError, VerifyError
+
+
+def register(sub) -> None:
+    cmd = sub.add_parser("verify",
+                         help="check a cache as the aircraft does (exit 0 only if it is intact)")
+    cmd.add_argument("dir", type=Path)
+    cmd.add_argument("--trusted-keys", action="append", default=[], metavar="KEY",
+                     help="public key file (PEM or ssh-ed25519) or 64-hex raw key; default: every "
+                          "key in ~/.config/c10/trusted/ (never the cache's own c10.toml, which is "
+                          "unsigned)")
+    cmd.add_argument("--state", type=Path,
+                     help="anti-rollback state file "
+                          "(default: ~/.local/state/c10/verify-state.json)")
+    cmd.add_argument("--now", help="ISO time to check expiry against (tests)")
+    cmd.add_argument("--airborne", action="store_true", help="also check engines against this host")
+    cmd.add_argument("--json", action="store_true", help="one JSON line for tools")
+    cmd.set_defaults(func=cmd_verify)
+    cmd = sub.add_parser("keygen", help="create an Ed25519 operator key (mode 0600)")
+    cmd.add_argument("path", type=Path)
+    cmd.add_argument("--passphrase-file", type=Path,
+                     help="encrypt with the passphrase in this file")
+    cmd.add_argument("--prompt", action="store_true", help="ask for a passphrase on the terminal")
+    cmd.set_defaults(func=cmd_keygen)
+
+
+def cmd_verify(args) -> int:
+    from c10.trust.keys import load_trusted_keys
+    from c10.trust.verify import verify_cache, verify_to_json
+
+    root = args.dir.resolve()
+    trusted = load_trusted_keys(args.trusted_keys or trust_store_keys())
+    now = dt.datetime.fromisoformat(args.now) if args.now else dt.datetime.now(dt.timezone.utc)
+    try:
+        result = verify_cache(root, trusted=trusted, now=now,
+                              state_path=args.state or default_state(),
+                              airborne_fingerprints=_fingerprints() if args.airborne else None)
+    except VerifyError as err:
+        print(json.dumps(verify_to_json(err)) if args.json else "c10 verify: REJECTED "
+                                                                f"({err.reason}): {err}")
+        return verify_to_json(err)["exit_code"]
+    print(json.dumps(verify_to_json(result)) if args.json else
+          f"c10 verify: OK {root}: Manifest v{result.version}, {result.files} files, "
+          f"{result.bytes / 1e6:.1f} MB checked in {result.elapsed:.2f} s")
+    if result.pending and not args.json:
+        print(f"c10 verify: note: {result.pending} shard/index file(s) of an unfinished build are "
+              f"not in the Manifest (nothing loads them); the next `doit build_cache` in {root} "
+              "commits or removes them")
+    return 0
+
+
+def trust_store() -> Path:
+    """Where the aircraft (or an inspecting host) keeps the operator keys it trusts, outside any
+    cache."""
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "c10" / "trusted"
+
+
+def trust_store_keys() -> list[str]:
+    """Every public key file in the trust store; a cache can never vouch for itself."""
+    store = trust_store()
+    keys = sorted(str(p) for p in store.glob("*") if p.is_file()) if store.is_dir() else []
+    if not keys:
+        raise ConfigError("no trusted keys: pass --trusted-keys KEY.pub or copy the operator's "
+                          f"public key (`c10 keygen` writes KEY.pub) into {store}/")
+    return keys
+
+
+def default_state() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "c10" / "verify-state.json"
+
+
+def _fingerprints() -> dict:
+    """This host's fingerprint per available backend (what airborne mode compares engines with)."""
+    from c10.features.backends import AUTO_ORDER, get_backend
+
+    out = {}
+    for name in AUTO_ORDER:
+        try:
+            out[name] = get_backend(name).host_fingerprint()
+        except C10Error:
+            continue  # not installed here: an engine of that backend cannot run on this host
+    return out
+
+
+def cmd_keygen(args) -> int:
+    """Write PATH (private, 0600) and PATH.pub (public PEM for the aircraft's trust store)."""
+    from c10.store import atomic
+    from c10.trust.keys import generate_key, load_signing_key, public_key_pem, ssh_fingerprint
+
+    passphrase = _read_passphrase(args)
+    kid = generate_key(args.path, passphrase)
+    key = load_signing_key(args.path, passphrase=passphrase, cache_root=None)
+    pub = args.path.with_name(args.path.name + ".pub")
+    atomic.write_bytes(pub, public_key_pem(key))
+    print(f"wrote {args.path} (private, mode 0600) and {pub} (public)")
+    print(f"keyid {kid}\nfingerprint {ssh_fingerprint(key)}")
+    print(f"put `key = \"{args.path}\"` and `allowed_keyids = [\"{kid}\"]` under [signing] in "
+          "c10.toml;")
+    print(f"copy {pub} into {trust_store()}/ on the aircraft (or pass it to `c10 verify "
+          "--trusted-keys`)")
+    return 0
+
+
+def _read_passphrase(args) -> bytes | None:
+    """From --passphrase-file or a terminal prompt (twice); never from argv."""
+    if args.passphrase_file:
+        try:
+            return args.passphrase_file.read_bytes().rstrip(b"\r\n") or None
+        except OSError as exc:
+            raise ConfigError(f"{args.passphrase_file}: cannot read the passphrase file "
+                              f"({exc.strerror})") from None
+    if not args.prompt:
+        return None
+    import getpass
+
+    first = getpass.getpass("passphrase: ")
+    if first != getpass.getpass("again: "):
+        raise ConfigError("the two passphrases differ; run `c10 keygen` again")
+    return first.encode() or None
