@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import distributed
-from c10.rules.driver import run_build
 
 from c10.features import cluster
+from c10.rules.driver import run_build
 from c10.tools import demo, netgen, synth
 from c10.tools.project import init_cache
 from c10.trust.keys import generate_key

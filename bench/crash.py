@@ -26,6 +26,15 @@ to completion. After every kill:
   missing, or an unlisted file that is not a pending content-named file.
 After each episode's completed build: exit 0, the whole cache verifies, no temp file is left,
 and shards/ and index/ are byte-identical to a clean build of the same inputs.
+
+Then `c10 pack` of the built cache is SIGKILLed (--pack-kills, in episodes of 1-3 kills of packs
+of one OUT, delays drawn as for builds: S is the time until pack says it is copying). After every
+kill: the cache is byte-identical, and OUT is either absent (a temporary `.OUT.c10-pack-partial-*`
+may be left beside it) or a complete image that verifies with `verify_cache(...,
+airborne_fingerprints=this host's)`, i.e. `c10 verify OUT --airborne`. After each episode's
+completed re-run of pack: exit 0, OUT verifies --airborne, no temporary dir of that OUT is left
+(the re-run removed the killed packs' ones), and a further pack of the same OUT is refused with
+OUT left byte-identical. `--kills` counts build kills, `--pack-kills` pack kills (`kills_total`).
 """
 from __future__ import annotations
 
@@ -61,6 +70,9 @@ DERIVED = ("engines", "shards", "index")
 FILE_REASONS = {"hash-mismatch", "size-mismatch", "missing-file", "extra-file"}
 ROLLED = "rolled Manifest.json forward"
 DOIT = str(Path(sys.executable).with_name("doit"))  # the console script, never `python -m doit`
+C10 = str(Path(sys.executable).with_name("c10"))
+IMAGE_TOPS = ("tiles", "models", "engines", "shards", "index")
+PAIR = ("Manifest.json", "Manifest.json.dsse")
 
 
 class CrashFailure(Exception):
@@ -263,8 +275,8 @@ def classify(root: Path, fx: dict, had_manifest: bool) -> tuple[str, int]:
 def differing_files(root: Path) -> tuple[list[str], int]:
     """(paths listed with other bytes or missing, and unlisted files verify would refuse;
     the number of unlisted files it accepts as pending)."""
-    from c10.store.layout import is_control
-    from c10.trust.tree import is_pending
+    from c10.store.layout import CONTROL_DIR, is_control, is_control_dir_file
+    from c10.trust.tree import pending_files
 
     manifest = json.loads((root / "Manifest.json").read_bytes())
     listed = {f["path"]: f["blake3"] for f in manifest["files"]}
@@ -274,9 +286,12 @@ def differing_files(root: Path) -> tuple[list[str], int]:
         if not path.is_file() or blake3.blake3(path.read_bytes()).hexdigest() != digest:
             differ.append(rel)
     present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    unlisted = [rel for rel in present - set(listed) if not is_control(rel)]
-    refused = [rel for rel in unlisted if not is_pending(root, rel)]
-    return sorted(differ + refused), len(unlisted) - len(refused)
+    unlisted = sorted(rel for rel in present - set(listed) if not is_control(rel))
+    # .c10/ holds only names c10 writes there (verify walks it against that allowlist)
+    strays = [rel for rel in present if rel.startswith(CONTROL_DIR + "/")
+              and not is_control_dir_file(rel[len(CONTROL_DIR) + 1:])]
+    pending, refused = pending_files(root, unlisted, manifest)
+    return sorted(differ + refused + strays), len(pending)
 
 
 def check_kill(root: Path, fx: dict, inputs: dict, had_manifest: bool) -> tuple[str, int]:
@@ -302,8 +317,9 @@ def check_converged(root: Path, fx: dict, reference: dict) -> None:
 # ---------------------------------------------------------------- the run
 
 def run(kills: int, seed: int, work: Path, per_episode: tuple[int, int] = (1, 3),
-        fx: dict | None = None) -> dict:
-    """The bench; `fx` (as make_inputs returns) reuses a key, tiles and model made elsewhere."""
+        fx: dict | None = None, pack_kills: int = 0) -> dict:
+    """The bench; `fx` (as make_inputs returns) reuses a key, tiles and model made elsewhere;
+    `pack_kills` kills of `c10 pack` of the built cache follow the build kills."""
     rng = random.Random(seed)
     started = time.perf_counter()
     fx = fx or make_inputs(work)
@@ -331,6 +347,12 @@ def run(kills: int, seed: int, work: Path, per_episode: tuple[int, int] = (1, 3)
             base = new_cache(work / f"base-{n}", fx)  # start over from a fresh, consistent cache
             set_state(base, fx, state)
             complete_build(base)
+    stats.update({"pack_kills": 0, "pack_outcomes": {}, "pack_stages": {}, "pack_windows": {},
+                  "pack_finished_before_kill": 0, "pack_converged": 0,
+                  "pack_kills_leaving_partial": 0, "pack_leftovers_removed": 0})
+    if pack_kills:
+        run_pack_kills(rng, work, fx, base, stats, pack_kills, per_episode)
+    stats["kills_total"] = stats["kills"] + stats["pack_kills"]
     stats["build_s"] = {k: [round(statistics.median(t[i] for t in v[-5:]), 2) for i in (0, 1)]
                         for k, v in spans.items()}
     stats["time_s"] = round(time.perf_counter() - started, 1)
@@ -396,9 +418,153 @@ def _measure(kind: str, scratch: Path, fx: dict, state: str, base: Path) -> tupl
     return span
 
 
+# ---------------------------------------------------------------- kills during c10 pack
+
+def pack_process(root: Path, out: Path, fx: dict, work: Path) -> subprocess.Popen:
+    """`c10 pack ROOT OUT` as its own process group (its state file only read, in the work dir)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return subprocess.Popen([C10, "pack", str(root), str(out), "--trusted-keys", str(fx["pub"]),
+                             "--state", str(work / "pack-state.json")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def timed_pack(root: Path, out: Path, fx: dict, work: Path) -> tuple[float, float, str]:
+    """A pack run to completion: (seconds, seconds until it said it is copying, output)."""
+    started, first = time.perf_counter(), None
+    proc = pack_process(root, out, fx, work)
+    lines = []
+    for line in proc.stdout:
+        if first is None and "copying" in line:
+            first = time.perf_counter() - started
+        lines.append(line)
+    proc.wait()
+    text = "".join(lines)
+    if proc.returncode != 0:
+        raise CrashFailure(f"pack: {out}: the re-run failed (exit {proc.returncode}): "
+                           f"{text[-1500:]}")
+    total = time.perf_counter() - started
+    return total, first if first is not None else total, text
+
+
+def killed_pack(root: Path, out: Path, fx: dict, work: Path, delay: float) -> tuple[bool, str]:
+    proc = pack_process(root, out, fx, work)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return True, proc.communicate()[0]
+    return False, proc.communicate()[0]
+
+
+def partials(out: Path) -> list[str]:
+    """Temporary directories of packs of `out` beside it."""
+    from c10.tools.pack import partial_prefix
+
+    prefix = partial_prefix(out)
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(prefix))
+
+
+def check_image(out: Path, fx: dict, fingerprints: dict) -> str:
+    """'absent', or 'image' when OUT verifies as `c10 verify OUT --airborne` would; else
+    CrashFailure."""
+    if not os.path.lexists(out):
+        return "absent"
+    try:
+        verify_cache(out, trusted=fx["trusted"], now=dt.datetime.now(dt.timezone.utc),
+                     state_path=None, airborne_fingerprints=fingerprints)
+    except VerifyError as exc:
+        raise CrashFailure(f"pack: {out} exists but does not verify --airborne: {exc.reason}: "
+                           f"{exc}") from None
+    return "image"
+
+
+def run_pack_kills(rng, work: Path, fx: dict, base: Path, stats: dict, kills: int,
+                   per_episode: tuple[int, int]) -> None:
+    from c10.cli.trust import _fingerprints
+
+    fingerprints = _fingerprints()  # this host's, as `c10 verify --airborne` probes them
+    images = work / "images"
+    images.mkdir(exist_ok=True)
+    measure = images / "measure"
+    spans = [timed_pack(base, measure, fx, work)[:2]]
+    shutil.rmtree(measure)
+    source = digests(base, IMAGE_TOPS, PAIR + ("c10.toml",))
+    n = 0
+    while stats["pack_kills"] < kills:
+        n += 1
+        try:
+            _pack_episode(rng, work, fx, base, stats, kills, per_episode, images / f"image-{n}",
+                          spans, source, fingerprints)
+        except CrashFailure as exc:
+            stats["failures"] += 1
+            stats["failure_details"].append(str(exc)[:600])
+        if n % 8 == 0:
+            spans.append(timed_pack(base, measure, fx, work)[:2])
+            shutil.rmtree(measure)
+    stats["pack_s"] = [round(statistics.median(t[i] for t in spans[-5:]), 3) for i in (0, 1)]
+
+
+def _pack_episode(rng, work, fx, base, stats, target, per_episode, out, spans, source,
+                  fingerprints) -> None:
+    for _ in range(rng.randint(*per_episode)):
+        if stats["pack_kills"] >= target or os.path.lexists(out):
+            break  # (a kill after the rename: the image is complete, nothing more to cut)
+        total, startup = (statistics.median(t[i] for t in spans[-5:]) for i in (0, 1))
+        window = "whole" if stats["pack_kills"] % 2 == 0 else "tasks"
+        delay = rng.uniform(0.0 if window == "whole" else startup, total)
+        killed, text = killed_pack(base, out, fx, work, delay)
+        if not killed:
+            stats["pack_finished_before_kill"] += 1
+            if check_image(out, fx, fingerprints) != "image":
+                raise CrashFailure(f"pack: {out}: an uncut pack left no image: {text[-800:]}")
+            continue
+        stats["pack_kills"] += 1
+        stats["pack_windows"][window] = stats["pack_windows"].get(window, 0) + 1
+        stage = ("startup" if "copying" not in text else "copy-verify-rename"
+                 if "wrote" not in text else "after-rename")
+        stats["pack_stages"][stage] = stats["pack_stages"].get(stage, 0) + 1
+        if digests(base, IMAGE_TOPS, PAIR + ("c10.toml",)) != source:
+            raise CrashFailure(f"pack: a killed pack changed the cache {base}")
+        outcome = check_image(out, fx, fingerprints)
+        stats["pack_outcomes"][outcome] = stats["pack_outcomes"].get(outcome, 0) + 1
+        stats["pack_kills_leaving_partial"] += bool(partials(out))
+    rerun = out if not os.path.lexists(out) else out.with_name(out.name + "-rerun")
+    left = partials(rerun)
+    _, _, text = timed_pack(base, rerun, fx, work)
+    if check_image(rerun, fx, fingerprints) != "image":
+        raise CrashFailure(f"pack: the re-run left no image at {rerun}: {text[-800:]}")
+    if partials(rerun):
+        raise CrashFailure(f"pack: temporary dirs left beside {rerun}: {partials(rerun)}")
+    stats["pack_leftovers_removed"] += len(left)
+    _check_refused(rerun, fx)
+    stats["pack_converged"] += 1
+    for image in (out, rerun):
+        if os.path.lexists(image):
+            shutil.rmtree(image)
+
+
+def _check_refused(out: Path, fx: dict) -> None:
+    """A pack to an existing OUT is refused and leaves it as it was."""
+    from c10.tools.pack import PackError, pack
+
+    before = digests(out, IMAGE_TOPS, PAIR)
+    try:
+        pack(out, out, trusted=fx["trusted"], now=dt.datetime.now(dt.timezone.utc))
+    except PackError:
+        pass
+    else:
+        raise CrashFailure(f"pack: a pack over the existing {out} was not refused")
+    if digests(out, IMAGE_TOPS, PAIR) != before:
+        raise CrashFailure(f"pack: a refused pack changed {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--kills", type=int, default=300)
+    parser.add_argument("--pack-kills", type=int, default=100,
+                        help="SIGKILLs of `c10 pack` of the built cache after the build kills")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", type=Path, help="default: a temp dir, removed afterwards")
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
@@ -406,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="c10-crash-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        stats = run(args.kills, args.seed, work)
+        stats = run(args.kills, args.seed, work, pack_kills=args.pack_kills)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

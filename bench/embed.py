@@ -74,7 +74,6 @@ def shard_rate(root: Path, name: str) -> tuple[float, float, int]:
     cache (a cold stage: hashing, decoding, inference, packing and the atomic writes)."""
     from c10.rules import session
     from c10.rules.shards import build_shard
-
     from c10.store.hashcache import HashCache
     from c10.store.layout import HASH_CACHES, ref_relpath
 
@@ -140,10 +139,9 @@ def free_resize():
 
 
 def bench_backend(workdir: Path, backend: str, args) -> dict:
+    from c10.features.preprocess import Preprocessing
     from c10.rules import session
     from c10.rules.driver import run_build
-
-    from c10.features.preprocess import Preprocessing
 
     root = workdir / f"cache-{backend}"
     # ONNX Runtime's engine is fp32 only

@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from c10.rules.driver import run_build
 
 from c10.features.engines import EngineSpec, build_engine, get_backend, load_engine
 from c10.query.rerank import localize_test
+from c10.rules.driver import run_build
 from c10.tools import synth
 from c10.tools.demo import make_demo
 
@@ -28,15 +28,17 @@ from c10.tools.demo import make_demo
 CASES = (("onnxruntime", "native"), ("onnxruntime", "grid"), ("openvino", "grid"))
 
 
-def recall(root: Path, queries: int, k: int, seed: int) -> dict:
-    from c10.query.open import open_reranker, open_searcher
+def recall(root: Path, pub: Path, queries: int, k: int, seed: int) -> dict:
+    from c10.query.flight import FlightCache
 
-    searcher, _, root = open_searcher(root)
-    reranker = open_reranker(root)
+    cache = FlightCache.open(root, [pub])
+    searcher, _ = cache.searcher()
+    reranker = cache.reranker()
     out = {}
     for strength in ("strong", "mild"):
         t0 = time.perf_counter()
-        r = localize_test(searcher, reranker, root, n=queries, strength=strength, seed=seed, k=k)
+        r = localize_test(searcher, reranker, cache.load_tile, n=queries, strength=strength,
+                          seed=seed, k=k)
         out[strength] = {"queries": r.n, "k": r.k, "recall@1_retrieval": r.recall_retrieval,
                          "recall@1_reranked": r.recall_reranked, f"recall@{k}": r.recall_at_k,
                          "seconds": round(time.perf_counter() - t0, 1)}
@@ -114,6 +116,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dir", type=Path,
                    help="an existing `c10 demo --real-models` cache (default: build one)")
+    p.add_argument("--trusted-key", type=Path,
+                   help="the public key of --dir's signer (default: the demo key's, if made here)")
     p.add_argument("--skip-recall", action="store_true", help="images/s only")
     args = p.parse_args()
     load = os.getloadavg()[0]
@@ -130,7 +134,8 @@ def main() -> None:
         result = {"cache": str(root), "tiles": len(list((root / "tiles").rglob("*.*"))),
                   "keypoints": args.keypoints, "demo_build_seconds": built,
                   "localize": (None if args.skip_recall
-                               else recall(root, args.queries, args.k, args.seed)),
+                               else recall(root, args.trusted_key or work / "key.pub.pem",
+                                           args.queries, args.k, args.seed)),
                   "throughput": throughput(models_for(root, args.keypoints, work), args.keypoints,
                                            args.batch, args.seconds, work),
                   "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)],

@@ -15,8 +15,12 @@ def __getattr__(name: str):
         from c10 import api
 
         return getattr(api, name)
+    if name == "FlightCache":  # the aircraft's side: no doit, no build code
+        from c10.query.flight import FlightCache
+
+        return FlightCache
     raise AttributeError(f"module 'c10' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _API)
+    return sorted(set(globals()) | _API | {"FlightCache"})

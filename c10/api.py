@@ -135,20 +135,32 @@ class DoitCacheProvisioner:
         from c10.plan import load_plan
         from c10.store.hashcache import HashCache
         from c10.store.layout import ENGINES_DIR
+        from c10.trust.provenance import Ledger
 
         root = require_cache_root(request.cache_root)
-        hashes = HashCache(root)
+        hashes, ledger = HashCache(root), Ledger(root)
         plan = load_plan(root, hashes)
         out = []
         for name in _selected_models(plan.config, request):
             model_plan = plan.plans[name]
             _check_engine_request(plan.config, model_plan, request)
-            path, built = engines.build_engine(model_plan.spec, model_plan.backend,
-                                               root / ENGINES_DIR)
+            # compiled here: a later build on this host may sign them (ledgered first)
+            path, built = engines.build_engine(
+                model_plan.spec, model_plan.backend, root / ENGINES_DIR,
+                written=lambda files: _ledger(ledger, files))
             out.append(EngineCacheEntry(name, model_plan.backend.name, model_plan.engine_key, path,
                                         built))
         hashes.save()
+        ledger.save()
         return tuple(out)
+
+
+def _ledger(ledger, files: dict[str, str]) -> None:
+    from c10.store.layout import ENGINES_DIR
+
+    for name, digest in files.items():
+        ledger.record(f"{ENGINES_DIR}/{name}", digest)
+    ledger.save()
 
 
 def _result(root: Path, code: int, report: BuildReport | None, error: C10Error | None,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
 EXECUTORS = ("local", "dask")
 TILE_TRANSPORTS = ("bytes", "shared")
 MAX_ZOOM = 24
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class Area:
     zooms: tuple[int, ...]
     sector_class: str = "stable_rear"
     require_complete: bool = False
+    name: str | None = None  # the sector's name, signed: `c10 verify --area NAME` checks it
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,29 @@ class Config:
     executor: Executor = Executor()
 
     def request(self) -> dict[str, Any]:
-        """The request as plain JSON values, as recorded in the Manifest (not the executor: where
-        descriptors are computed is not what the cache is)."""
+        """The request as plain JSON values (not the executor: where descriptors are computed is
+        not what the cache is); the build's own key of what it was asked."""
         return _plain(dataclasses.asdict(self) | {"root": None, "executor": None})
+
+    def signed_request(self) -> dict[str, Any]:
+        """The request as the Manifest records it: no workstation path (a model by its path
+        inside the cache, or by name only; the signing key by keyid, added by the writer)."""
+        request = self.request()
+        for name, model in request.get("models", {}).items():
+            for key in ("path", "calibration"):
+                if key in model:
+                    model[key] = _inside(Path(model[key]), self.root)
+        request["signing"] = {k: v for k, v in request.get("signing", {}).items()
+                              if k in ("allowed_keyids", "validity_days")}
+        return request
+
+
+def _inside(path: Path, root: Path) -> str | None:
+    """`path` relative to the cache root, or None for a file outside it (not shipped)."""
+    try:
+        return path.resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return None
 
 
 def _plain(value: Any) -> Any:
@@ -198,7 +221,8 @@ def _validate(obj: Any, where: str, name: str) -> None:
 
 
 def _area(table: dict, where: str) -> Area:
-    _check_keys(table, {"bbox", "zooms", "sector_class", "require_complete"}, where, "area.")
+    allowed = {"bbox", "zooms", "sector_class", "require_complete", "name"}
+    _check_keys(table, allowed, where, "area.")
     bbox = table.get("bbox")
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_num(v) for v in bbox)):
         raise ConfigError(f"{where}: `area.bbox` must be [lat_min, lon_min, lat_max, lon_max] in "
@@ -221,7 +245,12 @@ def _area(table: dict, where: str) -> Area:
         raise ConfigError(f"{where}: `area.sector_class` = {sector!r}; allowed: "
                           f"{', '.join(SECTOR_CLASSES)}")
     complete = _typed(table.get("require_complete", False), bool, where, "area.require_complete")
-    return Area((lat_min, lon_min, lat_max, lon_max), tuple(sorted(set(zooms))), sector, complete)
+    name = table.get("name")
+    if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
+        raise ConfigError(f"{where}: `area.name` = {name!r}; use 1-64 letters, digits, '.', '_' or "
+                          "'-' (it names the sector in the signed Manifest)")
+    return Area((lat_min, lon_min, lat_max, lon_max), tuple(sorted(set(zooms))), sector, complete,
+                name)
 
 
 def _model(name: str, table: dict, root: Path, where: str) -> Model:

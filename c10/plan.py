@@ -10,6 +10,7 @@ from c10.config import Config, Model, load_config
 from c10.errors import ModelError
 from c10.features import engines
 from c10.store.hashcache import HashCache
+from c10.store.host import cache_secret
 from c10.store.layout import ENGINES_DIR, SCAN_MEMO, index_relpaths, shard_relpath
 from c10.store.tiles import Scan, Scope, Tile, group_blocks, read_memo, scan_tiles
 
@@ -113,7 +114,7 @@ def load_plan(root: Path, hashes: HashCache, memo: bool = True) -> Plan:
     root = Path(root).resolve()
     config = load_config(root)
     scope = Scope(config.area.bbox, config.area.zooms)
-    scan = scan_tiles(root, read_memo(root / SCAN_MEMO) if memo else None)
+    scan = scan_tiles(root, read_memo(root / SCAN_MEMO, cache_secret(root)) if memo else None)
     tiles, out = scope.split(scan.tiles)
     plans = {name: _model_plan(root, config, model, hashes)
              for name, model in config.models.items()}

@@ -5,11 +5,11 @@ import functools
 import inspect
 from typing import Callable
 
-from c10.rules import session
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from c10.errors import C10Error
+from c10.rules import session
 
 
 def action(fn: Callable) -> Callable:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-from c10.rules import session
 from doit.dependency import FileChangedChecker
 
+from c10.rules import session
 from c10.store.hashcache import stat_key
 
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from functools import cache
 
-from c10.rules import session
-from c10.rules.adapters import action, plan_or_none
-
 from c10.errors import ManifestCoverageError, MissingTilesError
 from c10.plan import Plan
+from c10.rules import session
+from c10.rules.adapters import action, plan_or_none
 from c10.store.layout import ENGINES_DIR, TILES_DIR
 from c10.store.orphans import Verdict
 
@@ -62,6 +61,7 @@ def check_coverage() -> None:
     # entries of files the cache no longer has are dropped
     build.hashes.retain(_hashed_files(plan))
     build.hashes.save()
+    build.save_provenance(prune=True)  # (a no-op build has none: it never loads the key)
     build.save_scan_memo()
     _check_complete(plan)
 

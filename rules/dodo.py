@@ -10,7 +10,6 @@ from c10.rules.manifest import task_manifest
 from c10.rules.prune import task_prune
 from c10.rules.reporter import C10Reporter
 from c10.rules.shards import task_shards
-
 from c10.store.layout import DEP_FILE
 
 # sqlite3: `doit list`/`info` can read it during a build (gdbm locks them out) and a kill

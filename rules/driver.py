@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from c10.rules import session
 from doit.cmd_base import NamespaceTaskLoader, opt_cwd
 
+from c10.rules import session
 from c10.store.layout import CONFIG_NAME, CONTROL_DIR, DEP_FILE
 from c10.store.lock import require_cache_root
 

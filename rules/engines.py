@@ -5,7 +5,6 @@ from pathlib import Path
 
 from c10.rules import session
 from c10.rules.adapters import action, changed, plan_or_none
-
 from c10.store.layout import ENGINES_DIR
 
 
@@ -35,5 +34,14 @@ def build_engine(name: str) -> dict:
     model_plan = build.begin_writing().plans[name]
     # DeformConv vs OpenVINO: say the fix before the backend fails on it
     check_backend(model_plan.spec.onnx_path, name, model_plan.backend.name)
-    _, built = engines.build_engine(model_plan.spec, model_plan.backend, build.root / ENGINES_DIR)
+    _, built = engines.build_engine(model_plan.spec, model_plan.backend, build.root / ENGINES_DIR,
+                                    written=lambda files: _record(build, files))
     return {"built": built}
+
+
+def _record(build, files: dict[str, str]) -> None:
+    """A compiled engine and its sidecar are this host's own (c10.trust.provenance), ledgered
+    before they appear in engines/."""
+    for name, digest in files.items():
+        build.provenance.record(f"{ENGINES_DIR}/{name}", digest)
+    build.provenance.save()

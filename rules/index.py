@@ -6,7 +6,6 @@ import dataclasses
 from c10.rules import session
 from c10.rules.adapters import action, changed, plan_or_none
 from c10.rules.shards import published, refs_current
-
 from c10.store.layout import ref_relpath
 
 
@@ -27,13 +26,14 @@ def task_index():
 
 
 def build_index(name: str) -> dict:
+    import io
+
     from c10.features.index import build_index
-    from c10.store.refs import current_entry
 
     build = session.current()
     plan = build.begin_writing()
     model_plan = plan.plans[name]
-    shards = [build.root / current_entry(build.root,
-                                         rel)["path"] for rel in sorted(model_plan.shards)]
+    # each shard as this build wrote it or the last signed Manifest lists it: a forged ref fails
+    shards = [io.BytesIO(build.provenance.current(rel)[1]) for rel in sorted(model_plan.shards)]
     rows, entries = build_index(build.root, name, shards, plan.config.index)
     return {"rows": rows, "refs": published(build, dict(zip(model_plan.index_rels, entries)))}

@@ -5,12 +5,12 @@ import datetime as dt
 import platform
 import uuid
 
-from c10.rules import session
-from c10.rules.adapters import action, changed, plan_or_none, presigned
-
 from c10 import __version__
 from c10.canonical import digest
+from c10.errors import ManifestWriteError
 from c10.plan import Plan
+from c10.rules import session
+from c10.rules.adapters import action, changed, plan_or_none, presigned
 from c10.store.layout import ref_relpath
 
 # A no-op build re-signs a Manifest that would expire within this margin (else it stays untouched).
@@ -55,10 +55,14 @@ def manifest_fresh(task, values) -> bool:
 def write_manifest() -> dict:
     """Assemble every shipped file's entry, sign, and commit (envelope, then Manifest.json)."""
     from c10.trust import manifest as mf
+    from c10.trust.keys import keyid, ssh_fingerprint
 
     build = session.current()
     plan = build.begin_writing()
+    key = build.operator_key()
     files = _file_entries(build, plan)
+    request = plan.config.signed_request()
+    request["signing"] |= {"keyid": keyid(key), "fingerprint": ssh_fingerprint(key)}
     tiles_hash = mf.tiles_aggregate_hash(files)
     issued = now()
     # the anti-rollback state of verifiers is kept per cache id: carried over, or new for a new
@@ -67,13 +71,14 @@ def write_manifest() -> dict:
     body = mf.build_manifest(
         version=version, issued_at=issued,
         expires=issued + dt.timedelta(days=plan.config.signing.validity_days),
-        build_identity=build_identity(plan, tiles_hash), request=plan.config.request(),
-        host=host_info(plan), tools=tool_versions(), tiles_hash=tiles_hash, files=files,
-        cache_id=cache_id or uuid.uuid4().hex, engines=_engine_entries(plan))
+        build_identity=build_identity(plan, tiles_hash), host=host_info(plan), request=request,
+        tools=tool_versions(), tiles_hash=tiles_hash, files=files,
+        cache_id=cache_id or uuid.uuid4().hex, engines=_engine_entries(plan),
+        runtime=runtime_spec(plan))
     data = mf.dumps_manifest(body)
     build.hashes.save()  # before the commit: after it, only the leftovers' removal may still fail
     try:
-        mf.write_signed_manifest(plan.root, data, build.operator_key())
+        mf.write_signed_manifest(plan.root, data, key)
     finally:
         build.drop_key()
     _collect_garbage(plan, {f.path for f in files})
@@ -93,24 +98,41 @@ def _collect_garbage(plan: Plan, listed: set[str]) -> None:
 
 
 def _file_entries(build, plan: Plan) -> list:
+    """Every shipped file's entry. Derived files are listed only with bytes this build wrote or
+    the last signed Manifest lists (c10.trust.provenance): refs, the hash cache and doit's DB
+    decide what is rebuilt, never what is signed."""
+    import io
+
     from c10.features.shards import tile_facts
-    from c10.store.refs import current_entry
     from c10.trust.manifest import FileEntry
 
-    paths = {t.id: t.path for t in plan.tiles}
-    entries = {}
-    for model_plan in plan.embedding_plans():
-        for rel in model_plan.shards:
-            shard = plan.root / current_entry(plan.root, rel)["path"]
-            for tid, (size, blake3) in tile_facts(shard).items():
+    provenance, paths, entries = build.provenance, {t.id: t.path for t in plan.tiles}, {}
+    for logical, kind in _owned_files(plan):
+        entry, data = provenance.current(logical)
+        entries[entry["path"]] = FileEntry(entry["path"], entry["size"], entry["blake3"], kind)
+        if kind == "shard" and logical in _global_shards(plan):
+            for tid, (size, blake3) in tile_facts(io.BytesIO(data)).items():
                 entries[paths[tid]] = FileEntry(paths[tid], size, blake3, "tile")
     for rel, kind in _derived_files(plan):
-        blake3, st = build.hashes.hash(rel)
-        entries[rel] = FileEntry(rel, st.st_size, blake3, kind)
-    for logical, kind in _owned_files(plan):  # hashed when written, checked by refs_current
-        entry = current_entry(plan.root, logical)
-        entries[entry["path"]] = FileEntry(entry["path"], entry["size"], entry["blake3"], kind)
+        entries[rel] = _hashed_entry(build, plan, rel, kind)
     return list(entries.values())
+
+
+def _global_shards(plan: Plan) -> set[str]:
+    return {rel for mp in plan.embedding_plans() for rel in mp.shards}
+
+
+def _hashed_entry(build, plan: Plan, rel: str, kind: str):
+    """A model or engine file's entry from its bytes, hashed now; an engine or sidecar neither
+    compiled by this build nor signed before is refused (its sidecar goes: the engine rebuilds)."""
+    from c10.store.digest import blake3_file
+    from c10.trust.manifest import FileEntry
+
+    size, digest = (plan.root / rel).stat().st_size, blake3_file(plan.root / rel)
+    if kind in ("engine", "engine-meta") and not build.provenance.trusts(rel, digest):
+        build.provenance.queue_untrusted()
+        raise ManifestWriteError(build.provenance.untrusted(rel))
+    return FileEntry(rel, size, digest, kind)
 
 
 def _derived_files(plan: Plan) -> list[tuple[str, str]]:
@@ -135,9 +157,37 @@ def _engine_entries(plan: Plan) -> list[dict]:
             for p in plan.plans.values()]
 
 
+def runtime_spec(plan: Plan) -> dict:
+    """What the aircraft needs to use the cache, signed (c10.trust.runtime reads it): per model
+    its role, engine, key, preprocessing and batch; the index and its search settings; the area."""
+    area, index = plan.config.area, plan.config.index
+    return {"area": {"name": area.name, "bbox": list(area.bbox), "zooms": list(area.zooms),
+                     "sector_class": area.sector_class},
+            "tiles": {"scheme": "xyz", "block": plan.config.shards.block},
+            "models": {name: _runtime_model(plan, mp, index) for name, mp in plan.plans.items()}}
+
+
+def _runtime_model(plan: Plan, mp, index) -> dict:
+    from c10.store.refs import current_entry
+
+    model = mp.model
+    out = {"role": model.role, "engine": mp.engine_rel, "sidecar": mp.sidecar_rel,
+           "backend": mp.backend.name, "key": mp.engine_key, "precision": model.precision,
+           "batch_size": model.batch_size, "onnx": plan.inside(model.path),
+           "preprocessing": model.preprocessing()}
+    if model.role == "global" and mp.index_rels:
+        index_rel, ids_rel = (current_entry(plan.root, rel)["path"] for rel in mp.index_rels)
+        out["index"] = {"index": index_rel, "ids": ids_rel, "factory": index.factory,
+                        "metric": index.metric, "ef_search": index.ef_search,
+                        "ef_construction": index.ef_construction}
+    if model.role == "local":
+        out["shards"] = {rel: current_entry(plan.root, rel)["path"] for rel in mp.shards}
+    return out
+
+
 def build_identity(plan: Plan, tiles_hash: str) -> str:
     """What the cache is a function of: the request, every engine key, every tile."""
-    return digest({"request": plan.config.request(), "tiles": tiles_hash,
+    return digest({"request": plan.config.signed_request(), "tiles": tiles_hash,
                    "engines": {n: p.engine_key for n, p in sorted(plan.plans.items())}})
 
 

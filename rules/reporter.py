@@ -4,12 +4,12 @@ from __future__ import annotations
 import datetime as dt
 import time
 
-from c10.rules import session
 from doit.globals import Globals
 from doit.reporter import ConsoleReporter
 
 from c10.errors import C10Error
 from c10.report import STAGES, BuildOutcome, BuildReport, manifest_facts, summary, write_report
+from c10.rules import session
 
 # Stages whose running means the cache changed (coverage always runs, build_cache is a group).
 WORK_STAGES = ("engines", "shards", "index", "manifest")

@@ -10,6 +10,7 @@ from pathlib import Path
 from c10.errors import BuildLockHeldError, C10Error
 from c10.plan import ModelPlan, Plan, load_plan
 from c10.store.hashcache import HashCache
+from c10.store.host import cache_secret
 from c10.store.layout import SCAN_MEMO
 from c10.store.lock import BuildLock
 from c10.store.tiles import write_memo
@@ -27,8 +28,10 @@ class Build:
         self.lock: BuildLock | None = None
         self._plan: Plan | C10Error | None = None
         self._key = None
+        self._provenance = None
         self._runners: dict[Path, object] = {}
         self._mutex = threading.Lock()
+        self._trust_lock = threading.Lock()
         self._gc_paused = False
 
     # --- the plan, decided once -------------------------------------------------------------
@@ -97,6 +100,24 @@ class Build:
                 self._key = load_operator_key(signing or self.plan().config.signing, self.root)
             return self._key
 
+    @property
+    def provenance(self):
+        """Which derived files this build may carry forward or sign (c10.trust.provenance): keyed
+        by the operator key's public half and the host's trust store."""
+        key = self.operator_key().public_key() if self._provenance is None else None
+        with self._trust_lock:  # `doit -n N`: one record of what this build wrote
+            if self._provenance is None:
+                from c10.trust.keys import keyid, trust_store_keys
+                from c10.trust.provenance import Provenance
+
+                self._provenance = Provenance(self.root, {**trust_store_keys(), keyid(key): key})
+        return self._provenance
+
+    def save_provenance(self, prune: bool = False) -> None:
+        """Save the ledger of what this build wrote, if it wrote anything."""
+        if self._provenance is not None:
+            self._provenance.save(prune=prune)
+
     def drop_key(self) -> None:
         """Forget the key as soon as the Manifest is signed (seed CP-INV-7)."""
         self._key = None
@@ -117,7 +138,7 @@ class Build:
         writes nothing: `doit list`, `c10 status` work on a read-only cache)."""
         plan = self._plan
         if isinstance(plan, Plan) and plan.scan is not None:
-            write_memo(self.root / SCAN_MEMO, plan.scan)
+            write_memo(self.root / SCAN_MEMO, plan.scan, cache_secret(self.root, create=True))
             plan.scan = None
 
     def elapsed(self) -> float:
@@ -129,6 +150,7 @@ class Build:
         try:
             if save:
                 self.hashes.save()
+                self.save_provenance()
         finally:
             if self.lock is not None:
                 self.lock.release()

@@ -6,7 +6,6 @@ import os
 
 from c10.rules import session
 from c10.rules.adapters import action, changed, plan_or_none, presigned
-
 from c10.store.layout import ref_relpath
 
 
@@ -50,8 +49,10 @@ def build_shard(name: str, rel: str) -> dict:
     local = model_plan.model.role == "local"
     compute = _local(build, model_plan, prep) if local else _global(build, plan, model_plan, rel,
                                                                     prep)
+    # rows are carried forward only from the shard the last signed Manifest lists (never from
+    # what a ref names: refs are hints)
     stats = build_shard(build.root, rel, records, compute, model_plan.ident,
-                        LOCAL_FEATURES if local else DESCRIPTORS)
+                        LOCAL_FEATURES if local else DESCRIPTORS, build.provenance.previous(rel))
     # rewriting every tile's hash after each small shard costs more than it saves
     build.hashes.save(min_interval=30.0)
     return {"extracted" if local else "embedded": stats.embedded, "reused": stats.reused,
@@ -88,9 +89,12 @@ def _local(build, model_plan, prep):
 
 
 def published(build, written: dict[str, dict]) -> dict[str, dict]:
-    """The refs an action published (doit saves them for refs_current); their hashes are known."""
+    """The refs an action published (doit saves them for refs_current): this build wrote them, so
+    their hashes are known and their bytes trusted."""
     for entry in written.values():
         build.hashes.remember(entry["path"], os.stat(build.root / entry["path"]), entry["blake3"])
+        build.provenance.record(entry["path"], entry["blake3"])
+    build.provenance.save(min_interval=30.0)
     return written
 
 

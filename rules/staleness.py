@@ -5,12 +5,12 @@ import os
 import sqlite3
 from pathlib import Path
 
-from c10.rules.coverage import verdict
 from doit import loader
 from doit.control import TaskControl
 from doit.dependency import Dependency
 
 from c10.plan import Plan
+from c10.rules.coverage import verdict
 
 
 class ReadOnlyDB:

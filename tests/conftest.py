@@ -2,8 +2,10 @@
 doit runs."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,12 @@ import pytest
 from c10.tools import netgen, synth
 from c10.tools.project import init_cache
 from c10.trust.keys import generate_key, keyid, load_signing_key, public_key_pem
+
+# The tests never touch this host's own c10 state (trust store, verifier state, build ledgers,
+# demo keys): their own XDG dirs, inherited by every subprocess they start.
+_HOST = Path(tempfile.mkdtemp(prefix="c10-tests-host-"))
+os.environ["XDG_STATE_HOME"] = str(_HOST / "state")
+os.environ["XDG_CONFIG_HOME"] = str(_HOST / "config")
 
 # ~40 tiles at zoom 15 near Kyiv, 4x4-tile blocks: several shards, fast to embed.
 BBOX = (50.43, 30.49, 50.47, 30.56)

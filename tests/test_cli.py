@@ -5,9 +5,9 @@ import json
 import os
 
 import pytest
-from c10.rules.driver import run_build
 
 from c10.cli import main
+from c10.rules.driver import run_build
 from c10.trust.verify import EXIT_CODES
 
 
@@ -28,8 +28,8 @@ def verify(root, capsys, tmp_path, *extra, trust=None):
 def test_verify_trusts_only_keys_outside_the_cache(built, capsys, tmp_path, monkeypatch,
                                                    operator_key):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    assert main(["verify", str(built)]) != 0
-    assert "no trusted keys" in capsys.readouterr().err
+    assert main(["verify", str(built)]) == EXIT_CODES["no-trusted-keys"] == 13
+    assert "REJECTED (no-trusted-keys): no trusted keys" in capsys.readouterr().out
     store = tmp_path / "config" / "c10" / "trusted"
     store.mkdir(parents=True)
     (store / "operator.pub").write_bytes(operator_key[1].read_bytes())
@@ -38,7 +38,15 @@ def test_verify_trusts_only_keys_outside_the_cache(built, capsys, tmp_path, monk
 
 
 def test_verify_airborne_on_the_build_host(built, capsys, tmp_path, operator_key):
-    assert verify(built, capsys, tmp_path, "--airborne", trust=operator_key[1])[0] == 0
+    """--airborne is strict: the build workspace (c10.toml, .c10/...) is refused, its flight image
+    (`c10 pack`) verifies."""
+    code, out = verify(built, capsys, tmp_path, "--airborne", trust=operator_key[1])
+    assert out["reason"] == "extra-file" and code == EXIT_CODES["extra-file"]
+    image = tmp_path / "image"
+    assert main(["pack", str(built), str(image), "--trusted-keys", str(operator_key[1]),
+                 "--state", str(tmp_path / "state.json")]) == 0
+    capsys.readouterr()
+    assert verify(image, capsys, tmp_path, "--airborne", trust=operator_key[1])[0] == 0
 
 
 def test_verify_rejects_a_flipped_byte_with_its_exit_code(built, capsys, tmp_path, operator_key):

@@ -14,7 +14,7 @@ from c10.cli import _parser
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"engines": config.Engines, "shards": config.Shards, "index": config.Index,
             "signing": config.Signing, "executor": config.Executor}
-AREA = {"bbox", "zooms", "sector_class", "require_complete"}
+AREA = {f.name for f in dataclasses.fields(config.Area)}
 MODEL = {f.name for f in dataclasses.fields(config.Model)} - {"name"}
 KEY = re.compile(r"(?<![\w/.{-])(area|engines|models|shards|index|signing|executor)\."
                  r"(\{[^}]*\}|[a-z_]+)"

@@ -8,15 +8,25 @@ from pathlib import Path
 from c10.cli import positive
 
 
+def _trust_options(cmd) -> None:
+    cmd.add_argument("--trusted-keys", action="append", default=[], metavar="KEY",
+                     help="public key file or 64-hex raw key the Manifest must be signed by; "
+                          "default: every key in ~/.config/c10/trusted/")
+    cmd.add_argument("--state", type=Path, help="anti-rollback state file to check against "
+                                                "(default: none; `c10 verify` keeps one)")
+
+
 def register(sub) -> None:
-    """query and selftest: the cache's own engine and index, as the aircraft will use them."""
+    """query and selftest: the cache's own engine and index, as the aircraft will use them:
+    only from its verified Manifest and the files it signs."""
     cmd = sub.add_parser("query",
                          help="embed IMAGE with DIR's own engine; print the top-k tiles with "
                               "lat/lon")
     cmd.add_argument("dir", type=Path)
     cmd.add_argument("image", type=Path)
     cmd.add_argument("-k", type=positive, default=5, help="how many tiles (default 5)")
-    cmd.add_argument("--model", help="global model to query (default: the first in c10.toml)")
+    cmd.add_argument("--model", help="global model to query (default: the Manifest's first)")
+    _trust_options(cmd)
     cmd.add_argument("--json", action="store_true", help="one JSON object")
     cmd.add_argument("--rerank", action="store_true",
                      help="re-rank the top-k by LightGlue matches with IMAGE (the cache's local "
@@ -32,21 +42,32 @@ def register(sub) -> None:
     cmd.add_argument("--strength", choices=("mild", "strong"), default="mild",
                      help="perturbation (default mild)")
     cmd.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    cmd.add_argument("--model", help="global model to test (default: the first in c10.toml)")
+    cmd.add_argument("--model", help="global model to test (default: the Manifest's first)")
+    _trust_options(cmd)
     cmd.add_argument("--json", action="store_true", help="one JSON object")
     cmd.set_defaults(func=cmd_selftest)
+
+
+def open_flight_cache(args):
+    """The cache of `args.dir`, its Manifest verified against the trusted keys."""
+    from c10.cli.trust import trust_store_keys
+    from c10.query.flight import FlightCache
+    from c10.store.lock import require_cache_root
+
+    return FlightCache.open(require_cache_root(args.dir), args.trusted_keys or trust_store_keys(),
+                            state_path=args.state)
 
 
 def cmd_query(args) -> int:
     from dataclasses import asdict
 
-    from c10.query.open import open_searcher
     from c10.query.search import format_hits
-    from c10.store.lock import require_cache_root
 
-    searcher, model, root = open_searcher(require_cache_root(args.dir), args.model)
+    cache = open_flight_cache(args)
+    searcher, model = cache.searcher(args.model)
+    root = cache.root
     hits = searcher.query_file(args.image, args.k)
-    reranked = _reranked(root, args.image, hits) if args.rerank else None
+    reranked = _reranked(cache, args.image, hits) if args.rerank else None
     if args.json:
         print(json.dumps({"cache": str(root), "image": str(args.image), "model": model,
                           "hits": [asdict(h) for h in hits]}
@@ -65,13 +86,12 @@ def cmd_query(args) -> int:
     return 0
 
 
-def _reranked(root: Path, image: Path, hits) -> list[dict]:
+def _reranked(cache, image: Path, hits) -> list[dict]:
     """The hits re-ranked by LightGlue matches with the image, as JSON-able rows."""
     from c10.features.preprocess import open_tile
-    from c10.query.open import open_reranker
 
     by_tile = {(h.z, h.x, h.y): h for h in hits}
-    ranked = open_reranker(root).rerank_hits(open_tile(image), hits)
+    ranked = cache.reranker().rerank_hits(open_tile(image), hits)
     return [{"z": v.tile[0], "x": v.tile[1], "y": v.tile[2], "lat": by_tile[v.tile].lat,
              "lon": by_tile[v.tile].lon,
              "rank": by_tile[v.tile].rank, "score": v.similarity,
@@ -79,12 +99,12 @@ def _reranked(root: Path, image: Path, hits) -> list[dict]:
 
 
 def cmd_selftest(args) -> int:
-    from c10.query.open import open_searcher
     from c10.query.search import selftest
-    from c10.store.lock import require_cache_root
 
-    searcher, model, root = open_searcher(require_cache_root(args.dir), args.model)
-    result = selftest(searcher, root, args.n, args.strength, args.seed)
+    cache = open_flight_cache(args)
+    searcher, model = cache.searcher(args.model)
+    root = cache.root
+    result = selftest(searcher, cache.load_tile, args.n, args.strength, args.seed)
     if args.json:
         print(json.dumps({"cache": str(root), "model": model, **result.to_json()}))
     else:

@@ -1,12 +1,14 @@
 """`c10` subcommands of trust: verify (what the aircraft runs) and keygen."""
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
+import sys
 from pathlib import Path
 
-from c10.errors import C10Error, ConfigError, VerifyError
+from c10.errors import C10Error, ConfigError, SigningKeyError, VerifyError
 
 
 def register(sub) -> None:
@@ -20,7 +22,11 @@ def register(sub) -> None:
     cmd.add_argument("--state", type=Path,
                      help="anti-rollback state file "
                           "(default: ~/.local/state/c10/verify-state.json)")
-    cmd.add_argument("--now", help="ISO time to check expiry against (tests)")
+    cmd.add_argument("--now", type=_iso_time,
+                     help="ISO time to verify at instead of this host's clock (tests); like the "
+                          "clock, it moves the state's time floor")
+    cmd.add_argument("--area", metavar="NAME",
+                     help="refuse a cache not signed for this sector (its area.name)")
     cmd.add_argument("--airborne", action="store_true", help="also check engines against this host")
     cmd.add_argument("--json", action="store_true", help="one JSON line for tools")
     cmd.set_defaults(func=cmd_verify)
@@ -33,28 +39,68 @@ def register(sub) -> None:
 
 
 def cmd_verify(args) -> int:
+    """One verdict, whatever happens: with --json exactly one JSON line (ASCII), else lines whose
+    every name from the cache is escaped (c10.trust.printable); the exit code of its reason."""
+    from c10.trust.verify import VerifyResult, internal_error, verify_to_json
+
+    try:
+        root, outcome = _verify(args)
+    except VerifyError as err:
+        root, outcome = None, err
+    except Exception as exc:  # RecursionError, MemoryError, UnicodeError, a bug: still a verdict
+        root, outcome = None, internal_error(exc)
+    line = verify_to_json(outcome)
+    if args.json:
+        print(json.dumps(line, ensure_ascii=True))
+    elif isinstance(outcome, VerifyResult):
+        first = ("; first use: no state for this cache before, so it is trusted on first use "
+                 "(from now on an older one is refused)" if outcome.first_use else "")
+        _say(f"c10 verify: OK {root}: {f'area {outcome.area}, ' if outcome.area else ''}"
+             f"Manifest v{outcome.version}, {outcome.files} files, {outcome.bytes / 1e6:.1f} MB "
+             f"checked in {outcome.elapsed:.2f} s{first}")
+        if outcome.pending:
+            _say(f"c10 verify: note: {outcome.pending} shard/index file(s) of an unfinished build "
+                 f"are not in the Manifest (nothing loads them); the next `doit build_cache` in "
+                 f"{root} commits or removes them")
+    else:
+        _say(f"c10 verify: REJECTED ({outcome.reason}): {outcome}")
+    return line["exit_code"]
+
+
+def _verify(args):
     from c10.trust.keys import load_trusted_keys
-    from c10.trust.verify import verify_cache, verify_to_json
+    from c10.trust.verify import verify_cache
 
     root = args.dir.resolve()
-    trusted = load_trusted_keys(args.trusted_keys or trust_store_keys())
-    now = dt.datetime.fromisoformat(args.now) if args.now else dt.datetime.now(dt.timezone.utc)
+    entries = args.trusted_keys or trust_store_keys()
+    if not entries:
+        raise VerifyError("no-trusted-keys", "no trusted keys, so nothing can be verified: pass "
+                          "--trusted-keys KEY.pub or copy the operator's public key (`c10 keygen` "
+                          f"writes KEY.pub) into {trust_store()}/ (never a key the cache names: "
+                          "c10.toml is unsigned)")
     try:
-        result = verify_cache(root, trusted=trusted, now=now,
-                              state_path=args.state or default_state(),
+        trusted = load_trusted_keys(entries)
+    except SigningKeyError as err:
+        raise VerifyError("bad-trusted-key", str(err)) from None
+    now = args.now or dt.datetime.now(dt.timezone.utc)
+    return root, verify_cache(root, trusted=trusted, now=now,
+                              state_path=args.state or default_state(), area=args.area,
                               airborne_fingerprints=_fingerprints() if args.airborne else None)
-    except VerifyError as err:
-        print(json.dumps(verify_to_json(err)) if args.json else "c10 verify: REJECTED "
-                                                                f"({err.reason}): {err}")
-        return verify_to_json(err)["exit_code"]
-    print(json.dumps(verify_to_json(result)) if args.json else
-          f"c10 verify: OK {root}: Manifest v{result.version}, {result.files} files, "
-          f"{result.bytes / 1e6:.1f} MB checked in {result.elapsed:.2f} s")
-    if result.pending and not args.json:
-        print(f"c10 verify: note: {result.pending} shard/index file(s) of an unfinished build are "
-              f"not in the Manifest (nothing loads them); the next `doit build_cache` in {root} "
-              "commits or removes them")
-    return 0
+
+
+def _say(text: str) -> None:
+    """One line on stdout, nothing raw a terminal could act on (names come from the cache)."""
+    from c10.trust.printable import printable
+
+    print(printable(text, getattr(sys.stdout, "encoding", None)))
+
+
+def _iso_time(text: str) -> dt.datetime:
+    """argparse type of --now: an ISO 8601 time (without a zone: UTC)."""
+    try:
+        return dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
 
 
 def trust_store() -> Path:
@@ -65,13 +111,10 @@ def trust_store() -> Path:
 
 
 def trust_store_keys() -> list[str]:
-    """Every public key file in the trust store; a cache can never vouch for itself."""
+    """Every public key file in the trust store (none: an empty list); a cache can never vouch
+    for itself."""
     store = trust_store()
-    keys = sorted(str(p) for p in store.glob("*") if p.is_file()) if store.is_dir() else []
-    if not keys:
-        raise ConfigError("no trusted keys: pass --trusted-keys KEY.pub or copy the operator's "
-                          f"public key (`c10 keygen` writes KEY.pub) into {store}/")
-    return keys
+    return sorted(str(p) for p in store.glob("*") if p.is_file()) if store.is_dir() else []
 
 
 def default_state() -> Path:

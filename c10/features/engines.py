@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import blake3
 
 from c10.canonical import canonical_json, digest
 from c10.errors import (
@@ -97,11 +100,14 @@ def sidecar_path(engine: Path) -> Path:
     return Path(engine).with_suffix(".json")
 
 
-def build_engine(spec: EngineSpec, backend: Backend, engines_dir: Path) -> tuple[Path, bool]:
+def build_engine(spec: EngineSpec, backend: Backend, engines_dir: Path,
+                 written: Callable[[dict[str, str]], None] | None = None) -> tuple[Path, bool]:
     """Reuse the engine for this key if it and its sidecar exist, else compile it: (path, built).
 
     The engine is compiled in .c10/tmp/ and moved in after its sidecar, which records its blake3:
-    whatever a kill leaves in engines/ proves itself to `c10 verify` (a pending engine)."""
+    whatever a kill leaves in engines/ proves itself to `c10 verify` (a pending engine).
+    `written({file name: blake3})` hears of both files before either appears (the build's ledger
+    records them first: a kill can leave nothing in engines/ the ledger does not know)."""
     path = engine_path(engines_dir, spec, backend)
     material = key_material(spec, backend)
     key = engine_key(spec, backend)
@@ -119,8 +125,11 @@ def build_engine(spec: EngineSpec, backend: Backend, engines_dir: Path) -> tuple
         "engine_size": staged.stat().st_size,
         "engine_blake3": blake3_file(staged),
     }
-    write_text(sidecar_path(path), json.dumps(sidecar, sort_keys=True, indent=2) + "\n",
-               staging=staged.parent)
+    text = json.dumps(sidecar, sort_keys=True, indent=2) + "\n"
+    if written is not None:
+        written({path.name: sidecar["engine_blake3"],
+                 sidecar_path(path).name: blake3.blake3(text.encode()).hexdigest()})
+    write_text(sidecar_path(path), text, staging=staged.parent)
     move_into(staged, path)
     return path, True
 
@@ -149,6 +158,38 @@ def load_engine(path: Path, spec: EngineSpec, backend: Backend) -> Runner:
             f"engine {path} was built for another request (differs in: {', '.join(changed)}); "
             f"{rebuild}")
     return backend.load(path, spec)
+
+
+def load_signed_engine(model: str, engine: bytes, sidecar: bytes, key: str,
+                       backend: Backend) -> Runner:
+    """An engine as the aircraft loads it: bytes already checked against the Manifest, its
+    sidecar's key material hashing to the signed key, built for this host (no c10.toml, no
+    ONNX: everything comes from the signed files)."""
+    from c10.trust.strictjson import StrictJSONError, strict_loads
+
+    try:
+        side = strict_loads(sidecar, max_depth=8)
+        material = side["material"]
+        ok = side.get("key") == key == digest(material)
+    except (StrictJSONError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise EngineMismatchError(f"the sidecar of model {model}'s engine does not hash to the "
+                                  "signed engine key", "rebuild the cache with `doit build_cache`")
+    this_host = {"backend": backend.name, "backend_version": backend.version(),
+                 "host": backend.host_fingerprint()}
+    built_host = {k: material.get(k) for k in this_host}
+    if built_host != this_host:
+        raise EngineMismatchError(
+            f"the engine of model {model} was built for {canonical_json(built_host).decode()}, "
+            f"this host is {canonical_json(this_host).decode()}",
+            "build the cache on this platform with `doit build_cache`")
+    shape = material.get("input_shape")
+    spec = EngineSpec(model=model, onnx_path=Path(model), onnx_hash=material["onnx_hash"],
+                      input_shape=tuple(shape) if shape else None, precision=material["precision"],
+                      workspace_mb=material["workspace_mb"], batch=tuple(material["batch"]),
+                      calibration_hash=material.get("calibration_hash"))
+    return backend.load(engine, spec, where=f"the engine of model {model}")
 
 
 def _read_sidecar(path: Path) -> dict:

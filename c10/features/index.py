@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 
@@ -17,9 +17,9 @@ IDS_DTYPE = np.dtype([("z", "<u1"), ("x", "<u4"), ("y", "<u4")])
 
 
 
-def load_descriptors(shard_paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """Descriptors and tile ids of all shards, sorted by (z, x, y)."""
-    parts = [read_shard(p) for p in shard_paths]
+def load_descriptors(shards: Sequence[Path | BinaryIO]) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors and tile ids of all shards (paths or open files), sorted by (z, x, y)."""
+    parts = [read_shard(p) for p in shards]
     if not parts or not sum(len(p) for p in parts):
         raise IndexBuildError("no descriptors to index: no tiles in scope; "
                               "fetch tiles into tiles/ first")
@@ -58,12 +58,12 @@ def _set_hnsw(index, params: Index, faiss) -> None:
         hnsw.efSearch = params.ef_search
 
 
-def build_index(root: Path, model: str, shard_paths: Sequence[Path],
+def build_index(root: Path, model: str, shards: Sequence[Path | BinaryIO],
                 params: Index) -> tuple[int, list[dict]]:
     """Write the model's index and id map under their content names: (rows, their two entries)."""
     import faiss
 
-    desc, ids = load_descriptors(shard_paths)
+    desc, ids = load_descriptors(shards)
     index = make_index(desc, params)
     index_rel, ids_rel = index_relpaths(model)
     buf = io.BytesIO()

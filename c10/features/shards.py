@@ -51,10 +51,12 @@ class ShardStats:
 
 
 def build_shard(root: Path, logical: str, records: Sequence[TileRecord], compute: Compute,
-                ident: str, codec: Codec = DESCRIPTORS) -> ShardStats:
-    """Write one shard under its content name, computing only the tiles that the build's current
-    shard of `logical` lacks for this identity; stats.entry names the new file (for its ref)."""
-    previous = _previous_rows(refs.reusable_bytes(root, logical), bytes.fromhex(ident)[:8], codec)
+                ident: str, codec: Codec = DESCRIPTORS,
+                previous: bytes | None = None) -> ShardStats:
+    """Write one shard under its content name, computing only the tiles that `previous` (the
+    bytes of a trusted earlier shard of `logical`, or None) lacks for this identity; stats.entry
+    names the new file (for its ref)."""
+    previous = _previous_rows(previous, bytes.fromhex(ident)[:8], codec)
     values = [previous.get((r.tile.id, r.blake3)) for r in records]
     todo = [i for i, row in enumerate(values) if row is None]
     if todo:

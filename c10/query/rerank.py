@@ -1,19 +1,18 @@
 """Re-rank retrieval by local matching: candidate tiles by LightGlue matches with the query."""
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from c10.errors import BUILD_FIRST, DescriptorBatchError
 from c10.features.embedding import Features, run_local
-from c10.features.preprocess import Preprocessing, open_tile, to_tensor
+from c10.features.preprocess import Preprocessing, to_tensor
 from c10.features.shards import tile_features
 from c10.store.layout import shard_relpath
-from c10.store.refs import locate
 
 
 @dataclass(frozen=True)
@@ -58,11 +57,12 @@ def order_by_matches(matcher, query: Features,
 
 
 class Reranker:
-    """A cache's local-feature engine, its local shards and its matcher engine."""
+    """A cache's local-feature engine, its local shards and its matcher engine; `shard(logical)`
+    gives a local shard's bytes (the flight cache reads them as signed)."""
 
-    def __init__(self, root: Path, local_runner, prep: Preprocessing, matcher_runner,
-                 local_model: str, block: int):
-        self.root, self.local_runner, self.prep = Path(root), local_runner, prep
+    def __init__(self, local_runner, prep: Preprocessing, matcher_runner, local_model: str,
+                 block: int, shard: Callable[[str], bytes]):
+        self.local_runner, self.prep, self.shard = local_runner, prep, shard
         self.matcher_runner, self.local_model, self.block = matcher_runner, local_model, block
 
     def local_features(self, image: Image.Image) -> Features:
@@ -75,7 +75,8 @@ class Reranker:
         b = self.block
         rels = sorted({shard_relpath(self.local_model, (z, x // b, y // b))
                        for (z, x, y), _ in candidates})
-        feats = tile_features(locate(self.root, rels).values(), [t for t, _ in candidates])
+        shards = [io.BytesIO(self.shard(rel)) for rel in rels]
+        feats = tile_features(shards, [t for t, _ in candidates])
         return order_by_matches(self.matcher_runner, self.local_features(image), candidates, feats)
 
     def rerank_hits(self, image: Image.Image, hits) -> list[Reranked]:
@@ -94,8 +95,8 @@ class LocalizeResult:
     recall_at_k: float       # the tile is among the top-k (what re-ranking can reach)
 
 
-def localize_test(searcher, reranker: Reranker, root: Path, n: int = 100, strength: str = "strong",
-                  seed: int = 0, k: int = 5) -> LocalizeResult:
+def localize_test(searcher, reranker: Reranker, load: Callable, n: int = 100,
+                  strength: str = "strong", seed: int = 0, k: int = 5) -> LocalizeResult:
     """Perturb n random indexed tiles (as `c10 selftest`), retrieve the top-k, re-rank by
     matches."""
     from c10.query.views import perturb
@@ -106,7 +107,7 @@ def localize_test(searcher, reranker: Reranker, root: Path, n: int = 100, streng
     picked = [known[i] for i in rng.choice(len(known), size=min(n, len(known)), replace=False)]
     hits = [0, 0, 0]
     for tid in picked:
-        view = perturb(open_tile(Path(root) / searcher.paths[tid]), rng, strength)
+        view = perturb(load(tid), rng, strength)
         found = searcher.search(searcher.embed([view]), k)[0]
         ranked = reranker.rerank_hits(view, found)
         hits[0] += (found[0].z, found[0].x, found[0].y) == tuple(tid)

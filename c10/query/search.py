@@ -101,20 +101,20 @@ class SelftestResult:
         return data | {"misses": misses}
 
 
-def selftest(searcher: Searcher, root: Path, n: int = 100, strength: str = "mild",
-             seed: int = 0) -> SelftestResult:
+def selftest(searcher: Searcher, load: Callable[[TileId], Image.Image], n: int = 100,
+             strength: str = "mild", seed: int = 0) -> SelftestResult:
     """Perturb n random indexed tiles like camera frames (c10.query.views.perturb), query, count the
-    hits."""
+    hits; `load` gives a tile's image (the flight cache reads it as signed)."""
     from c10.query.views import perturb
 
     rng = np.random.default_rng(seed)
     indexed = (TileId(*map(int, row)) for row in searcher.ids)
     known = [tid for tid in indexed if tid in searcher.paths]
     if not known:
-        raise IndexBuildError(f"{root}: no indexed tile is on disk",
-                              then=f"run `doit build_cache` in {root} first")
+        raise IndexBuildError("no indexed tile is listed in the Manifest",
+                              then="rebuild the cache with `doit build_cache`")
     picked = [known[i] for i in rng.choice(len(known), size=min(n, len(known)), replace=False)]
-    images = [perturb(open_tile(root / searcher.paths[tid]), rng, strength) for tid in picked]
+    images = [perturb(load(tid), rng, strength) for tid in picked]
     found = searcher.search(searcher.embed(images), 5)
     top = [[(h.z, h.x, h.y) for h in hits] for hits in found]
     at1 = [t[:1] == [tuple(tid)] for t, tid in zip(top, picked)]

@@ -19,7 +19,7 @@ STAGING_DIR = f"{CONTROL_DIR}/tmp"
 DEP_FILE = f"{CONTROL_DIR}/doit.sqlite"
 LOCK_HOLDER = f"{CONTROL_DIR}/lock-holder.json"
 REPORT_PATH = f"{CONTROL_DIR}/report.json"
-SCAN_MEMO = f"{CONTROL_DIR}/tiles-scan.marshal"
+SCAN_MEMO = f"{CONTROL_DIR}/tiles-scan.json"
 # Two hash caches: the big one of tiles is loaded only when a tile's stat changed; the small one
 # (models, engines, shards...) is read on every graph load to key engines.
 HASH_CACHES = {"tiles": f"{CONTROL_DIR}/hashes-tiles.json", "other": f"{CONTROL_DIR}/hashes.json"}
@@ -81,3 +81,62 @@ def ref_relpath(logical: str) -> str:
 def is_control(relpath: str) -> bool:
     """True for a cache-relative POSIX path that is allowed without being in the Manifest."""
     return relpath in CONTROL_FILES or relpath.startswith(CONTROL_DIR + "/")
+
+
+# --- what .c10/ may hold: the ground verifier walks it and refuses any other name ---------------
+# Paths relative to .c10/. Every one is a file c10 (or sqlite, for doit's DB) writes there.
+DEP_SIDE_SUFFIXES = ("-journal", "-wal", "-shm")  # sqlite's own side files of the doit DB
+_DEP_NAME = DEP_FILE.removeprefix(CONTROL_DIR + "/")
+# Written atomically beside themselves: a kill may leave `.{name}.XXXXXXXX.tmp` (atomic_path).
+CONTROL_DIR_WRITTEN = frozenset(p.removeprefix(CONTROL_DIR + "/") for p in (
+    LOCK_HOLDER, REPORT_PATH, SCAN_MEMO, *HASH_CACHES.values()))
+# Names earlier releases wrote there, which an upgraded cache may still hold.
+_LEGACY = frozenset({"tiles-scan.marshal"})
+CONTROL_DIR_FILES = CONTROL_DIR_WRITTEN | _LEGACY | {_DEP_NAME + s
+                                                     for s in ("", *DEP_SIDE_SUFFIXES)}
+# rules/depdb.py moves a DB sqlite cannot read aside: doit.sqlite.corrupt-{%Y%m%dT%H%M%S}-{pid}
+_CORRUPT_DEP = re.compile(re.escape(_DEP_NAME) + r"\.corrupt-\d{8}T\d{6}-\d+"
+                          + "(?:%s)?" % "|".join(DEP_SIDE_SUFFIXES))
+# tempfile.mkstemp(prefix=".{name}.", suffix=".tmp"): the name, then 8 random characters
+_TEMP_OF = re.compile(r"\.(?P<name>[^/]+)\.[A-Za-z0-9_]{8}\.tmp")
+_REFS = REFS_DIR.removeprefix(CONTROL_DIR + "/")
+_STAGING = STAGING_DIR.removeprefix(CONTROL_DIR + "/")
+# One safe path component (no '/', no control character, not '.' or '..').
+_PART = r"(?!\.\.?(?:/|$))[^/\x00-\x1f\\]+"
+# refs/{logical}.json of a shard or index file (the build's doit targets)
+_REF_FILE = re.compile(rf"{_REFS}/(?:{SHARDS_DIR}|{INDEX_DIR})(?:/{_PART})+\.json")
+_REF_DIR = re.compile(rf"{_REFS}(?:/(?:{SHARDS_DIR}|{INDEX_DIR})(?:/{_PART})*)?")
+# .c10/tmp/: staged temp files of any writer, and an engine compiled there before it is moved in
+_STAGING_DIR_RE = re.compile(rf"{_STAGING}(?:/{_PART})*")
+
+
+def is_control_dir_file(rel: str) -> bool:
+    """True for a path relative to .c10/ that names a file c10 keeps there: the doit DB and its
+    side files (and a corrupt one moved aside), the hash caches, the report, the lock holder, the
+    tile scan memo, a temp file of one of those, a ref, or a staged file in tmp/."""
+    if rel in CONTROL_DIR_FILES:
+        return True
+    if "/" not in rel:
+        temp = _TEMP_OF.fullmatch(rel)
+        return (temp is not None and temp["name"] in CONTROL_DIR_WRITTEN) \
+            or _CORRUPT_DEP.fullmatch(rel) is not None
+    if rel.startswith(_REFS + "/"):
+        return _REF_FILE.fullmatch(rel) is not None
+    if rel.startswith(_STAGING + "/"):
+        parent, _, name = rel.rpartition("/")
+        if _STAGING_DIR_RE.fullmatch(parent) is None:
+            return False
+        return _TEMP_OF.fullmatch(name) is not None or (
+            parent == f"{_STAGING}/{ENGINES_DIR}" and _is_engine_file(name))
+    return False
+
+
+def _is_engine_file(name: str) -> bool:
+    match = ENGINE_NAME.match(name)
+    return match is not None and match["ext"] != "json"
+
+
+def is_control_dir_dir(rel: str) -> bool:
+    """True for a directory (relative to .c10/) c10 makes there: refs/ and its tree of shard and
+    index refs, tmp/ and its subdirectories."""
+    return _REF_DIR.fullmatch(rel) is not None or _STAGING_DIR_RE.fullmatch(rel) is not None

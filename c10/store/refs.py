@@ -97,17 +97,6 @@ def current_path(root: Path, logical: str) -> Path | None:
     return Path(root) / entry["path"] if entry else None
 
 
-def reusable_bytes(root: Path, logical: str) -> bytes | None:
-    """The bytes of the ref's file for `logical` if they are still the ones written (a rebuild
-    reuses its rows: a damaged file must not pass its damage on), else None; read once."""
-    entry = read_ref(root, logical)
-    if entry is None:
-        return None
-    try:
-        data = (Path(root) / entry["path"]).read_bytes()
-    except OSError:
-        return None
-    return data if blake3.blake3(data).hexdigest() == entry["blake3"] else None
 
 
 def committed_files(root: Path) -> dict[str, str]:

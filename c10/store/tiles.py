@@ -1,15 +1,16 @@
 """The XYZ tile store: scanning tiles/{z}/{x}/{y}.{ext}, scope by bbox and zoom, blocks of tiles."""
 from __future__ import annotations
 
-import marshal
+import hmac
+import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
+import blake3
 import mercantile
 
 from c10.store.layout import TILE_EXTS, TILES_DIR
@@ -51,7 +52,7 @@ class Scan:
 # A column whose dir changed this recently is not memoized: a second change within the file
 # system's timestamp granularity would leave its mtime as it was (git's "racy" entries).
 RACY_NS = 2_000_000_000
-MEMO_FORMAT = 1
+MEMO_FORMAT = 2  # 2: JSON of file names under a MAC (1 was marshal)
 MEMO_MIN_REREAD = 16
 
 
@@ -82,27 +83,51 @@ def scan_tiles(root: Path, memo: dict | None = None) -> Scan:
     return Scan(tiles, sorted(strays), fresh, reread)
 
 
-def read_memo(path: Path) -> dict:
-    """The scan memo saved by write_memo, or {} (missing, torn, or from another Python)."""
-    try:
-        data = marshal.loads(Path(path).read_bytes())
-    except (OSError, ValueError, EOFError, TypeError):
+def read_memo(path: Path, secret: bytes | None) -> dict:
+    """The scan memo saved by write_memo, or {} (missing, torn, another format, or not written
+    by c10 on this host: its MAC, keyed by a secret kept outside the cache, does not match)."""
+    if secret is None:
         return {}
-    ok = isinstance(data, dict) and data.get("format") == (MEMO_FORMAT, sys.version_info[:2])
-    return data["columns"] if ok else {}
+    try:
+        raw = Path(path).read_bytes()
+        mac, _, body = raw.partition(b"\n")
+        if not hmac.compare_digest(mac, blake3.blake3(body, key=secret).hexdigest().encode()):
+            return {}
+        data = json.loads(body)
+        return _memo_columns(data["columns"]) if data.get("format") == MEMO_FORMAT else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
-def write_memo(path: Path, scan: Scan) -> None:
+def _memo_columns(columns: dict) -> dict:
+    """column dir -> (its stat key, rows, strays), each row rebuilt from its file name as a scan
+    makes it (so a name and its tile id always agree)."""
+    out = {}
+    for prefix, (key, names, strays) in columns.items():
+        _, z, x = prefix.split("/")
+        z, x = int(z), int(x)
+        rows = []
+        for name in names:
+            stem, _, ext = name.partition(".")
+            if not (_is_index(stem) and ext.lower() in TILE_EXTS):
+                raise ValueError(name)
+            rows.append((z, x, int(stem), f"{prefix}/{name}"))
+        out[prefix] = (tuple(key), rows, list(strays))
+    return out
+
+
+def write_memo(path: Path, scan: Scan, secret: bytes) -> None:
     """Save the memo when the scan had to read at least MEMO_MIN_REREAD columns: rewriting a memo of
     100k tiles to spare a few directory reads next time costs more than it saves (a torn or
-    stale-format memo is only re-read)."""
+    stale-format memo is only re-read). JSON of file names, authenticated by `secret`."""
     if scan.memo is None or scan.reread < MEMO_MIN_REREAD:
         return
     from c10.store import atomic
 
-    atomic.write_bytes(path,
-                       marshal.dumps({"format": (MEMO_FORMAT, sys.version_info[:2]),
-                                      "columns": scan.memo}))
+    columns = {prefix: [list(key), [row[3].rsplit("/", 1)[1] for row in rows], strays]
+               for prefix, (key, rows, strays) in scan.memo.items()}
+    body = json.dumps({"format": MEMO_FORMAT, "columns": columns}, separators=(",", ":")).encode()
+    atomic.write_bytes(path, blake3.blake3(body, key=secret).hexdigest().encode() + b"\n" + body)
 
 
 def _column(z: int, x_entry: os.DirEntry, prefix: str, tiles: list, strays: list,

@@ -43,6 +43,8 @@ zooms = {zooms}
 sector_class = "stable_rear"
 # true: a build with tiles missing inside bbox/zooms is a FAILURE.
 require_complete = false
+# The sector's name, signed into the Manifest: `c10 verify --area NAME` refuses any other.
+# name = "sector-7"
 
 [engines]
 # "auto" picks tensorrt, then openvino, then onnxruntime (whichever is installed and usable).

@@ -6,6 +6,8 @@ import os
 import stat
 from pathlib import Path
 
+import blake3
+
 from c10.errors import VerifyError
 from c10.store.digest import read_fd
 from c10.store.layout import ENVELOPE_NAME, MANIFEST_NAME
@@ -49,3 +51,26 @@ def read_regular(path: Path, limit: int) -> bytes | None:
     finally:
         os.close(fd)
 
+
+
+def read_listed(root: Path, entry: dict) -> bytes:
+    """A file the Manifest lists, read once (no symlink, a regular singly linked file) and
+    returned only if its size and blake3 are the signed ones: what is used is what was checked."""
+    rel = entry["path"]
+    try:
+        fd = os.open(Path(root) / rel, OPEN_FLAGS)
+    except OSError as exc:
+        raise open_failure(rel, exc) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != entry["size"]:
+            raise VerifyError("size-mismatch" if stat.S_ISREG(st.st_mode) else "special-file",
+                              f"{rel} is not the regular file of {entry['size']} bytes the "
+                              f"Manifest lists; {REBUILD}", rel)
+        data = read_fd(fd, st.st_size)
+    finally:
+        os.close(fd)
+    if len(data) != entry["size"] or blake3.blake3(data).hexdigest() != entry["blake3"]:
+        raise VerifyError("hash-mismatch", f"{rel}: blake3 differs from the Manifest (corrupted or "
+                          f"replaced); {REBUILD}", rel)
+    return data

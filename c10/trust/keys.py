@@ -225,6 +225,21 @@ def _parse_error(path: Path, exc: ValueError) -> SigningKeyError:
                            f"with `c10 keygen NEW_PATH`")
 
 
+def trust_store_keys() -> dict[str, Ed25519PublicKey]:
+    """The keys of the trust store ({} when it is empty or absent; an unreadable one is skipped:
+    this serves a build's carry-forward, where a missing key only costs a rebuild)."""
+    from c10.store.host import trust_store_dir
+
+    store = trust_store_dir()
+    out = {}
+    for path in sorted(store.glob("*")) if store.is_dir() else ():
+        try:
+            out.update(load_trusted_keys([path]))
+        except SigningKeyError:
+            continue
+    return out
+
+
 def load_trusted_keys(entries: Iterable[str | os.PathLike]) -> dict[str, Ed25519PublicKey]:
     """Trusted verifier keys from PEM/OpenSSH public key files or 64-hex raw public keys.
 

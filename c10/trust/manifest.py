@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -16,12 +15,17 @@ from c10.canonical import canonical_json
 from c10.errors import ManifestWriteError, VerifyError
 from c10.store import atomic
 from c10.store.layout import ENVELOPE_NAME, MANIFEST_NAME, STAGING_DIR, is_control
+from c10.trust.strictjson import StrictJSONError, strict_loads
 
 # c10.trust.dsse (cryptography) is imported only to sign: a no-op build never does
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-SCHEMA_VERSION = 1
+# 2: the runtime spec (c10.trust.runtime) and a request without workstation paths. A verifier
+# reads 1 too (its files and signature are checked the same way); only 2 can be flown.
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
+MAX_DEPTH = 16  # the deepest a c10 Manifest nests is about 7
 KINDS = frozenset({"tile", "model", "engine", "engine-meta", "shard", "index", "report"})
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,7 @@ def build_manifest(
     files: Iterable[FileEntry],
     cache_id: str,
     engines: Iterable[dict] = (),
+    runtime: dict | None = None,
 ) -> dict:
     """The Manifest as a plain dict; refuses inputs the verifier would reject later."""
     files = sorted(files, key=lambda e: e.path)
@@ -102,6 +107,7 @@ def build_manifest(
         "tiles_hash": tiles_hash,
         "engines": engines,
         "files": [e.to_json() for e in files],
+        **({"runtime": runtime} if runtime is not None else {}),
     }
 
 
@@ -169,16 +175,16 @@ _REQUIRED = {"schema_version": int, "cache_id": str, "version": int, "issued_at"
 def loads_manifest(data: bytes) -> dict:
     """Parse and structurally check Manifest bytes; VerifyError(bad-manifest|schema-version)."""
     try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _bad_manifest(f"not UTF-8 JSON ({exc})") from None
+        manifest = strict_loads(data, max_depth=MAX_DEPTH)
+    except StrictJSONError as exc:
+        raise _bad_manifest(f"not strict UTF-8 JSON ({exc})") from None
     if not isinstance(manifest, dict):
         raise _bad_manifest("not a JSON object")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("schema_version") not in READABLE_SCHEMAS:
         raise VerifyError("schema-version", f"Manifest schema_version is "
-                          f"{manifest.get('schema_version')!r}, this c10 reads {SCHEMA_VERSION}; "
-                          f"use the c10 release that built it or rebuild with `doit build_cache`",
-                          MANIFEST_NAME)
+                          f"{manifest.get('schema_version')!r}, this c10 reads "
+                          f"{', '.join(map(str, READABLE_SCHEMAS))}; use the c10 release that "
+                          f"built it or rebuild with `doit build_cache`", MANIFEST_NAME)
     _check_fields(manifest)
     return manifest
 
@@ -287,9 +293,13 @@ def _previous_bytes(path: Path, is_envelope: bool) -> bytes | None:
         return None
     except OSError as exc:
         raise _unreadable_previous(path, exc.strerror) from None
-    try:
-        return base64.b64decode(json.loads(data)["payload"], validate=True) if is_envelope else data
-    except (ValueError, KeyError, TypeError) as exc:
+    if not is_envelope:
+        return data
+    from c10.trust.dsse import parse_envelope
+
+    try:  # as strictly as the verifier parses it: both must see the same payload
+        return parse_envelope(data, max_bytes=_ENVELOPE_MAX).payload
+    except VerifyError as exc:
         raise _unreadable_previous(path, str(exc)) from None
 
 
@@ -341,6 +351,7 @@ def roll_forward(cache_root: Path) -> int | None:
     return newer["version"]
 
 
+_ENVELOPE_MAX = 1 << 31  # the envelope of the largest Manifest c10 reads, with slack
 _PAYLOAD_START = len(b'{"payload":"')  # canonical JSON sorts "payload" first
 _TAIL = 1024  # base64 chars: the payload's last 768 bytes hold its version, tiles hash and tools
 
@@ -378,13 +389,12 @@ def _payload_tail(env) -> bytes | None:
 
 
 def _envelope_payload(path: Path) -> tuple[bytes | None, dict]:
-    from c10.trust.dsse import PAYLOAD_TYPE
+    from c10.trust.dsse import PAYLOAD_TYPE, parse_envelope
 
     try:
-        envelope = json.loads(path.read_bytes())
-        if envelope.get("payloadType") != PAYLOAD_TYPE:
+        envelope = parse_envelope(path.read_bytes(), max_bytes=_ENVELOPE_MAX)
+        if envelope.payload_type != PAYLOAD_TYPE:
             return None, {}
-        payload = base64.b64decode(envelope["payload"], validate=True)
-        return payload, loads_manifest(payload)
-    except (OSError, VerifyError, ValueError, KeyError, TypeError, AttributeError):
+        return envelope.payload, loads_manifest(envelope.payload)
+    except (OSError, VerifyError):
         return None, {}

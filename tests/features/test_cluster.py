@@ -16,12 +16,12 @@ import pytest
 
 distributed = pytest.importorskip("distributed")
 
-from c10.rules.driver import run_build  # noqa: E402
 from conftest import executed, make_cache  # noqa: E402
 
 from c10.config import load_config  # noqa: E402
 from c10.errors import ConfigError  # noqa: E402
 from c10.features import cluster, engines  # noqa: E402
+from c10.rules.driver import run_build  # noqa: E402
 from c10.trust.keys import load_trusted_keys  # noqa: E402
 from c10.trust.verify import verify_cache  # noqa: E402
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from c10.rules.driver import run_build
 from conftest import current, make_cache
 
 from c10.config import Index
@@ -14,6 +13,7 @@ from c10.errors import IndexBuildError
 from c10.features.embedding import l2_normalize
 from c10.features.index import build_index, load_index
 from c10.features.shards import TileRecord, pack_shard
+from c10.rules.driver import run_build
 from c10.store.tiles import Tile
 
 IDENT = "ef" * 32

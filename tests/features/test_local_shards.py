@@ -5,12 +5,12 @@ import shutil
 
 import numpy as np
 import pytest
-from c10.rules.driver import run_build
 from conftest import current, executed, make_cache
 
 from c10.features.embedding import Features
 from c10.features.shards import LOCAL_FEATURES, TileRecord, build_shard, read_shard, tile_features
 from c10.query.rerank import order_by_matches
+from c10.rules.driver import run_build
 from c10.store.tiles import Tile
 from c10.tools import netgen
 
@@ -116,7 +116,9 @@ def test_a_block_extracts_only_its_new_tiles_and_is_byte_deterministic(inputs, t
         return fake_features(len(ps), value=len(asked)).columns()
 
     def build_local_shard(root, logical, recs, compute, ident):
-        return build_shard(root, logical, recs, compute, ident, LOCAL_FEATURES)
+        """As a build runs it: carrying rows forward from the shard it trusts (the last one)."""
+        earlier = current(root, logical).read_bytes() if (root / ".c10/refs").is_dir() else None
+        return build_shard(root, logical, recs, compute, ident, LOCAL_FEATURES, earlier)
 
     ident = "ab" * 32
     build_local_shard(root, "shards/local/15/0-0.npy", records(root, tiles[:2]), extract, ident)

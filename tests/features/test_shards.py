@@ -121,7 +121,8 @@ def test_rebuild_embeds_only_new_or_changed_tiles(runner, tiles):
     first = build_shard(root, "shards/g/15/0-0.npy", records(root, tiles[:8]), embed, IDENT)
     assert (first.embedded, first.reused) == (8, 0)
     recs = records(root, tiles[:9])
-    again = build_shard(root, "shards/g/15/0-0.npy", recs, embed, IDENT)
+    before = current(root, "shards/g/15/0-0.npy").read_bytes()  # the trusted earlier shard
+    again = build_shard(root, "shards/g/15/0-0.npy", recs, embed, IDENT, previous=before)
     assert (again.embedded, again.reused) == (1, 8) and embed.calls == [8, 1]
     assert (again.entry["path"] == f"shards/g/15/0-0.{again.entry['blake3'][:16]}.npy"
             != first.entry["path"])
@@ -129,8 +130,12 @@ def test_rebuild_embeds_only_new_or_changed_tiles(runner, tiles):
     np.testing.assert_allclose(rows["desc"], one_by_one(runner, tiles[:9]), atol=1e-5)
     changed = [recs[0].__class__(r.tile, r.size, "00" * 32) if i == 3 else r
                for i, r in enumerate(recs)]
-    assert build_shard(root, "shards/g/15/0-0.npy", changed, embed, IDENT).embedded == 1
-    assert build_shard(root, "shards/g/15/0-0.npy", changed, embed, "cd" * 32).embedded == 9
+    nine = current(root, "shards/g/15/0-0.npy").read_bytes()
+    assert build_shard(root, "shards/g/15/0-0.npy", changed, embed, IDENT,
+                       previous=nine).embedded == 1
+    assert build_shard(root, "shards/g/15/0-0.npy", changed, embed, "cd" * 32,
+                       previous=nine).embedded == 9
+    assert build_shard(root, "shards/g/15/0-0.npy", recs, embed, IDENT).embedded == 9  # no trust
 
 
 def test_shard_bytes_are_deterministic_and_carry_the_tile_facts(runner, tiles):

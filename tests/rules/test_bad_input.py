@@ -10,12 +10,12 @@ import shutil
 
 import numpy as np
 import pytest
-from c10.rules.driver import run_build
 from conftest import current, make_cache
 from PIL import Image
 
 from c10.cli import main as c10_main
 from c10.errors import CacheRootMissingError
+from c10.rules.driver import run_build
 
 NOT_LOST = ("tiles", "models", "engines", "shards", "index")
 
@@ -237,6 +237,9 @@ def test_key_wrong_passphrase(built, capsys, tmp_path):
     fails(built, capsys, "SigningKeyError", str(tmp_path / "locked.pem"), "passphrase")
     assert snapshot(built) == before
     (tmp_path / "pass").write_text("right horse battery\n")
+    # a new key: nothing the old one signed is carried forward (c10.trust.provenance), so this
+    # build queues every derived file for a rebuild and the next one makes them
+    fails(built, capsys, "ManifestWriteError", "a new signing key?", "queued for a rebuild")
     succeeds(built, capsys)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-from c10.rules.driver import run_build
 from conftest import current_files, executed
 
+from c10.rules.driver import run_build
 from c10.tools import netgen
 
 

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from c10.rules.driver import run_build
 from conftest import executed
+
+from c10.rules.driver import run_build
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import crash  # noqa: E402  (bench/crash.py: the same invariants as the kill bench)
@@ -154,16 +155,35 @@ def _fault_then_repair(root, fx, reference, fault, capsys, monkeypatch) -> str:
 
 
 
-def test_a_full_build_with_sockets_blocked(cache, capsys, monkeypatch, operator_key):  # CP-INV-6
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_full_build_with_sockets_blocked(backend, tmp_path, inputs, capsys, monkeypatch,
+                                           operator_key):  # CP-INV-6
+    import importlib.util
     import socket
+
+    from conftest import make_cache
 
     from c10.trust.keys import load_trusted_keys
     from c10.trust.verify import verify_cache
 
-    attempts = []
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    cache = make_cache(tmp_path / "cache", inputs, operator_key, backend=backend)
+    # Attempts go to a file, not a list: OpenVINO's telemetry sends from a forked child, whose
+    # list would be its own copy. A fresh $HOME and no CI variables (which alone turn that
+    # telemetry off) so it would run here if the build imported openvino unguarded.
+    attempts = tmp_path / "attempts"
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("CI", "TF_BUILD", "JENKINS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    # openvino imports once per process: only a build that imports it shows the import's calls
+    fresh_import = backend == "openvino" and "openvino" not in sys.modules
 
     def blocked(*args, **kwargs):
-        attempts.append(args[1:3])
+        with open(attempts, "a") as f:
+            f.write(f"{os.getpid()} {args!r}\n")
         raise OSError(errno.ENETUNREACH, "network blocked by the test (seed CP-INV-6)")
 
     for owner, name in [(socket.socket, "__init__"), (socket.socket, "connect"),
@@ -173,7 +193,12 @@ def test_a_full_build_with_sockets_blocked(cache, capsys, monkeypatch, operator_
     code, out = _build(cache, capsys)
     monkeypatch.undo()
     assert code == 0, out
-    assert attempts == []  # nothing even tried (and swallowed the refusal)
+    assert list((cache / "engines").glob("*.blob" if backend == "openvino" else "*.onnx"))
+    # nothing even tried (and swallowed the refusal), in this process or a child
+    assert not attempts.exists(), attempts.read_text()
+    assert not (home / "intel").exists()  # OpenVINO's telemetry id and usage count
+    if fresh_import:
+        assert sys.modules.get("openvino_telemetry", "absent") in (None, "absent")
     verify_cache(cache, trusted=load_trusted_keys([operator_key[1]]), now=_now(), state_path=None)
 
 

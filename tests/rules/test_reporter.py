@@ -5,9 +5,8 @@ import json
 import re
 import shutil
 
-from c10.rules.driver import run_build
-
 from c10.report import BuildOutcome, BuildReport, read_report, summary
+from c10.rules.driver import run_build
 from c10.store.layout import REPORT_PATH
 from c10.store.lock import BuildLock
 

@@ -6,9 +6,10 @@ import gc
 import json
 
 import pytest
+from conftest import built
+
 from c10.rules import session
 from c10.rules.driver import run_build
-from conftest import built
 
 
 def test_a_failed_plan_load_gives_the_collector_back(cache, monkeypatch):

@@ -11,9 +11,9 @@ import sys
 import time
 
 import pytest
-from c10.rules.driver import run_build
 
 from c10.errors import BuildLockHeldError, ConfigError, StorageError
+from c10.rules.driver import run_build
 from c10.store.lock import BuildLock, filesystem_type, refuse_network_fs
 
 # A process that holds the lock as a running build does, until killed.

@@ -91,16 +91,46 @@ def test_scan_memo_skips_unchanged_columns_and_sees_every_change(tmp_path, monke
 def test_scan_memo_round_trips_and_a_torn_one_is_ignored(tmp_path, monkeypatch):
     import c10.store.tiles as tiles_mod
 
+    secret = b"s" * 32
     monkeypatch.setattr(tiles_mod, "RACY_NS", 0)
     _touch(tmp_path, "tiles/15/3/2.jpg")
     path = tmp_path / ".c10" / "memo"
-    tiles_mod.write_memo(path, scan_tiles(tmp_path, {}))
+    tiles_mod.write_memo(path, scan_tiles(tmp_path, {}), secret)
     assert not path.exists()  # one column re-read: not worth rewriting the memo
     for x in range(4, 4 + tiles_mod.MEMO_MIN_REREAD):
         _touch(tmp_path, f"tiles/15/{x}/2.jpg")
     scan = scan_tiles(tmp_path, {})
-    tiles_mod.write_memo(path, scan)
-    assert (tiles_mod.read_memo(path) == scan.memo
+    tiles_mod.write_memo(path, scan, secret)
+    assert (tiles_mod.read_memo(path, secret) == scan.memo
             and len(scan.memo) == 1 + tiles_mod.MEMO_MIN_REREAD)
+    assert tiles_mod.read_memo(path, b"t" * 32) == {}  # another host's (or no) secret
     path.write_bytes(path.read_bytes()[:20])
-    assert tiles_mod.read_memo(path) == {}
+    assert tiles_mod.read_memo(path, secret) == {}
+
+
+def test_a_forged_scan_memo_is_ignored(tmp_path, monkeypatch):
+    """The memo is a hint an attacker of the cache can write: one that hides a smuggled file in
+    tiles/ or names a tile that is not there fails its MAC and the columns are listed again."""
+    import json
+
+    import blake3
+
+    import c10.store.tiles as tiles_mod
+
+    secret = b"s" * 32
+    monkeypatch.setattr(tiles_mod, "RACY_NS", 0)
+    for x in range(3, 4 + tiles_mod.MEMO_MIN_REREAD):
+        _touch(tmp_path, f"tiles/15/{x}/2.jpg")
+    path = tmp_path / ".c10" / "memo"
+    tiles_mod.write_memo(path, scan_tiles(tmp_path, {}), secret)
+    _touch(tmp_path, "tiles/15/3/evil.sh")
+    mac, _, body = path.read_bytes().partition(b"\n")
+    data = json.loads(body)
+    data["columns"]["tiles/15/3"][1].append("9.jpg")  # a tile that is not there
+    forged = json.dumps(data).encode()
+    for mac in (mac, blake3.blake3(forged).hexdigest().encode()):  # the old MAC, an unkeyed one
+        path.write_bytes(mac + b"\n" + forged)
+        memo = tiles_mod.read_memo(path, secret)
+        assert memo == {}
+        scan = scan_tiles(tmp_path, memo)
+        assert "tiles/15/3/evil.sh" in scan.strays and (15, 3, 9) not in _ids(scan)

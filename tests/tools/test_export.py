@@ -16,11 +16,11 @@ from c10.tools import synth
 # CI installs the `export` extra: there these tests must run, never skip.
 torch = pytest.importorskip("torch") if not os.environ.get("CI") else __import__("torch")
 
-from c10.rules.driver import run_build  # noqa: E402
 from conftest import executed  # noqa: E402
 
 from c10.cli import main as c10_main  # noqa: E402
 from c10.features.engines import EngineSpec, build_engine, get_backend, load_engine  # noqa: E402
+from c10.rules.driver import run_build  # noqa: E402
 from c10.tools.demo import make_demo  # noqa: E402
 from c10.tools.export import MODEL_FILES, check_backend, export_models, nets, read_metadata, writer  # noqa: E402  # noqa: E402
 
@@ -28,6 +28,11 @@ KEYPOINTS = 128  # small K: LightGlue's cost grows with K², agreement does not 
 DEMO_TILES = 40
 TOL = 1e-4       # measured: ~2e-7 (global), ~2e-5 (keypoint pixels, descriptors, scores)
 MATCH_TOL = 1e-3  # match probabilities after 9 attention layers: measured 3e-5..1e-4
+
+
+def trusted(demo) -> list[str]:
+    """The demo key's public half, as the flight side needs it (make_demo writes it beside)."""
+    return ["--trusted-keys", str(demo.parent / "demo.pub.pem")]
 
 
 @pytest.fixture(scope="session")
@@ -181,7 +186,7 @@ def test_real_demo_reruns_as_a_noop(demo, capsys):
 
 def test_real_demo_selftest_recall_at_1_for_mild_perturbations(demo, capsys):
     capsys.readouterr()
-    assert c10_main(["selftest", str(demo), "-n", "1000", "--json"]) == 0
+    assert c10_main(["selftest", str(demo), "-n", "1000", "--json", *trusted(demo)]) == 0
     result = json.loads(capsys.readouterr().out)
     print(f"real demo selftest: {result}")
     assert result["n"] >= DEMO_TILES * 0.9 and result["recall@1"] >= 0.98
@@ -195,7 +200,7 @@ def test_query_rerank_confirms_a_strong_view_by_matches(demo, capsys, tmp_path):
         perturb(img.convert("RGB"), np.random.default_rng(5), "strong").save(tmp_path / "frame.png")
     capsys.readouterr()
     assert c10_main(["query", str(demo), str(tmp_path / "frame.png"), "-k", "5", "--rerank",
-                     "--json"]) == 0
+                     *trusted(demo), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     best, others = out["reranked"][0], out["reranked"][1:]
     print(f"query --rerank: {[(v['x'], v['y'], v['rank'], v['matches']) for v in out['reranked']]}")
@@ -203,17 +208,19 @@ def test_query_rerank_confirms_a_strong_view_by_matches(demo, capsys, tmp_path):
     assert best == out["best"] and best["matches"] > 2 * max(v["matches"] for v in others)
     capsys.readouterr()
     assert c10_main(["query", str(demo), str(tmp_path / "frame.png"), "-k", "5", "--verify",
-                     "--json"]) == 0
+                     *trusted(demo), "--json"]) == 0
     # the 0.1 name, kept one release
     assert json.loads(capsys.readouterr().out)["reranked"] == out["reranked"]
 
 
 def test_localize_test_counts_retrieval_and_reranked_hits(demo):
-    from c10.query.open import open_reranker, open_searcher
+    from c10.query.flight import FlightCache
     from c10.query.rerank import localize_test
 
-    searcher, _, root = open_searcher(demo)
-    result = localize_test(searcher, open_reranker(demo), root, n=8, strength="strong", seed=2, k=3)
+    cache = FlightCache.open(demo, [trusted(demo)[1]])
+    searcher, _ = cache.searcher()
+    result = localize_test(searcher, cache.reranker(), cache.load_tile, n=8, strength="strong",
+                           seed=2, k=3)
     print(f"localize_test: {result}")
     assert result.n == 8 and result.recall_reranked >= result.recall_retrieval - 0.13
     assert 0 <= result.recall_retrieval <= result.recall_at_k <= 1

@@ -4,10 +4,10 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-from c10.rules.driver import run_build
 from PIL import Image
 
 from c10.cli import main as c10_main
+from c10.rules.driver import run_build
 from c10.tools.tilemap import (
     COLORS,
     LINE,

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import re
 
-from c10.rules.driver import run_build
 from conftest import executed
+
+from c10.rules.driver import run_build
 
 
 def run(root, capsys, *args):

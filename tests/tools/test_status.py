@@ -8,9 +8,8 @@ import re
 import shutil
 from pathlib import Path
 
-from c10.rules.driver import build_status, run_build
-
 from c10.cli import main as c10_main
+from c10.rules.driver import build_status, run_build
 from c10.store.lock import BuildLock
 from c10.tools.status import plan, render
 

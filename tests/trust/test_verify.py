@@ -44,7 +44,7 @@ class Cache:
         for rel, data in content.items():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(data)
-        for rel in ("dodo.py", "c10.toml", ".c10.lock", ".c10/deps.db"):
+        for rel in ("dodo.py", "c10.toml", ".c10.lock", ".c10/doit.sqlite"):
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_bytes(b"# control\n")
         if key is None:
@@ -115,9 +115,13 @@ def test_good_cache_verifies_and_records_state(cache):
 
 
 def test_control_files_are_allowed(cache):
+    """Only names c10 writes into .c10/ (a made-up one such as .c10/logs/build.log is an extra
+    file: tests/trust/test_tree.py)."""
     (cache.root / "doit.cfg").write_bytes(b"[GLOBAL]\nloader = c10\n")
-    (cache.root / ".c10" / "logs").mkdir()
-    (cache.root / ".c10" / "logs" / "build.log").write_bytes(b"log")
+    for rel in ("report.json", "hashes.json", "refs/shards/net/18/0-0.npy.json",
+                "tmp/.Manifest.json.abcd1234.tmp"):
+        (cache.root / ".c10" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (cache.root / ".c10" / rel).write_bytes(b"{}")
     cache.verify()
 
 
@@ -141,8 +145,20 @@ def test_no_state_path_skips_rollback(cache):
     assert cache.verify(state_path=None).state_updated is False
 
 
+def flight_image(cache):
+    """The cache as `c10 pack` leaves it: the listed files and the Manifest pair, nothing else."""
+    for rel in ("dodo.py", "c10.toml", ".c10.lock"):
+        (cache.root / rel).unlink()
+    shutil.rmtree(cache.root / ".c10")
+    for path in [cache.root, *cache.root.rglob("*")]:  # as pack writes them, whatever the umask
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return cache
+
+
 def test_airborne_mode_matching_platform(cache):
-    cache.verify(airborne_fingerprints={"onnxruntime": "ort-1.31-x86_64"})
+    """--airborne is strict: the control files of a build workspace are extra files there."""
+    assert cache.reason(airborne_fingerprints={"onnxruntime": "ort-1.31-x86_64"}) == "extra-file"
+    flight_image(cache).verify(airborne_fingerprints={"onnxruntime": "ort-1.31-x86_64"})
 
 
 def test_exit_codes_are_distinct():
@@ -200,8 +216,21 @@ def hash_file_bytes(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-def _pending_shard(cache, data=b"\x93NUMPY next generation"):
-    rel = tagged_relpath("shards/net/18/0-1.npy", hash_file_bytes(data))
+def _npy(values) -> bytes:
+    import io
+
+    import numpy as np
+
+    out = io.BytesIO()
+    np.save(out, np.asarray(values, dtype=np.float32))
+    return out.getvalue()
+
+
+def _pending_shard(cache, data=None):
+    """A next shard of a logical path the Manifest lists, as a real .npy (a pending file must parse
+    as its format)."""
+    data = _npy([1.0, 2.0, 3.0]) if data is None else data
+    rel = tagged_relpath("shards/net/18/0-0.npy", hash_file_bytes(data))
     (cache.root / rel).write_bytes(data)
     return rel
 
@@ -233,11 +262,19 @@ def _engine_pair(material: dict) -> tuple[str, dict]:
     return f"engines/net-{key}", {"key": key, "material": material}
 
 
+def _sign_engine_model(cache):
+    """Engine entries name their model (a pending engine must be of a model the Manifest has)."""
+    cache.sign(cache.manifest(engines=[{"path": "engines/net-abc123.onnx", "model": "net",
+                                        "backend": "onnxruntime",
+                                        "fingerprint": "ort-1.31-x86_64"}]))
+
+
 def test_a_new_engine_and_its_sidecar_are_pending_when_they_prove_each_other(cache):
+    _sign_engine_model(cache)
     stem, sidecar = _engine_pair({"onnx_hash": "ab" * 32, "backend": "onnxruntime"})
     engine = b"compiled engine bytes"
-    (cache.root / f"{stem}.json").write_text(
-        json.dumps({**sidecar, "engine_blake3": hash_file_bytes(engine)}))
+    (cache.root / f"{stem}.json").write_text(json.dumps(
+        {**sidecar, "engine_size": len(engine), "engine_blake3": hash_file_bytes(engine)}))
     assert cache.verify().pending == 1  # a kill between the sidecar and the engine's rename
     (cache.root / f"{stem}.onnx").write_bytes(engine)
     assert cache.verify().pending == 2
@@ -246,6 +283,7 @@ def test_a_new_engine_and_its_sidecar_are_pending_when_they_prove_each_other(cac
 
 
 def test_an_engine_sidecar_must_hash_to_its_name(cache):
+    _sign_engine_model(cache)
     stem, sidecar = _engine_pair({"onnx_hash": "ab" * 32})
     sidecar["material"]["onnx_hash"] = "cd" * 32
     (cache.root / f"{stem}.json").write_text(json.dumps(sidecar))
@@ -449,6 +487,7 @@ def test_envelope_not_json(cache):
 # ---------------------------------------------------------------- airborne
 
 def test_airborne_platform_mismatch(cache):
+    flight_image(cache)
     assert cache.reason(airborne_fingerprints={"onnxruntime": "ort-1.31-aarch64"}) == \
         "platform-mismatch"
     assert cache.reason(airborne_fingerprints={"openvino": "x"}) == "platform-mismatch"

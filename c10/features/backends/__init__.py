@@ -151,18 +151,22 @@ class Backend:
                  out: Path) -> dict | None:
         raise NotImplementedError
 
-    def load(self, path: Path, spec: EngineSpec) -> Runner:
+    def load(self, source: Path | bytes, spec: EngineSpec, where: str | None = None) -> Runner:
+        """The engine at `source` (a path, or its bytes already read and checked: the aircraft
+        loads exactly the bytes it verified)."""
         self.require_available()
+        where = where or str(source if not isinstance(source, bytes) else spec.model)
         try:
-            return self._load(Path(path), spec)
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            return self._load(data, spec)
         except C10Error:
             raise
         except Exception as exc:
             raise EngineBuildError(
-                f"{self.name} could not load the engine {path}: {type(exc).__name__}: {exc}; "
-                f"delete it and rebuild with `doit engines:{spec.model}`") from exc
+                f"{self.name} could not load the engine {where}: {type(exc).__name__}: {exc}",
+                f"delete it and rebuild with `doit engines:{spec.model}`", then="") from exc
 
-    def _load(self, path: Path, spec: EngineSpec) -> Runner:
+    def _load(self, data: bytes, spec: EngineSpec) -> Runner:
         raise NotImplementedError
 
     def require_available(self) -> None:
@@ -192,6 +196,17 @@ def get_backend(name: str, **options: Any) -> Backend:
     backend = _make(name, options)
     backend.require_available()
     return backend
+
+
+def host_fingerprints() -> dict:
+    """This host's fingerprint per available backend (what airborne mode compares engines with)."""
+    out = {}
+    for name in AUTO_ORDER:
+        try:
+            out[name] = get_backend(name).host_fingerprint()
+        except C10Error:
+            continue  # not installed here: an engine of that backend cannot run on this host
+    return out
 
 
 def _make(name: str, options: dict) -> Backend:

@@ -15,6 +15,17 @@ if TYPE_CHECKING:
     from c10.features.engines import EngineSpec, ModelInfo
 
 
+def import_onnxruntime():
+    """The `onnxruntime` module with its usage telemetry off (onnxruntime 1.32 otherwise queues
+    events in ~/.cache/Microsoft/DeveloperTools/.onnxruntime/ for a later upload): every c10
+    import of onnxruntime goes through here. Set in the environment, where the runtime reads it,
+    before the import; done here, not at module import (no import-time side effect)."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+
+    return onnxruntime
+
+
 class OnnxRuntimeBackend(Backend):
     """The universal fallback: runs everywhere onnxruntime does, fp32 only.
 
@@ -37,7 +48,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _compile(self, spec: EngineSpec, model: ModelInfo, calibration: bytes | None,
                  out: Path) -> dict:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -48,8 +59,8 @@ class OnnxRuntimeBackend(Backend):
             ort.InferenceSession(str(spec.onnx_path), options, providers=["CPUExecutionProvider"])
         return {"optimization_level": "ORT_ENABLE_EXTENDED", "ort_version": ort.__version__}
 
-    def _load(self, path: Path, spec: EngineSpec) -> Runner:
-        import onnxruntime as ort
+    def _load(self, data: bytes, spec: EngineSpec) -> Runner:
+        ort = import_onnxruntime()
 
         options = ort.SessionOptions()
         streams, threads = ort_streams(os.cpu_count() or 1)
@@ -58,7 +69,7 @@ class OnnxRuntimeBackend(Backend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Waiting intra-op threads sleep instead of spinning on cores that decode tiles.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         return OrtRunner(session, streams)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import queue
 import re
+import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,40 @@ _PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 # slower with it (one stream), which tile embedding never uses.
 # The hint is applied again on import, so it is not part of the engine key.
 DEFAULT_HINT = "THROUGHPUT"
+_IMPORT_LOCK = threading.Lock()
+_numpy_bridge_ready = False
+
+
+def import_openvino():
+    """The `openvino` module, imported with OpenVINO's usage telemetry off: every c10 import of
+    openvino goes through here (build, query/selftest, export, Dask workers).
+
+    `import openvino` imports `openvino.tools.ovc`, whose `telemetry_utils` imports
+    `openvino_telemetry` and, at import, sends a Google Analytics event from a forked child (a
+    lookup of www.google-analytics.com, then an HTTPS POST) and writes `~/intel/openvino_ga_cid`
+    and `~/intel/stats`. Its documented opt-outs both write under $HOME
+    (`~/intel/openvino_telemetry` = 0), and `opt_in_out --opt_out` also sends a "declined" event.
+    Instead that module is made unimportable for this process, so `telemetry_utils` takes its own
+    ImportError path to `openvino.tools.ovc.telemetry_stub`, whose methods do nothing: no file,
+    no socket, no environment change, nothing inherited by children. Done here, not at module
+    import, so importing c10 has no side effect; too late only if something else imported
+    openvino (or openvino_telemetry) first in this process.
+
+    It also makes the process's first `Tensor.data` call, on one thread: two threads making
+    their first calls at once deadlock in the bindings (pybind11's numpy setup takes the GIL
+    inside a static initializer; `c10 selftest` hung in 2 of 20 runs), and `OvRunner.run` makes
+    its calls from several threads."""
+    global _numpy_bridge_ready
+    with _IMPORT_LOCK:
+        sys.modules.setdefault("openvino_telemetry", None)
+        import openvino
+
+        if not _numpy_bridge_ready:
+            import numpy as np
+
+            openvino.Tensor(np.zeros(1, np.float32)).data
+            _numpy_bridge_ready = True
+    return openvino
 
 
 class OpenVinoBackend(Backend):
@@ -50,13 +86,12 @@ class OpenVinoBackend(Backend):
 
     def core(self):
         if self._core is None:
-            import openvino as ov
-            self._core = ov.Core()
+            self._core = import_openvino().Core()
         return self._core
 
     def _compile(self, spec: EngineSpec, model: ModelInfo, calibration: bytes | None,
                  out: Path) -> dict:
-        import openvino as ov
+        ov = import_openvino()
 
         core = self.core()
         network = core.read_model(str(spec.onnx_path))
@@ -77,11 +112,11 @@ class OpenVinoBackend(Backend):
                 "requested_precision": _PRECISION[spec.precision],
                 "openvino_build": ov.get_version(), "performance_hint": self.performance_hint}
 
-    def _load(self, path: Path, spec: EngineSpec) -> Runner:
+    def _load(self, data: bytes, spec: EngineSpec) -> Runner:
         # An imported blob does not keep its inference precision: without the hint it runs the
         # CPU's default (bf16 with AMX), measurably off an f32 engine (figure in docs/figures.md).
         compiled = self.core().import_model(
-            path.read_bytes(), "CPU",
+            data, "CPU",
             {"PERFORMANCE_HINT": self.performance_hint,
              "INFERENCE_PRECISION_HINT": _PRECISION[spec.precision]})
         return OvRunner(compiled, spec.batch[2] if spec.input_shape is not None else None)

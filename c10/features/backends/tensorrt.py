@@ -149,14 +149,14 @@ class TensorRTBackend(Backend):
             config.int8_calibrator = _calibrator(trt, calibration)
             config.set_calibration_profile(profile)
 
-    def _load(self, path: Path, spec: EngineSpec) -> Runner:
+    def _load(self, data: bytes, spec: EngineSpec) -> Runner:
         import tensorrt as trt
 
         runtime = trt.Runtime(_logger(trt))
-        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        engine = runtime.deserialize_cuda_engine(data)
         if engine is None:
-            raise EngineBuildError(f"TensorRT could not deserialize {path}; delete it and "
-                                   f"rebuild with `doit engines:{spec.model}`")
+            raise EngineBuildError(f"TensorRT could not deserialize the engine of {spec.model}",
+                                   f"delete it and rebuild with `doit engines:{spec.model}`")
         return TrtRunner(trt, engine, spec.batch[2])
 
 
