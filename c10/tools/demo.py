@@ -131,7 +131,10 @@ def _verify_and_report(root: Path, pub: Path, key: Path, prep_s: float, build_s:
               f"{sum(p.stat().st_size for p in files) / 1e6:7.2f} MB")
     print(f"c10 verify: OK: Manifest v{result.version}, {result.files} files, "
           f"{result.bytes / 1e6:.1f} MB checked in {result.elapsed:.2f} s")
-    print(f"next: c10 verify {root} --trusted-keys {pub}   # as the aircraft does")
+    print(f"next: c10 verify {root} --trusted-keys {pub}")
+    print(f"      c10 pack {root} {root}-image --trusted-keys {pub}   # the flight image")
+    print(f"      c10 verify {root}-image --airborne --trusted-keys {pub}   # as the aircraft does")
+    print(f"      c10 query {root}-image IMAGE --trusted-keys {pub}   # only what is signed")
     print(f"      cd {root} && doit build_cache   "
           "# a no-op now; add tiles and it redoes only their blocks")
     return 0

@@ -23,8 +23,9 @@ from c10.store.atomic import fsync_dir
 from c10.store.digest import MMAP_MIN
 from c10.store.layout import ENVELOPE_NAME, MANIFEST_NAME
 from c10.trust.files import CONTROL_MAX, OPEN_FLAGS, REBUILD, open_failure, read_regular
+from c10.trust.hashing import check_paths, check_stat
 from c10.trust.manifest import loads_manifest
-from c10.trust.tree import check_paths, check_stat, listed_dirs
+from c10.trust.tree import listed_dirs
 from c10.trust.verify import EXIT_CODES, verify_cache, verify_signed_manifest
 
 # The temporary image beside OUT: `.{OUT name}.c10-pack-partial-XXXXXXXX`. A pack holds flock on

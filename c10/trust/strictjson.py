@@ -21,10 +21,14 @@ def _no_constant(name: str):
     raise StrictJSONError(f"{name} is not JSON")
 
 
-def strict_loads(data: bytes | str, *, max_depth: int, max_bytes: int | None = None) -> object:
+def strict_loads(data: bytes | str, *, max_depth: int | None,
+                 max_bytes: int | None = None) -> object:
     """Parse `data`, refusing what lenient parsers accept: duplicate keys (RFC 8259 sec. 4 leaves
     them undefined, so two readers may disagree), NaN/Infinity, nesting deeper than `max_depth`,
-    more than `max_bytes`, and bytes that are not UTF-8. StrictJSONError otherwise."""
+    more than `max_bytes`, and bytes that are not UTF-8. StrictJSONError otherwise.
+
+    max_depth=None: no walk of the parsed value (a large document whose every level the caller
+    checks anyway); nesting that would exhaust the stack is still refused."""
     if max_bytes is not None and len(data) > max_bytes:
         raise StrictJSONError(f"{len(data)} bytes, more than the {max_bytes} allowed")
     try:
@@ -38,7 +42,8 @@ def strict_loads(data: bytes | str, *, max_depth: int, max_bytes: int | None = N
         raise
     except ValueError as exc:
         raise StrictJSONError(str(exc)) from None
-    _check_depth(value, max_depth)
+    if max_depth is not None:
+        _check_depth(value, max_depth)
     return value
 
 

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import os
 import stat
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import blake3
-
 from c10.canonical import digest as key_digest
 from c10.errors import VerifyError
-from c10.store.digest import MMAP_MIN, hash_fd
+from c10.store.digest import hash_fd
 from c10.store.layout import (
     CONTROL_DIR,
     CONTROL_FILES,
@@ -21,24 +18,23 @@ from c10.store.layout import (
     INDEX_DIR,
     MANIFEST_NAME,
     SHARDS_DIR,
-    is_control,
     is_control_dir_dir,
     is_control_dir_file,
     split_tagged,
 )
 from c10.trust.files import OPEN_FLAGS, REBUILD, open_failure
-from c10.trust.manifest import is_safe_path, path_problem
+from c10.trust.hashing import (
+    AIRBORNE_BAD_BITS,
+    GROUND_BAD_BITS,
+    PACK,
+    bad_mode,
+    check_contents,
+    check_paths,
+)
 from c10.trust.strictjson import StrictJSONError, strict_loads
 
-HASH_THREADS = min(2, os.cpu_count() or 1)
-_CHUNK = 256  # files per worker task: amortizes executor overhead, keeps failures local
-# Every control path is one of these or starts with one (a cheap pre-filter for is_control).
-_MAYBE_CONTROL = tuple(CONTROL_FILES) + (CONTROL_DIR + "/",)
 # No file of a cache is setuid or setgid; an image's are not writable by group or others either
 # (a writable file or directory could change after the check, behind the Manifest).
-GROUND_BAD_BITS = stat.S_ISUID | stat.S_ISGID
-AIRBORNE_BAD_BITS = GROUND_BAD_BITS | stat.S_IWGRP | stat.S_IWOTH
-PACK = "write the flight image with `c10 pack CACHE OUT` (not a copy of the cache directory)"
 
 # Pending files of a stopped build, bounded before a byte is hashed.
 PENDING_FORMATS = (".npy", ".faiss")  # what shards/ and index/ hold
@@ -171,99 +167,16 @@ def listed_dirs(files: list[dict]) -> set[str]:
 
 
 def check_files(root: Path, files: list[dict], strict: bool = False) -> tuple[int, Tree]:
-    """Step 5: every path is checked before any file is opened; then two threads open, stat
-    and hash in path-ordered chunks while this thread walks the tree for step 6 (the walk
-    overlaps the hashing). The first failure in path order is raised.
+    """Step 5: every path is checked before any file is opened; then the listed files are opened,
+    stat'ed and hashed (c10.trust.hashing) while this thread walks the tree for step 6. The first
+    failure in path order is raised.
 
     strict (airborne): the tree must be a flight image (see _walk), and the listed files must not
     be writable by group or others; on the ground only setuid/setgid is refused."""
     check_paths(files)
-    base = str(root) + os.sep
     bad_bits = AIRBORNE_BAD_BITS if strict else GROUND_BAD_BITS
-    chunks = [files[i:i + _CHUNK] for i in range(0, len(files), _CHUNK)]
-    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
-        pending = pool.map(lambda chunk: _hash_chunk(base, chunk, bad_bits), chunks)
-        tree = _walk(root, listed_dirs(files) if strict else None)
-        results = list(pending)
-    for failure, _ in results:
-        if failure is not None:
-            raise failure
-    return sum(size for _, size in results), tree
-
-
-def check_paths(files: list[dict]) -> None:
-    """Every listed path is relative, normalized and not a control file: checked before any file is
-    opened (bad-path)."""
-    for entry in files:
-        rel = entry["path"]
-        if not is_safe_path(rel) or (rel.startswith(_MAYBE_CONTROL) and is_control(rel)):
-            raise VerifyError("bad-path", f"Manifest lists unsafe path {rel!r} "
-                              f"({path_problem(rel) or 'control file'}); the Manifest is "
-                              f"refused: {REBUILD}", str(rel))
-
-
-def _hash_chunk(base: str, chunk: list[dict], bad_bits: int) -> tuple[VerifyError | None, int]:
-    """Runs on a worker thread: returns the chunk's first failure instead of raising."""
-    total = 0
-    for entry in chunk:
-        try:
-            total += _check_content(base, entry, bad_bits)
-        except VerifyError as err:
-            return err, total
-    return None, total
-
-
-def _check_content(base: str, entry: dict, bad_bits: int) -> int:
-    """The hot loop (100k files): one open, one fstat, one read, one hash per file."""
-    rel, size = entry["path"], entry["size"]
-    try:
-        fd = os.open(base + rel, OPEN_FLAGS)
-    except OSError as exc:
-        raise open_failure(rel, exc) from None
-    try:
-        st = os.fstat(fd)  # of the very file we hash: a swap after the walk cannot slip past
-        if (st.st_nlink != 1 or st.st_size != size or not stat.S_ISREG(st.st_mode)
-                or st.st_mode & bad_bits):
-            check_stat(rel, st, size, bad_bits)
-        if size < MMAP_MIN:  # hash_fd inlined: this line runs 100k times
-            data = os.read(fd, size + 1)
-            digest = (blake3.blake3(data).hexdigest() if len(data) == size
-                      else hash_fd(fd, size, data))
-        else:
-            digest = hash_fd(fd, size)
-    except OSError as exc:
-        raise open_failure(rel, exc) from None
-    finally:
-        os.close(fd)
-    if digest != entry["blake3"]:
-        raise VerifyError("hash-mismatch", f"{rel}: blake3 differs from the Manifest (corrupted "
-                          f"or replaced); {REBUILD}", rel)
-    return size
-
-
-def check_stat(rel: str, st: os.stat_result, size: int, bad_bits: int = GROUND_BAD_BITS) -> None:
-    """The reason a listed file's fstat is refused (special-file, hardlink, size-mismatch,
-    bad-mode), if any."""
-    if not stat.S_ISREG(st.st_mode):
-        raise VerifyError("special-file", f"{rel} is not a regular file: {REBUILD}", rel)
-    if st.st_nlink != 1:
-        raise VerifyError("hardlink", f"{rel} has {st.st_nlink} hard links; a file shared with "
-                          f"another place can change behind the Manifest: copy the cache "
-                          f"without hard links (`cp -r`, not `cp -al`)", rel)
-    if st.st_size != size:
-        raise VerifyError("size-mismatch", f"{rel} is {st.st_size} bytes, the Manifest says "
-                          f"{size} (truncated or extended); {REBUILD}", rel)
-    if st.st_mode & bad_bits:
-        raise _bad_mode(rel, st.st_mode, bad_bits)
-
-
-def _bad_mode(rel: str, mode: int, bad_bits: int) -> VerifyError:
-    what = "setuid or setgid" if mode & GROUND_BAD_BITS else "writable by group or others"
-    fix = (PACK if bad_bits == AIRBORNE_BAD_BITS
-           else f"clear the bits (`chmod ug-s {rel}`) or {REBUILD}")
-    return VerifyError("bad-mode", f"{rel} has mode {stat.filemode(mode)}: {what}; no file of a "
-                       f"cache is, and an image's files are 0644 and its directories 0755: "
-                       f"{fix}", rel)
+    return check_contents(root, files, bad_bits,
+                          lambda: _walk(root, listed_dirs(files) if strict else None))
 
 
 def check_coverage(root: Path, tree: Tree, manifest: dict, strict: bool = False) -> int:
@@ -280,7 +193,7 @@ def check_coverage(root: Path, tree: Tree, manifest: dict, strict: bool = False)
                           f"(`rm {rel}`)", rel)
     if tree.modes:
         rel, mode = sorted(tree.modes)[0]
-        raise _bad_mode(rel, mode, AIRBORNE_BAD_BITS if strict else GROUND_BAD_BITS)
+        raise bad_mode(rel, mode, AIRBORNE_BAD_BITS if strict else GROUND_BAD_BITS)
     listed = {f["path"] for f in manifest["files"]}
     unlisted = sorted(tree.files - listed)
     if strict:
