@@ -482,9 +482,9 @@ def check_image(out: Path, fx: dict, fingerprints: dict) -> str:
 
 def run_pack_kills(rng, work: Path, fx: dict, base: Path, stats: dict, kills: int,
                    per_episode: tuple[int, int]) -> None:
-    from c10.cli.trust import _fingerprints
+    from c10.features.backends import host_fingerprints
 
-    fingerprints = _fingerprints()  # this host's, as `c10 verify --airborne` probes them
+    fingerprints = host_fingerprints()  # this host's, as `c10 verify --airborne` probes them
     images = work / "images"
     images.mkdir(exist_ok=True)
     measure = images / "measure"

@@ -189,7 +189,7 @@ def bench_airborne(tmp: Path, key, count: int, size: int, repeat: int) -> dict:
     """`c10 pack` a cache of `count` tiles, then `c10 verify IMAGE --airborne` (in-process, this
     host's fingerprints probed once beforehand) against raw blake3 over the image's same bytes,
     interleaved in the same run: ratio = raw seconds / verify seconds (target >= 0.9)."""
-    from c10.cli.trust import _fingerprints
+    from c10.features.backends import host_fingerprints
     from c10.tools.pack import pack
 
     root, image = tmp / "cache", tmp / "image"
@@ -204,7 +204,7 @@ def bench_airborne(tmp: Path, key, count: int, size: int, repeat: int) -> dict:
     shutil.rmtree(root)  # only the image from here on
     rels = [(e.path, e.size) for e in entries]
     total = sum(e.size for e in entries)
-    fingerprints = _fingerprints()
+    fingerprints = host_fingerprints()
     raw_hash(image, rels, 2)  # warm the page cache: every run below reads from memory
     runs = {"airborne": lambda: verify_cache(image, trusted=trusted, now=now, state_path=None,
                                              airborne_fingerprints=fingerprints),

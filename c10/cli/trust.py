@@ -4,11 +4,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 from pathlib import Path
 
-from c10.errors import C10Error, ConfigError, SigningKeyError, VerifyError
+from c10.errors import ConfigError, SigningKeyError, VerifyError
 
 
 def register(sub) -> None:
@@ -82,10 +81,12 @@ def _verify(args):
         trusted = load_trusted_keys(entries)
     except SigningKeyError as err:
         raise VerifyError("bad-trusted-key", str(err)) from None
+    from c10.features.backends import host_fingerprints
+
     now = args.now or dt.datetime.now(dt.timezone.utc)
     return root, verify_cache(root, trusted=trusted, now=now,
                               state_path=args.state or default_state(), area=args.area,
-                              airborne_fingerprints=_fingerprints() if args.airborne else None)
+                              airborne_fingerprints=host_fingerprints() if args.airborne else None)
 
 
 def _say(text: str) -> None:
@@ -106,8 +107,9 @@ def _iso_time(text: str) -> dt.datetime:
 def trust_store() -> Path:
     """Where the aircraft (or an inspecting host) keeps the operator keys it trusts, outside any
     cache."""
-    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
-    return Path(base) / "c10" / "trusted"
+    from c10.store.host import trust_store_dir
+
+    return trust_store_dir()
 
 
 def trust_store_keys() -> list[str]:
@@ -118,21 +120,9 @@ def trust_store_keys() -> list[str]:
 
 
 def default_state() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
-    return Path(base) / "c10" / "verify-state.json"
+    from c10.store.host import state_dir
 
-
-def _fingerprints() -> dict:
-    """This host's fingerprint per available backend (what airborne mode compares engines with)."""
-    from c10.features.backends import AUTO_ORDER, get_backend
-
-    out = {}
-    for name in AUTO_ORDER:
-        try:
-            out[name] = get_backend(name).host_fingerprint()
-        except C10Error:
-            continue  # not installed here: an engine of that backend cannot run on this host
-    return out
+    return state_dir() / "verify-state.json"
 
 
 def cmd_keygen(args) -> int:

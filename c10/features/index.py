@@ -70,13 +70,3 @@ def build_index(root: Path, model: str, shards: Sequence[Path | BinaryIO],
     np.save(buf, ids, allow_pickle=False)
     return len(ids), [refs.publish(root, index_rel, faiss.serialize_index(index).tobytes()),
                       refs.publish(root, ids_rel, buf.getvalue())]
-
-
-def load_index(root: Path, model: str):
-    """(index, ids) of a built cache, for queries."""
-    import faiss
-
-    files = refs.locate(root, list(index_relpaths(model)))
-    index_path, ids_path = (files[rel] for rel in index_relpaths(model))
-    index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP_IFC)
-    return index, np.load(ids_path, allow_pickle=False)

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from c10.errors import C10Error, DescriptorBatchError, IndexBuildError
+from c10.errors import DescriptorBatchError, IndexBuildError
 from c10.features.embedding import l2_normalize
 from c10.features.preprocess import Preprocessing, open_tile, to_tensor
 from c10.store.tiles import TileId, center_latlon
@@ -73,16 +73,6 @@ class Searcher:
                    self.paths.get(tid))
 
 
-def load_index_checked(root: Path, model: str):
-    """(index, ids) of a built cache, or IndexBuildError saying to build it first."""
-    from c10.features.index import load_index
-
-    try:
-        return load_index(root, model)
-    except (OSError, RuntimeError, ValueError, C10Error) as exc:
-        raise IndexBuildError(f"{root}: no readable index of model {model!r} "
-                              f"({str(exc).splitlines()[0]})",
-                              then=f"run `doit build_cache` in {root} first") from None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import blake3
 
-from c10.errors import C10Error
 from c10.store import atomic
 from c10.store.digest import blake3_file
 from c10.store.layout import (
@@ -117,18 +116,3 @@ def _read_committed(path: Path) -> dict[str, str]:
         if split:
             out[entry["path"]] = split[0]
     return out
-
-
-def locate(root: Path, logicals: list[str]) -> dict[str, Path]:
-    """logical -> file of a built cache: as the committed Manifest lists it (what verify checked),
-    else as the build's refs name it (a build whose Manifest is not written yet)."""
-    root = Path(root)
-    found = {logical: root / rel for rel, logical in committed_files(root).items()
-             if logical in logicals}
-    for logical in set(logicals) - set(found):
-        path = current_path(root, logical)
-        if path is None:
-            raise C10Error(f"{root}: no {logical} in Manifest.json or the build's refs",
-                           then=f"run `doit build_cache` in {root} first")
-        found[logical] = path
-    return found

@@ -28,11 +28,10 @@ def demo_bbox(tiles: int, zooms: tuple[int, ...] = ZOOMS) -> tuple[float, float,
 
 def demo_key_path(root: Path) -> Path:
     """The demo's throwaway key: in the user's state dir, never inside the cache."""
-    import os
+    from c10.store.host import state_dir
 
-    base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
     tag = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
-    return base / "c10" / "demo-keys" / f"{root.resolve().name}-{tag}.pem"
+    return state_dir() / "demo-keys" / f"{root.resolve().name}-{tag}.pem"
 
 
 def make_demo(root: Path, build: Callable[[Path], int], *, tiles: int = 300,

@@ -60,14 +60,6 @@ def check_freshness(manifest: dict, payload: bytes, signers: tuple[str, ...], no
     return Freshness(path, state, loaded, first_use, name, sector)
 
 
-def check_rollback(manifest: dict, payload: bytes, state_path: Path | None) -> dict:
-    """Like a TUF client: never accept a version below (or a reused one beside) the highest seen
-    for this cache id. (check_freshness does this and more: the clock, the sector's floor.)"""
-    if state_path is None:
-        return {}
-    state, _ = _load_state(Path(state_path))
-    _check_cache(state["caches"].get(manifest["cache_id"]), manifest, payload, Path(state_path))
-    return state
 
 
 def _check_cache(seen: dict | None, manifest: dict, payload: bytes, state_path: Path) -> None:

@@ -11,9 +11,10 @@ from conftest import current, make_cache
 from c10.config import Index
 from c10.errors import IndexBuildError
 from c10.features.embedding import l2_normalize
-from c10.features.index import build_index, load_index
+from c10.features.index import build_index
 from c10.features.shards import TileRecord, pack_shard
 from c10.rules.driver import run_build
+from c10.store.refs import current_path
 from c10.store.tiles import Tile
 
 IDENT = "ef" * 32
@@ -56,7 +57,8 @@ def test_same_descriptors_give_the_same_bytes_whatever_the_shard_order(tmp_path,
 def test_rows_map_to_tiles_and_find_themselves(tmp_path):
     rels = write_shards(tmp_path)
     build_index(tmp_path, "g", rels, Index(factory="HNSW16,Flat", ef_search=48))
-    index, ids = load_index(tmp_path, "g")
+    index = faiss.read_index(str(current_path(tmp_path, "index/g.faiss")))
+    ids = np.load(current_path(tmp_path, "index/g.ids.npy"))
     assert ([tuple(map(int, r)) for r in ids]
             == sorted((16, b, y) for b in range(5) for y in range(40)))
     assert faiss.downcast_index(index).hnsw.efSearch == 48
