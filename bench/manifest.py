@@ -135,14 +135,7 @@ def raw_hash(root: Path, entries: list[tuple[str, int]], threads: int) -> None:
     base = str(root)
 
     def one(rel: str, size: int) -> str:
-        path = os.path.join(base, rel)
-        if size >= MMAP_MIN:
-            return blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest()
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            return blake3.blake3(os.read(fd, size + 1)).hexdigest()
-        finally:
-            os.close(fd)
+        return _raw_one(base, rel, size)
 
     if threads == 1:
         for rel, size in entries:

@@ -75,6 +75,7 @@ class Provenance:
         self.root = Path(root)
         self._keys = trusted_keys
         self._signed: dict[str, str] | None = None
+        self._by_logical: dict[str, tuple[str, str]] | None = None
         self.unsigned_reason: str | None = None
         self.ledger = ledger or Ledger(root)
 
@@ -114,11 +115,14 @@ class Provenance:
     def previous(self, logical: str) -> bytes | None:
         """The signed bytes of `logical` (a shard or index file) to carry rows forward from, or
         None: only what the last verified Manifest lists, never what a ref names."""
-        for rel, digest in self.signed.items():
-            split = split_tagged(rel)
-            if split is not None and split[0] == logical:
-                return self.read(rel, digest)
-        return None
+        if self._by_logical is None:  # once: a build asks for thousands of shards
+            self._by_logical = {}
+            for rel, digest in self.signed.items():
+                split = split_tagged(rel)
+                if split is not None:
+                    self._by_logical[split[0]] = (rel, digest)
+        found = self._by_logical.get(logical)
+        return self.read(*found) if found else None
 
     def current(self, logical: str) -> tuple[dict, bytes]:
         """(entry, bytes) of the file the build's ref names for `logical`, which must be trusted;
