@@ -11,7 +11,7 @@ from c10.errors import ManifestWriteError
 from c10.plan import Plan
 from c10.rules import session
 from c10.rules.adapters import action, changed, plan_or_none, presigned
-from c10.store.layout import ref_relpath
+from c10.store.layout import ENVELOPE_NAME, MANIFEST_NAME, ref_relpath
 
 # A no-op build re-signs a Manifest that would expire within this margin (else it stays untouched).
 RESIGN_MARGIN = dt.timedelta(days=1)
@@ -25,7 +25,7 @@ def task_manifest():
     cfg = plan.config
     return {
         "file_dep": manifest_deps(plan),
-        "targets": ["Manifest.json", "Manifest.json.dsse"],
+        "targets": [MANIFEST_NAME, ENVELOPE_NAME],
         "task_dep": ["coverage"],
         "uptodate": [changed({"request": cfg.request(), "key": str(cfg.signing.key),
                               "tiles": len(plan.tiles)}),

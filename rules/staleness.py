@@ -11,6 +11,7 @@ from doit.dependency import Dependency
 
 from c10.plan import Plan
 from c10.rules.coverage import verdict
+from c10.store.layout import MANIFEST_NAME
 
 
 class ReadOnlyDB:
@@ -122,4 +123,4 @@ def area_facts(plan: Plan) -> dict:
             "require_complete": area.require_complete, "tiles_expected": counts.expected,
             "tiles_present": counts.present, "tiles_missing": counts.missing,
             "dead": found.dead, "orphans": found.orphans,
-            "manifest": (plan.root / "Manifest.json").is_file()}
+            "manifest": (plan.root / MANIFEST_NAME).is_file()}

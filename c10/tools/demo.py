@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from c10.errors import ConfigError
+from c10.store.layout import CONFIG_NAME
 
 # Kyiv, a real bbox: the demo's tiles sit where real ones would.
 CENTER = (50.4501, 30.5234)
@@ -60,7 +61,7 @@ def make_demo(root: Path, build: Callable[[Path], int], *, tiles: int = 300,
 
 def _check_target(root: Path) -> None:
     """Never take over a directory the user made for something else."""
-    if root.exists() and any(root.iterdir()) and not (root / "c10.toml").exists():
+    if root.exists() and any(root.iterdir()) and not (root / CONFIG_NAME).exists():
         raise ConfigError(f"{root}: exists and is not a c10 cache; "
                           "pick an empty or new directory for the demo")
 
@@ -105,11 +106,11 @@ def _real_models(root: Path, keypoints: int) -> str:
 
     export_models(root, keypoints=keypoints, log=lambda line: print(f"c10 demo: {line}"))
     models = re.compile(r"\[models\.global\].*?(?=\[shards\])", re.S)
-    text = (root / "c10.toml").read_text()
+    text = (root / CONFIG_NAME).read_text()
     found, template = models.search(text), models.search(CONFIG_TOML.format(**DEFAULTS))
     # after the export: a failure leaves it
     if found and template and found.group(0) == template.group(0):
-        atomic.write_text(root / "c10.toml",
+        atomic.write_text(root / CONFIG_NAME,
                           text.replace(found.group(0), models_toml(keypoints) + "\n"))
     return f"pretrained ALIKED-n16 + ALIKED-LightGlue ({keypoints} keypoints)"
 

@@ -16,12 +16,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from c10.errors import VerifyError
+from c10.store.layout import ENVELOPE_NAME
 from c10.trust.keys import keyid, raw_public
 from c10.trust.strictjson import StrictJSONError, strict_loads
 
 PAYLOAD_TYPE = "application/vnd.c10.manifest+json"
 
-WHERE = "Manifest.json.dsse"
+WHERE = ENVELOPE_NAME
 RESIGN = "re-sign on the build host with `doit build_cache` and copy the cache again"
 MAX_SIGNATURES = 8  # c10 writes one; room for co-signers, never thousands to try
 SIG_BYTES = 64  # Ed25519 (RFC 8032 sec. 5.1.6): R || S

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from c10.errors import ManifestWriteError, SigningKeyError
 from c10.store.atomic import fsync_dir
+from c10.store.layout import CONFIG_NAME
 
 _MAX_KEY_BYTES = 64 * 1024  # a PEM Ed25519 key is < 1 KiB; anything bigger is not a key
 
@@ -285,7 +286,7 @@ def _parse_public(data: bytes, where: str) -> Ed25519PublicKey:
 def load_operator_key(signing, cache_root: Path) -> Ed25519PrivateKey:
     """c10.toml's [signing] key, loaded and checked against signing.allowed_keyids before any
     file is written (seed CP-TC-7, CP-INV-7)."""
-    where = Path(cache_root) / "c10.toml"
+    where = Path(cache_root) / CONFIG_NAME
     if signing.key is None:
         raise SigningKeyError(f"{where}: `signing.key` is not set; create a key outside the cache "
                               "with `c10 keygen ~/.config/c10/operator.pem` and set its path")

@@ -11,6 +11,7 @@ import torch
 
 from c10.errors import ConfigError, ModelError
 from c10.store import atomic
+from c10.store.layout import CONFIG_NAME
 from c10.tools.export import (
     ALIKED_VARIANTS,
     DEFAULT_KEYPOINTS,
@@ -49,7 +50,7 @@ def resolve_deform(root: Path, deform: str) -> str:
     from c10.config import load_config
     from c10.features.backends import get_backend
 
-    backend = load_config(root).engines.backend if (root / "c10.toml").is_file() else "auto"
+    backend = load_config(root).engines.backend if (root / CONFIG_NAME).is_file() else "auto"
     return deform_for(get_backend(backend).name)
 
 
