@@ -1,7 +1,6 @@
 """OpenVINO backend: a CPU-compiled blob, tied to the CPU's ISA and the OpenVINO version."""
 from __future__ import annotations
 
-import queue
 import re
 import sys
 import threading
@@ -29,6 +28,7 @@ _PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 DEFAULT_HINT = "THROUGHPUT"
 _IMPORT_LOCK = threading.Lock()
 _numpy_bridge_ready = False
+_FIRST_CALL_LOCK = threading.Lock()  # every thread's first inference call: one at a time (OvRunner)
 
 
 def import_openvino():
@@ -49,7 +49,7 @@ def import_openvino():
     It also makes the process's first `Tensor.data` call, on one thread: two threads making
     their first calls at once deadlock in the bindings (pybind11's numpy setup takes the GIL
     inside a static initializer; `c10 selftest` hung in 2 of 20 runs), and `OvRunner.run` makes
-    its calls from several threads."""
+    its calls from several threads (which also make their own first calls one at a time)."""
     global _numpy_bridge_ready
     with _IMPORT_LOCK:
         sys.modules.setdefault("openvino_telemetry", None)
@@ -123,28 +123,38 @@ class OpenVinoBackend(Backend):
 
 
 class OvRunner(Runner):
-    """One stream per infer request (the THROUGHPUT hint's optimal number); `run_stream` takes a
-    free request, so several threads run at once and a batch split over them keeps every core
-    busy."""
+    """`streams` = the THROUGHPUT hint's optimal number of infer requests. `run_stream` may be
+    called from any number of threads at once: at most `streams` of them infer at a time (the
+    others wait), so a batch split over them by `run` keeps every core busy.
+
+    No infer request is ever shared between threads: each thread that infers gets its own,
+    created on its first call and kept thread-locally for the runner's lifetime, and everything
+    that touches it (data_dispatcher copying the inputs in, `infer`, the outputs' `Tensor.data`
+    copies) runs on that thread. Each thread's first call (its request's creation included) is
+    made under one process-wide lock, after `import_openvino`'s warm-up: no two threads are ever
+    inside first calls at once, so whatever the bindings initialise lazily on that path is first
+    reached by one thread while no other thread is inferring (two first calls at once are the
+    `Tensor.data` deadlock). `bench/ov_stress.py` measures the hang rate with and without."""
 
     def __init__(self, compiled, max_batch: int | None) -> None:
         self.compiled = compiled
-        requests = [compiled.create_infer_request() for _ in range(
-            max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") or 1)))]
-        self.streams = len(requests)
-        self._free: queue.SimpleQueue = queue.SimpleQueue()  # infer requests are not reentrant
-        for request in requests:
-            self._free.put(request)
+        self.streams = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS") or 1))
+        self._busy = threading.BoundedSemaphore(self.streams)
+        self._own = threading.local()  # .request: this thread's infer request
         self.input_names = [i.get_any_name() for i in compiled.inputs]
         self.output_names = [o.get_any_name() for o in compiled.outputs]
         self.max_batch = max_batch
 
     def run_stream(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        request = self._free.get()
-        try:
-            return run_chunked(lambda part: self._infer(request, part), feeds, self.max_batch)
-        finally:
-            self._free.put(request)
+        with self._busy:
+            request = getattr(self._own, "request", None)
+            if request is not None:
+                return run_chunked(lambda part: self._infer(request, part), feeds, self.max_batch)
+            with _FIRST_CALL_LOCK:
+                request = self.compiled.create_infer_request()
+                out = run_chunked(lambda part: self._infer(request, part), feeds, self.max_batch)
+                self._own.request = request  # kept only once a call on it succeeded
+                return out
 
     def _infer(self, request, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         import numpy as np
