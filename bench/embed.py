@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -80,8 +81,11 @@ def shard_rate(root: Path, name: str) -> tuple[float, float, int]:
     build = session.begin(root)  # this thread's running build: its plan, engines and lock
     plan = build.plan()
     shards = plan.plans[name].shards
-    for rel in shards:  # without its ref a shard's previous rows are not reused
+    for rel in shards:
         (root / ref_relpath(rel)).unlink(missing_ok=True)
+    # without the shard files no row is reused (c10.features.descriptor_store finds rows in every
+    # shard the build trusts, the ones an earlier round wrote included)
+    shutil.rmtree(root / "shards", ignore_errors=True)
     (root / HASH_CACHES["tiles"]).unlink(missing_ok=True)
     build.hashes = HashCache(build.root)  # forget the hashes in memory too: every tile is re-hashed
     start, cpu = time.perf_counter(), time.process_time()

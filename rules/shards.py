@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import weakref
 
 from c10.rules import session
 from c10.rules.adapters import action, changed, plan_or_none, presigned
@@ -49,14 +51,79 @@ def build_shard(name: str, rel: str) -> dict:
     local = model_plan.model.role == "local"
     compute = _local(build, model_plan, prep) if local else _global(build, plan, model_plan, rel,
                                                                     prep)
-    # rows are carried forward only from the shard the last signed Manifest lists (never from
-    # what a ref names: refs are hints)
-    stats = build_shard(build.root, rel, records, compute, model_plan.ident,
-                        LOCAL_FEATURES if local else DESCRIPTORS, build.provenance.previous(rel))
+    codec = LOCAL_FEATURES if local else DESCRIPTORS
+    # rows are reused by tile bytes + identity from trusted shards only (never from what a ref
+    # names: refs are hints)
+    store = descriptor_store(build)
+    stats = build_shard(build.root, rel, records, compute, model_plan.ident, codec,
+                        store.reuser(model_plan.ident, codec.columns, rel))
     # rewriting every tile's hash after each small shard costs more than it saves
     build.hashes.save(min_interval=30.0)
+    refs = published(build, {rel: stats.entry})
+    store.add(_source(build.root, build.provenance, stats.entry["path"], (stats.entry["blake3"],)),
+              [r.blake3 for r in records], model_plan.ident)
     return {"extracted" if local else "embedded": stats.embedded, "reused": stats.reused,
-            "refs": published(build, {rel: stats.entry})}
+            "refs": refs}
+
+
+# One descriptor store per build's trust (its Provenance), shared by the shard threads.
+_stores: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_stores_lock = threading.Lock()
+
+
+def descriptor_store(build):
+    """The build's c10.features.descriptor_store: rows from every shard file the last verified
+    Manifest lists or a build of this host wrote (its ledger, this build's files included), then
+    from the shards this build writes."""
+    from c10.features.descriptor_store import DescriptorStore
+
+    provenance, root = build.provenance, build.root
+    with _stores_lock:
+        store = _stores.get(provenance)
+        if store is None:  # (what the store keeps refers to its key weakly: it goes with it)
+            trust = weakref.ref(provenance)
+            store = _stores[provenance] = DescriptorStore(lambda: trusted_shards(root, trust()),
+                                                          lambda: signed_tiles(trust()))
+        return store
+
+
+def signed_tiles(provenance) -> set[str]:
+    """The blake3 of every tile the last verified Manifest lists: its shards hold rows of these
+    only (a tile whose bytes it does not list needs no look into the committed shards)."""
+    from c10.store.layout import TILES_DIR
+
+    return {digest for rel, digest in provenance.signed.items() if rel.startswith(TILES_DIR + "/")}
+
+
+def trusted_shards(root, provenance) -> list:
+    """A Source per trusted shard file, the signed ones first; each read back only if its bytes
+    are still the trusted ones."""
+    from c10.store.layout import SHARDS_DIR, split_tagged
+
+    signed, written = provenance.signed, dict(provenance.ledger.files)
+    sources = []
+    for rel in [*signed, *(rel for rel in written if rel not in signed)]:
+        split = split_tagged(rel) if rel.startswith(SHARDS_DIR + "/") else None
+        if split is not None:
+            digests = tuple(dict.fromkeys(d for d in (signed.get(rel), written.get(rel)) if d))
+            sources.append(_source(root, provenance, rel, digests, split[0], rel in signed))
+    return sources
+
+
+def _source(root, provenance, rel: str, digests: tuple[str, ...], logical: str | None = None,
+            listed: bool = False):
+    from c10.features.descriptor_store import Source
+
+    trust = weakref.ref(provenance)
+
+    def read() -> bytes | None:
+        for digest in digests:
+            data = trust().read(rel, digest)
+            if data is not None:
+                return data
+        return None
+
+    return Source(root / rel, read, logical, listed)
 
 
 def _global(build, plan, model_plan, rel, prep):

@@ -9,13 +9,14 @@ from typing import BinaryIO, Callable, Iterable, Sequence
 import numpy as np
 
 from c10.errors import DescriptorBatchError
+from c10.features.descriptor_store import Reuse
 from c10.features.embedding import OUTPUTS, Features
 from c10.store import refs
 from c10.store.layout import ref_relpath
 from c10.store.tiles import Tile
 
 # Columns every shard has; `ident` is a prefix of the embedding identity (engine key +
-# preprocessing): rows of another identity are never reused when a block is rebuilt incrementally.
+# preprocessing): rows of another identity are never reused (c10.features.descriptor_store).
 BASE_FIELDS = [("z", "<u1"), ("x", "<u4"), ("y", "<u4"), ("size", "<u8"), ("blake3", "u1", (32,)),
                ("ident", "u1", (8,))]
 
@@ -51,21 +52,25 @@ class ShardStats:
 
 
 def build_shard(root: Path, logical: str, records: Sequence[TileRecord], compute: Compute,
-                ident: str, codec: Codec = DESCRIPTORS,
-                previous: bytes | None = None) -> ShardStats:
-    """Write one shard under its content name, computing only the tiles that `previous` (the
-    bytes of a trusted earlier shard of `logical`, or None) lacks for this identity; stats.entry
-    names the new file (for its ref)."""
-    previous = _previous_rows(previous, bytes.fromhex(ident)[:8], codec)
-    values = [previous.get((r.tile.id, r.blake3)) for r in records]
-    todo = [i for i, row in enumerate(values) if row is None]
+                ident: str, codec: Codec = DESCRIPTORS, reuse: Reuse | None = None) -> ShardStats:
+    """Write one shard under its content name, computing only the tiles `reuse` has no trusted
+    row for (c10.features.descriptor_store: by tile bytes and this identity, from any trusted
+    shard), each distinct tile content once; stats.entry names the new file (for its ref)."""
+    values = list(reuse([(r.tile.id, r.blake3) for r in records])) if reuse else \
+        [None] * len(records)
+    todo, first = [], {}  # a tile copied under two ids of this block is computed once
+    for i, row in enumerate(values):
+        if row is None and records[i].blake3 not in first:
+            first[records[i].blake3] = len(todo)
+            todo.append(i)
     if todo:
         fresh = compute([Path(root) / records[i].tile.path for i in todo])
-        for j, i in enumerate(todo):
-            values[i] = tuple(column[j] for column in fresh)
+        computed = [tuple(column[j] for column in fresh) for j in range(len(todo))]
+        values = [computed[first[r.blake3]] if row is None else row
+                  for r, row in zip(records, values)]
     if len({tuple(v.shape for v in row) for row in values}) != 1:
         raise DescriptorBatchError(f"{logical}: the engine's {codec.what} shape differs from the "
-                                   "previous shard's",
+                                   "reused rows'",
                                    fix=f"remove its ref (`rm {ref_relpath(logical)}`)")
     columns = [np.stack([row[c] for row in values]).astype(np.float32)
                for c in range(len(codec.columns))]
@@ -99,24 +104,6 @@ def pack_shard(records: Sequence[TileRecord], columns: Sequence[np.ndarray], ide
 def read_shard(path: str | Path | BinaryIO) -> np.ndarray:
     """A shard's structured rows (no pickle)."""
     return np.load(path, allow_pickle=False)
-
-
-def _previous_rows(data: bytes | None, tag: bytes, codec: Codec) -> dict:
-    """(tile id, blake3) -> value columns of one tile in an existing shard of the same identity."""
-    if data is None:
-        return {}
-    try:
-        rows = read_shard(io.BytesIO(data))
-    except (OSError, ValueError, EOFError):
-        return {}
-    if rows.dtype.names is None or not {"ident", "blake3", *codec.columns} <= set(rows.dtype.names):
-        return {}
-    rows = rows[(rows["ident"] == np.frombuffer(tag, np.uint8)).all(axis=1)]
-    ids = zip(rows["z"].tolist(), rows["x"].tolist(), rows["y"].tolist())
-    digests = rows["blake3"].tobytes().hex()
-    columns = [rows[name] for name in codec.columns]
-    return {((z, x, y), digests[64 * i:64 * (i + 1)]): tuple(col[i] for col in columns)
-            for i, (z, x, y) in enumerate(ids)}
 
 
 def tile_facts(path: str | Path) -> dict[tuple[int, int, int], tuple[int, str]]:

@@ -1,6 +1,7 @@
 """What a ground build may carry forward: what the last signed Manifest lists, or it wrote."""
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -28,11 +29,16 @@ class Ledger:
         self.path = state_dir() / "ledgers" / f"{cache_tag(self.root)}.json"
         self._files: dict[str, str] | None = None
         self._dirty, self._saved = False, 0.0
+        # `doit -n N`: a shard thread records while another saves (a record made between the copy
+        # and its write would be lost, and the file then refused as not written by this build)
+        self._lock = threading.RLock()
 
     @property
     def files(self) -> dict[str, str]:
         if self._files is None:
-            self._files = self._load()
+            with self._lock:
+                if self._files is None:
+                    self._files = self._load()
         return self._files
 
     def _load(self) -> dict[str, str]:
@@ -46,20 +52,23 @@ class Ledger:
             else {}
 
     def record(self, rel: str, digest: str) -> None:
-        self.files[rel] = digest
-        self._dirty = True
+        with self._lock:
+            self.files[rel] = digest
+            self._dirty = True
 
     def save(self, min_interval: float = 0.0, prune: bool = False) -> None:
         """Write the ledger (not again within `min_interval` seconds: a kill loses at most that
         much, which only costs a rebuild); prune: without entries of files the cache no longer
         holds (the coverage gate's, once every writer of the build has finished)."""
-        if not (self._dirty or prune) or time.monotonic() - self._saved < min_interval:
-            return
-        kept = {rel: d for rel, d in self.files.items() if not prune or (self.root / rel).is_file()}
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic.write_bytes(self.path, canonical_json({"root": str(self.root), "files": kept}),
-                           mode=0o600)
-        self._files, self._dirty, self._saved = kept, False, time.monotonic()
+        with self._lock:
+            if not (self._dirty or prune) or time.monotonic() - self._saved < min_interval:
+                return
+            kept = {rel: d for rel, d in self.files.items()
+                    if not prune or (self.root / rel).is_file()}
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic.write_bytes(self.path, canonical_json({"root": str(self.root), "files": kept}),
+                               mode=0o600)
+            self._files, self._dirty, self._saved = kept, False, time.monotonic()
 
 
 class Provenance:
@@ -75,6 +84,7 @@ class Provenance:
         self.root = Path(root)
         self._keys = trusted_keys
         self._signed: dict[str, str] | None = None
+        self._manifest: dict | None = None
         self._by_logical: dict[str, tuple[str, str]] | None = None
         self.unsigned_reason: str | None = None
         self.ledger = ledger or Ledger(root)
@@ -88,9 +98,17 @@ class Provenance:
             try:
                 manifest = verify_signed_manifest(self.root, trusted=self._keys, now=None)
                 self._signed = {f["path"]: f["blake3"] for f in manifest["files"]}
+                self._manifest = manifest
             except VerifyError as exc:
                 self._signed, self.unsigned_reason = {}, exc.reason
         return self._signed
+
+    @property
+    def verified(self) -> dict | None:
+        """The last Manifest, parsed, if it verifies (signature, payload == Manifest.json) against
+        these keys; None otherwise."""
+        _ = self.signed  # verified once, on first use
+        return self._manifest
 
     def record(self, rel: str, digest: str) -> None:
         """This build wrote `rel` with these bytes (kept in the host's ledger: `save`)."""

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import current, executed, make_cache
 
+from c10.features.descriptor_store import DescriptorStore, Source
 from c10.features.embedding import Features
 from c10.features.shards import LOCAL_FEATURES, TileRecord, build_shard, read_shard, tile_features
 from c10.query.rerank import order_by_matches
@@ -69,6 +70,24 @@ def test_added_tile_redoes_both_shards_of_its_block(local_cache, capsys, tmp_pat
     assert ran[2:] == ["index:global", "coverage", "manifest"]
 
 
+def test_the_report_counts_local_features_apart_from_descriptors(local_cache, capsys,
+                                                                 tmp_path):
+    from c10.report import read_report
+
+    tiles = sorted((local_cache / "tiles/15").rglob("*.jpg"))
+    shutil.move(tiles[5], tmp_path / "saved.jpg")
+    build(local_cache, capsys)
+    report = read_report(local_cache)
+    assert report.local_features_generated == report.descriptors_generated == len(tiles) - 1
+    assert report.local_features_reused == 0
+    shutil.move(tmp_path / "saved.jpg", tiles[5])
+    ran = build(local_cache, capsys)
+    report = read_report(local_cache)
+    assert (report.local_features_generated, report.descriptors_generated) == (1, 1)
+    assert report.local_features_reused == report.descriptors_reused > 0  # the block's others
+    assert len(local_tasks(ran)) == 1
+
+
 def test_new_local_model_redoes_only_local_shards(local_cache, capsys):
     build(local_cache, capsys)
     netgen.write_local_model(local_cache / "models" / "local.onnx", input_size=64, keypoints=K,
@@ -117,8 +136,10 @@ def test_a_block_extracts_only_its_new_tiles_and_is_byte_deterministic(inputs, t
 
     def build_local_shard(root, logical, recs, compute, ident):
         """As a build runs it: carrying rows forward from the shard it trusts (the last one)."""
-        earlier = current(root, logical).read_bytes() if (root / ".c10/refs").is_dir() else None
-        return build_shard(root, logical, recs, compute, ident, LOCAL_FEATURES, earlier)
+        data = current(root, logical).read_bytes() if (root / ".c10/refs").is_dir() else None
+        store = DescriptorStore([Source(root / "earlier.npy", lambda: data, logical)])
+        return build_shard(root, logical, recs, compute, ident, LOCAL_FEATURES,
+                           store.reuser(ident, LOCAL_FEATURES.columns, logical))
 
     ident = "ab" * 32
     build_local_shard(root, "shards/local/15/0-0.npy", records(root, tiles[:2]), extract, ident)

@@ -11,9 +11,17 @@ from PIL import Image
 
 from c10.errors import DescriptorBatchError
 from c10.features import engines
+from c10.features.descriptor_store import DescriptorStore, Source
 from c10.features.embedding import _batch, _staggered, embed_tiles, l2_normalize
 from c10.features.preprocess import Preprocessing, load_tensor
-from c10.features.shards import TileRecord, build_shard, pack_shard, read_shard, tile_facts
+from c10.features.shards import (
+    DESCRIPTORS,
+    TileRecord,
+    build_shard,
+    pack_shard,
+    read_shard,
+    tile_facts,
+)
 from c10.store.digest import blake3_file
 from c10.store.tiles import Tile
 from c10.tools import netgen
@@ -104,6 +112,13 @@ def records(root: Path, paths) -> list[TileRecord]:
             for p in sorted(paths, key=lambda p: int(p.stem))]
 
 
+def earlier(data: bytes, ident: str = IDENT, logical: str = "shards/g/15/0-0.npy"):
+    """reuse() over one trusted earlier shard of `logical` (its bytes), as a build's store gives
+    it."""
+    store = DescriptorStore([Source(Path("/nonexistent/earlier.npy"), lambda: data, logical)])
+    return store.reuser(ident, DESCRIPTORS.columns, logical)
+
+
 class Counting:
     """The real pipeline, counting the tiles it is asked to embed."""
 
@@ -122,7 +137,7 @@ def test_rebuild_embeds_only_new_or_changed_tiles(runner, tiles):
     assert (first.embedded, first.reused) == (8, 0)
     recs = records(root, tiles[:9])
     before = current(root, "shards/g/15/0-0.npy").read_bytes()  # the trusted earlier shard
-    again = build_shard(root, "shards/g/15/0-0.npy", recs, embed, IDENT, previous=before)
+    again = build_shard(root, "shards/g/15/0-0.npy", recs, embed, IDENT, reuse=earlier(before))
     assert (again.embedded, again.reused) == (1, 8) and embed.calls == [8, 1]
     assert (again.entry["path"] == f"shards/g/15/0-0.{again.entry['blake3'][:16]}.npy"
             != first.entry["path"])
@@ -132,9 +147,9 @@ def test_rebuild_embeds_only_new_or_changed_tiles(runner, tiles):
                for i, r in enumerate(recs)]
     nine = current(root, "shards/g/15/0-0.npy").read_bytes()
     assert build_shard(root, "shards/g/15/0-0.npy", changed, embed, IDENT,
-                       previous=nine).embedded == 1
+                       reuse=earlier(nine)).embedded == 1
     assert build_shard(root, "shards/g/15/0-0.npy", changed, embed, "cd" * 32,
-                       previous=nine).embedded == 9
+                       reuse=earlier(nine, "cd" * 32)).embedded == 9
     assert build_shard(root, "shards/g/15/0-0.npy", recs, embed, IDENT).embedded == 9  # no trust
 
 
