@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from doit.cmd_base import NamespaceTaskLoader, opt_cwd
+from doit.cmd_clean import Clean
+from doit.cmd_run import Run
+from doit.exceptions import InvalidCommand, InvalidDodoFile
 
-from c10.rules import session
+from c10.rules import ignored, session
 from c10.store.layout import CONFIG_NAME, CONTROL_DIR, DEP_FILE
 from c10.store.lock import require_cache_root
 
@@ -31,14 +35,59 @@ class CacheLoader(NamespaceTaskLoader):
         self.namespace["DOIT_CONFIG"]["outfile"] = sys.stdout  # doit binds its stream at import
 
     def load_doit_config(self):
-        """doit's config, once the dep DB can open: .c10/ exists, a corrupt DB moved aside."""
-        if os.path.isfile(CONFIG_NAME):
-            prepare_control_dir(Path.cwd())
+        """doit's config, once the dep DB can open: .c10/ exists, a corrupt DB moved aside. A
+        directory without c10.toml is no cache: said before doit fails to open a DB there."""
+        if not os.path.isfile(CONFIG_NAME):
+            raise InvalidDodoFile(NOT_A_CACHE.format(root=Path.cwd()))
+        prepare_control_dir(Path.cwd())
         return super().load_doit_config()
 
     def load_tasks(self, cmd, pos_args):
-        session.begin(Path.cwd())  # the run's state; the generators read its plan
-        return super().load_tasks(cmd, pos_args)
+        if isinstance(cmd, Clean):
+            cmd.dep_manager.close()
+            raise InvalidCommand(CLEAN_REFUSED)
+        build = session.begin(Path.cwd())  # the run's state; the generators read its plan
+        tasks = super().load_tasks(cmd, pos_args)
+        if isinstance(cmd, Run):  # `doit [run]`, and each run of `doit auto`
+            _own_run(cmd)
+            tasks = ignored.guard(tasks, cmd.sel_tasks, cmd.dep_manager, build.root)
+        return tasks
+
+
+NOT_A_CACHE = ("{root}: no c10.toml here, so this is not a c10 cache; run `c10 init .` to make it "
+               "one (then edit its c10.toml), or run doit in a cache directory")
+CLEAN_REFUSED = ("`doit clean` is not supported in a c10 cache: a build removes the shards and "
+                 "index files no Manifest lists by itself, and removing the files the committed "
+                 "Manifest lists would leave a cache that no longer verifies; use `doit prune` "
+                 "(stale engines and leftovers; `doit prune --apply` removes them), or remove "
+                 ".c10/ (doit's DB, refs, hash caches: hints only) to make the next "
+                 "`doit build_cache` decide every task again by content hash")
+PROCESS_REFUSED = ("c10 runs parallel tasks in threads: use `doit -n N -P thread` (thread is the "
+                   "default: `doit -n N` is the same); `-P process` would fork workers that each "
+                   "need the build lock, the operator key and the record of what this build "
+                   "wrote, which the build holds once, in one process")
+
+
+def _own_run(cmd: Run) -> None:
+    """Wrap doit's run (Run._execute, the call that creates the runner and returns run_all's
+    result): `-P process` is refused before any task runs, and once the tasks have finished (doit's
+    DB committed, the report written) the build lock is released and the key forgotten, so a
+    process that outlives the run (`doit auto`'s watcher between runs) holds neither."""
+    execute = cmd._execute
+    if getattr(execute, "_c10_run", False):
+        return
+
+    @functools.wraps(execute)  # doit reads the parameters from the signature: kept by __wrapped__
+    def run(**params):
+        if params.get("num_process") and params.get("par_type") == "process":
+            raise InvalidCommand(PROCESS_REFUSED)
+        try:
+            return execute(**params)
+        finally:
+            session.run_finished()
+
+    run._c10_run = True
+    cmd._execute = run
 
 
 def prepare_control_dir(root: Path) -> None:

@@ -25,6 +25,8 @@ class Build:
         self.hashes = HashCache(self.root)
         self.error: C10Error | None = None
         self.report = None
+        # Manifest.json is the payload its envelope signs (the coverage gate decides, once)
+        self.commit_intact: bool | None = None
         self.lock: BuildLock | None = None
         self._plan: Plan | C10Error | None = None
         self._key = None
@@ -54,6 +56,7 @@ class Build:
     def replan(self) -> None:
         """Forget the plan, the first error and the report (the API rewrote c10.toml)."""
         self._plan, self.error, self.report = None, None, None
+        self.commit_intact = None
         self.started = time.perf_counter()
 
     def _pause_gc(self) -> None:
@@ -85,7 +88,7 @@ class Build:
     def ensure_locked(self) -> None:
         """Take the build lock once per run (a second build fails here, before writing anything)."""
         with self._mutex:
-            if self.lock is None:
+            if self.lock is None or not self.lock.held:  # a forked child holds no lock
                 lock = BuildLock(self.root)
                 lock.acquire()
                 self.lock = lock
@@ -158,6 +161,13 @@ class Build:
             self._key, self._runners = None, {}
             self.resume_gc()
 
+    def end_run(self) -> None:
+        """doit's tasks have finished (its DB committed, the report written): save what the run
+        hashed while it still holds the lock, then release the lock and forget the key and the
+        engines. The plan, error and report stay until end(): a process that outlives its run
+        (`doit auto`'s idle watcher, the Python API reading the report) holds no lock."""
+        self.close(save=self.lock is not None and self.lock.held)
+
 
 # One build per process: doit's state, the cwd and the lock are per process.
 _current: Build | None = None
@@ -193,6 +203,14 @@ def current() -> Build:
 
 def active() -> Build | None:
     return _current
+
+
+def run_finished() -> None:
+    """A doit run of this thread has finished its tasks: Build.end_run of this thread's build."""
+    with _guard:
+        build = _current if _owner in (None, threading.get_ident()) else None
+    if build is not None:
+        build.end_run()
 
 
 def end(save: bool = True) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -66,12 +67,19 @@ class BuildLock:
     flock(2) on an open file: the kernel drops it the moment the holder exits or is killed,
     so a stale lock file never blocks the next build. Process-wide (not per thread), never
     degraded to a lock-by-existence on a file system without flock.
+
+    flock belongs to the open file description, which a forked child shares: a child that kept
+    the descriptor would hold the lock after its parent died (`doit auto`'s watcher), and one
+    that unlocked it would free its parent's lock. The descriptor is close-on-exec (Python's
+    default), and a forked child closes it without unlocking (_close_inherited) and never
+    counts as the holder.
     """
 
     def __init__(self, root: Path):
         self.root = require_cache_root(root)
         self._lock = FileLock(self.root / LOCK_NAME, timeout=0, preserve_lock_file=True,
                               thread_local=False, fallback_to_soft=False)
+        self._pid: int | None = None  # the process that took it
 
     def acquire(self) -> None:
         fs = refuse_network_fs(self.root)
@@ -83,6 +91,8 @@ class BuildLock:
                                      "then re-run") from None
         except OSError as exc:
             raise self._no_flock(fs, exc) from None
+        self._pid = os.getpid()
+        _HELD.add(self)
         try:
             atomic.write_text(self.root / LOCK_HOLDER, json.dumps(
                 {"pid": os.getpid(), "host": socket.gethostname(),
@@ -99,12 +109,31 @@ class BuildLock:
                            "copy the cache")
 
     def release(self) -> None:
-        if self._lock.is_locked:
+        if self.held:
             self._lock.release(force=True)
+        self._pid = None
+        _HELD.discard(self)
 
     @property
     def held(self) -> bool:
-        return self._lock.is_locked
+        """Held by this process (a forked child inherits the object, never the lock)."""
+        return self._pid == os.getpid() and self._lock.is_locked
+
+    def _close_inherited(self) -> None:
+        """In a forked child: close the inherited descriptor, never flock(LOCK_UN) it (that would
+        free the parent's lock), and forget the hold. Recent filelock releases (4.3.1 here) do
+        the same on their own; an older one leaves its state to clear here."""
+        context = getattr(self._lock, "_context", None)
+        fd = getattr(context, "lock_file_fd", None)
+        if fd is not None:
+            try:
+                st, mine = os.fstat(fd), os.stat(self.root / LOCK_NAME)
+                if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                    os.close(fd)
+            except OSError:
+                pass  # already closed (by filelock's own hook) or the file is gone
+            context.lock_file_fd, context.lock_counter = None, 0
+        self._pid = None
 
     def holder(self) -> str:
         info = self._holder_info()
@@ -136,6 +165,20 @@ class BuildLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# Locks this process holds, for the fork hook below.
+_HELD: weakref.WeakSet[BuildLock] = weakref.WeakSet()
+
+
+def _close_inherited_locks() -> None:
+    for lock in list(_HELD):
+        lock._close_inherited()
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 def _alive(pid: object) -> bool:
