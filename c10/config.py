@@ -12,6 +12,14 @@ from c10.errors import ConfigError
 from c10.store.layout import CONFIG_NAME
 
 SECTOR_CLASSES = ("active_conflict", "stable_rear")
+# What area.sector_class means: the defaults of the keys it governs, for a c10.toml that does not
+# set them (the effective values are resolved here, so the build, its keys and the Manifest all
+# see them). An active-conflict sector's imagery goes stale in days: its Manifest expires sooner.
+# Missing tiles fail the build in every sector unless area.require_complete = false.
+SECTOR_DEFAULTS = {
+    "stable_rear": {"validity_days": 30, "require_complete": True},
+    "active_conflict": {"validity_days": 7, "require_complete": True},
+}
 ROLES = ("global", "local", "matcher")
 BACKENDS = ("auto", "tensorrt", "openvino", "onnxruntime")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
@@ -28,7 +36,7 @@ class Area:
     bbox: tuple[float, float, float, float]  # lat_min, lon_min, lat_max, lon_max (seed Bbox order)
     zooms: tuple[int, ...]
     sector_class: str = "stable_rear"
-    require_complete: bool = False
+    require_complete: bool = True   # default per sector: SECTOR_DEFAULTS
     name: str | None = None  # the sector's name, signed: `c10 verify --area NAME` checks it
 
 
@@ -84,7 +92,7 @@ class Signing:
     key: Path | None = None
     passphrase_file: Path | None = None
     allowed_keyids: tuple[str, ...] = ()
-    validity_days: int = 30
+    validity_days: int = 30         # default per sector: SECTOR_DEFAULTS
 
 
 @dataclass(frozen=True)
@@ -165,14 +173,15 @@ def parse_config(data: dict, root: Path, where: str = CONFIG_NAME) -> Config:
     models = data.get("models", {})
     if not isinstance(models, dict):
         raise ConfigError(f"{where}: [models] must be tables like [models.global]")
+    area = _area(data["area"], where)
     return Config(
         root=root,
-        area=_area(data["area"], where),
+        area=area,
         models={name: _model(name, spec, root, where) for name, spec in models.items()},
         engines=_section(Engines, data.get("engines", {}), where, "engines"),
         shards=_section(Shards, data.get("shards", {}), where, "shards"),
         index=_section(Index, data.get("index", {}), where, "index"),
-        signing=_signing(data.get("signing", {}), root, where),
+        signing=_signing(data.get("signing", {}), root, where, area.sector_class),
         executor=_executor(data.get("executor", {}), where),
     )
 
@@ -244,7 +253,8 @@ def _area(table: dict, where: str) -> Area:
     if sector not in SECTOR_CLASSES:
         raise ConfigError(f"{where}: `area.sector_class` = {sector!r}; allowed: "
                           f"{', '.join(SECTOR_CLASSES)}")
-    complete = _typed(table.get("require_complete", False), bool, where, "area.require_complete")
+    complete = _typed(table.get("require_complete", SECTOR_DEFAULTS[sector]["require_complete"]),
+                      bool, where, "area.require_complete")
     name = table.get("name")
     if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
         raise ConfigError(f"{where}: `area.name` = {name!r}; use 1-64 letters, digits, '.', '_' or "
@@ -298,7 +308,7 @@ def _triple(value: Any, where: str, key: str) -> tuple[float, float, float]:
     return tuple(float(v) for v in value)
 
 
-def _signing(table: dict, root: Path, where: str) -> Signing:
+def _signing(table: dict, root: Path, where: str, sector: str = "stable_rear") -> Signing:
     _check_keys(table, {f.name for f in dataclasses.fields(Signing)}, where, "signing.")
     values = dict(table)
     for key in ("key", "passphrase_file"):
@@ -309,7 +319,7 @@ def _signing(table: dict, root: Path, where: str) -> Signing:
     if "allowed_keyids" in values:
         values["allowed_keyids"] = tuple(_typed(v, str, where, "signing.allowed_keyids")
                                          for v in values["allowed_keyids"])
-    days = values.get("validity_days", 1)
+    days = values.setdefault("validity_days", SECTOR_DEFAULTS[sector]["validity_days"])
     if not (_is_int(days) and days > 0):
         raise ConfigError(f"{where}: `signing.validity_days` must be a positive integer")
     return Signing(**values)

@@ -1,4 +1,13 @@
-"""The one exception tree of c10: every message says what, where, and the next step."""
+"""The one exception tree of c10: every message says what, where, and the next step.
+
+Every hard error of a build is an instance of one of the seed contract's six classes
+(BuildLockHeldError, ManifestCoverageError, EngineBuildError, CalibrationCacheError,
+DescriptorBatchError, ManifestWriteError), most through a subclass that says more; the table in
+README.md ("Errors a build raises") says when each is raised and what the caller does. Outside
+the six: a bad request (ConfigError, CacheRootMissingError: nothing was built), missing tiles
+(MissingTilesError: the API's soft FAILURE), and the errors of tools that are not a build
+(TileError of `c10 import`, TrustedKeyError and VerifyError of `c10 verify`).
+"""
 from __future__ import annotations
 
 RERUN = "run `doit build_cache` again"
@@ -50,46 +59,62 @@ class ConfigError(C10Error):
     exit_code = 2
 
 
-class CacheRootMissingError(C10Error):
-    """The cache directory does not exist (seed CP-INV-5: never created by accident)."""
+class CacheRootMissingError(ConfigError):
+    """The cache directory does not exist (seed CP-INV-5: never created by accident).
 
-    exit_code = 2
+    A bad request like any ConfigError (same exit code): nothing was built or written."""
 
 
 class TileError(C10Error):
     """A file under tiles/ or an import source is not a valid z/x/y tile."""
 
 
-class ModelError(BuildStepError):
-    """An ONNX model is missing, does not parse, or disagrees with c10.toml."""
-
-
 class EngineBuildError(BuildStepError):
-    """A backend failed to compile an engine (seed: propagated from the engine compiler)."""
+    """An engine could not be compiled or loaded (seed: propagated from the engine compiler):
+    the backend failed, is missing, or refuses the precision; subclasses: a bad model, an engine
+    of another host."""
+
+
+class ModelError(EngineBuildError):
+    """An ONNX model is missing, does not parse, or disagrees with c10.toml (its engine cannot be
+    built: an EngineBuildError, as the seed files it)."""
+
+
+class EngineMismatchError(EngineBuildError):
+    """An engine was loaded on a host whose fingerprint differs from the one it was built for
+    (seed D-C10-6, the engine compiler's); its messages name their own next step."""
+
+    then = ""
 
 
 class CalibrationCacheError(BuildStepError):
-    """An INT8 calibration cache is missing, unreadable, or for another model."""
-
-
-class EngineMismatchError(C10Error):
-    """An engine was loaded on a host whose fingerprint differs from the one it was built for."""
+    """An INT8 calibration cache is missing, unreadable, empty, or for another model."""
 
 
 class DescriptorBatchError(BuildStepError):
-    """A tile could not be decoded or embedded (seed: propagated from the batcher)."""
+    """A tile could not be decoded, or the engine failed on a batch of tiles (seed: propagated
+    from the batcher: an out-of-memory or any other inference error of the engine's runtime)."""
 
 
-class IndexBuildError(BuildStepError):
-    """FAISS could not build or write the index."""
-
-
-class SigningKeyError(C10Error):
-    """The operator key is missing, unreadable, unsafe, or its passphrase is wrong."""
+class IndexBuildError(DescriptorBatchError):
+    """FAISS could not build or write the index over the descriptors (the descriptor stage's last
+    step, so a DescriptorBatchError to a caller of the seed's API)."""
 
 
 class ManifestWriteError(BuildStepError):
     """The Manifest could not be signed or written (key not allowed, key load, disk)."""
+
+
+class SigningKeyError(ManifestWriteError):
+    """The operator key is missing, unreadable, unsafe, or its passphrase is wrong (seed: a key
+    load failure is a ManifestWriteError); its messages name their own next step."""
+
+    then = ""
+
+
+class TrustedKeyError(C10Error):
+    """A trusted public key (--trusted-keys, the trust store) cannot be read or is not Ed25519:
+    the verifier's input, never a build's."""
 
 
 class ManifestCoverageError(C10Error):
@@ -118,8 +143,10 @@ class MissingTilesError(BuildStepError):
     """
 
 
-class StorageError(BuildStepError, OSError):
+class StorageError(ManifestWriteError, OSError):
     """A file could not be written durably (disk full, I/O error, read-only); never retried.
 
-    Also an OSError, so code that handles a failed write keeps handling this one.
+    Every file a build writes is written for the Manifest's commit, and the seed files an
+    atomic-write failure under ManifestWriteError ("operator inspects key / disk"). Also an
+    OSError, so code that handles a failed write keeps handling this one.
     """

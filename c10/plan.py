@@ -7,7 +7,7 @@ from pathlib import Path
 
 from c10.canonical import digest
 from c10.config import Config, Model, load_config
-from c10.errors import ModelError
+from c10.errors import CalibrationCacheError, EngineBuildError, ModelError
 from c10.features import engines
 from c10.store.hashcache import HashCache
 from c10.store.host import cache_secret
@@ -48,10 +48,12 @@ class ModelPlan:
 
 @dataclass(frozen=True)
 class TileCounts:
-    """Tiles of the request: expected in area.bbox/zooms, present on disk, missing."""
+    """Tiles of the request: expected in area.bbox/zooms, present on disk, missing; and the tiles
+    on disk outside it."""
 
     expected: int
     present: int
+    out_of_scope: int = 0
 
     @property
     def missing(self) -> int:
@@ -63,6 +65,8 @@ class Plan:
     root: Path
     config: Config
     tiles: list[Tile]          # in scope, canonical order
+    # tiles outside area.bbox/zooms: inputs the graph holds and never reads (not orphans: kept
+    # for a wider or other request), never indexed nor listed in the Manifest (CP-TC-3)
     out_of_scope: list[Tile]
     strays: list[str]
     plans: dict[str, ModelPlan]
@@ -77,7 +81,8 @@ class Plan:
 
     def tile_counts(self) -> TileCounts:
         area = self.config.area
-        return TileCounts(Scope(area.bbox, area.zooms).expected_count(), len(self.tiles))
+        return TileCounts(Scope(area.bbox, area.zooms).expected_count(), len(self.tiles),
+                          len(self.out_of_scope))
 
     def declared(self, tiles: bool = True) -> set[str]:
         """Every non-control file the graph reads or writes outside shards/ and index/
@@ -130,7 +135,7 @@ def _model_plan(root: Path, config: Config, model: Model, hashes: HashCache) -> 
     if not model.path.is_file():
         raise ModelError(f"{model.path}: ONNX file of model `{model.name}` not found (c10.toml "
                          f"`models.{model.name}.path`)", fix="put the file there or fix the path")
-    calibration = model.calibration
+    calibration = check_calibration(model, backend)
     spec = engines.EngineSpec(
         model=model.name, onnx_path=model.path, onnx_hash=hashes.hash_abs(model.path),
         input_shape=(3, *model.input_size) if model.input_size and model.role != "matcher"
@@ -140,10 +145,46 @@ def _model_plan(root: Path, config: Config, model: Model, hashes: HashCache) -> 
         batch=((1, model.batch_size, max(model.batch_size, 64)) if model.role == "global"
                else (1, 1, 1)),
         calibration_path=calibration,
-        calibration_hash=(hashes.hash_abs(calibration) if calibration and calibration.is_file()
-                          else None),
+        calibration_hash=hashes.hash_abs(calibration) if calibration else None,
     )
     engine = engines.engine_path(root / ENGINES_DIR, spec, backend)
     return ModelPlan(model, backend, spec, engines.engine_key(spec, backend),
                      engine.relative_to(root).as_posix(),
                      engines.sidecar_path(engine).relative_to(root).as_posix())
+
+
+def check_calibration(model: Model, backend: engines.Backend) -> Path | None:
+    """`models.NAME.calibration`, checked whenever it is given (a regular, readable, non-empty
+    file) and required by an INT8 model, which only a backend that builds INT8 engines can take
+    (today: TensorRT only). Checked when the graph loads, before any engine is compiled."""
+    name, path = model.name, model.calibration
+    key = f"models.{name}.calibration"
+    if model.precision == "int8":
+        if "int8" not in backend.precisions:
+            raise EngineBuildError(
+                f"model {name!r} has precision int8, but only the TensorRT backend builds INT8 "
+                f"engines today and engines.backend is {backend.name!r} on this host",
+                f"set models.{name}.precision to one of {', '.join(backend.precisions)}, or "
+                "build on an NVIDIA host with engines.backend = \"tensorrt\"")
+        if path is None:
+            raise CalibrationCacheError(
+                f"model {name!r} has precision int8 but no calibration cache",
+                f"set {key} in c10.toml (or the request's calibration_path) to its TensorRT "
+                "calibration cache")
+    if path is None:
+        return None
+    try:
+        if not path.is_file():
+            raise CalibrationCacheError(
+                f"{path}: the calibration cache of model {name!r} ({key}) "
+                + ("is not a regular file" if path.exists() else "does not exist"),
+                f"fix {key} in c10.toml")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CalibrationCacheError(
+            f"{path}: cannot read the calibration cache of model {name!r} ({key}): "
+            f"{exc.strerror or exc}", f"fix its permissions or {key} in c10.toml") from None
+    if not data.strip():
+        raise CalibrationCacheError(f"{path}: the calibration cache of model {name!r} ({key}) is "
+                                    "empty", f"regenerate it or fix {key} in c10.toml")
+    return path

@@ -80,7 +80,22 @@ def test_keygen_mode_and_refusal(tmp_path, capsys):
     assert "refusing to overwrite" in capsys.readouterr().err
 
 
-def test_init_refuses_a_missing_directory(tmp_path, capsys):
-    assert main(["init", str(tmp_path / "nope")]) != 0
-    assert "does not exist" in capsys.readouterr().err
-    assert not (tmp_path / "nope").exists()
+def test_keygen_prints_absolute_paths(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keys").mkdir()
+    assert main(["keygen", "keys/op.pem"]) == 0
+    out = capsys.readouterr().out
+    key = tmp_path.resolve() / "keys" / "op.pem"
+    assert f"wrote {key} (private" in out and f"{key}.pub (public)" in out
+    # the line to paste: c10.toml resolves a relative signing.key against the cache
+    assert f'`key = "{key}"`' in out and " keys/op.pem" not in out
+
+
+def test_init_creates_a_missing_directory_but_never_replaces_a_file(tmp_path, capsys):
+    target = tmp_path / "new" / "sector-7"
+    assert main(["init", str(target)]) == 0  # mkdir -p: init is where a cache is placed
+    assert "created" in capsys.readouterr().out and (target / "c10.toml").is_file()
+    (tmp_path / "file").write_text("mine")
+    assert main(["init", str(tmp_path / "file")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    cmd = sub.add_parser("init", help="write dodo.py and a commented c10.toml into DIR")
+    cmd = sub.add_parser("init", help="write dodo.py and a commented c10.toml into DIR "
+                                      "(created if missing)")
     cmd.add_argument("dir", type=Path)
     cmd.set_defaults(func=cmd_init)
     cmd = sub.add_parser("build", help="run `doit build_cache` in DIR (extra args go to doit)")
@@ -32,7 +33,10 @@ def register(sub) -> None:
 def cmd_init(args) -> int:
     from c10.tools.project import init_cache
 
+    created = not args.dir.exists()
     skipped = init_cache(args.dir)
+    if created:
+        print(f"created {args.dir.resolve()}")
     for name in skipped:
         print(f"{args.dir / name} exists: left as it is")
     print(f"initialised {args.dir}: edit c10.toml, then `cd {args.dir} && doit build_cache`")
@@ -98,12 +102,13 @@ def cmd_map(args) -> int:
 
 
 def cmd_import(args) -> int:
-    """Exit 1 when tiles that differ were kept or could not be read (never silently)."""
+    """Exit 1 when tiles that differ were kept or could not be read, or when the folder looks like
+    the other y convention (--tms given or missing): never silently."""
     from c10.tools.importer import import_tiles, summary
 
     result = import_tiles(args.dir, args.source, tms=args.tms, replace=args.replace)
     print(summary(result, args.dir))
-    return 1 if result.conflicts or result.invalid else 0
+    return 1 if result.conflicts or result.invalid or result.looks_flipped else 0
 
 
 def _network_commands(sub) -> None:
@@ -125,18 +130,46 @@ def _network_commands(sub) -> None:
                           "or as GridSample + 1x1 Conv (every backend); auto: what DIR's "
                           "engines.backend runs")
     cmd.add_argument("--force", action="store_true",
-                     help="replace model files that differ from this export")
+                     help="replace model files that differ from this export, and [models.*] "
+                          "tables of c10.toml edited by hand")
     cmd.set_defaults(func=cmd_export_models)
 
 
 def cmd_export_models(args) -> int:
+    """Export the networks, then write their [models.*] tables into DIR/c10.toml. A table edited
+    by hand is refused (with its diff) before anything is exported, unless --force."""
+    import sys
+
+    from c10.store.layout import CONFIG_NAME
     from c10.store.lock import require_cache_root
     from c10.tools.export import MATCHER_VARIANTS, export_models, models_toml
+    from c10.tools.export.tables import plan_models_tables, refusal, write_models_tables
 
     root = require_cache_root(args.dir)
+    config = root / CONFIG_NAME
+    tables = models_toml(args.keypoints, matcher=args.aliked in MATCHER_VARIANTS)
+
+    def plan(show: bool = True):
+        # an n16/n32 export's tables are ours too (t16 removes the matcher table they wrote)
+        update = plan_models_tables(config, tables, known=[models_toml(args.keypoints)],
+                                    force=args.force)
+        if update.refused():
+            print(update.diff(), end="", file=sys.stderr)
+            raise refusal(update)
+        if update.edited and show:  # --force: what it replaces
+            print(update.diff(), end="")
+        return update
+
+    if config.is_file():
+        plan(show=False)  # minutes of export only for tables that can be written
     export_models(root, aliked=args.aliked, keypoints=args.keypoints, deform=args.deform,
                   force=args.force)
-    print("\nc10.toml tables for these networks (replace the [models.*] tables in "
-          f"{root / 'c10.toml'}):\n")
-    print(models_toml(args.keypoints, matcher=args.aliked in MATCHER_VARIANTS))
+    if not config.is_file():
+        print(f"\nno {config} to write these tables into: run `c10 init {root}`, then "
+              "`c10 export-models` again (or paste them into c10.toml):\n")
+        print(tables)
+        return 0
+    update = plan()
+    write_models_tables(update)
+    print(update.summary())
     return 0

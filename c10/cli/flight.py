@@ -6,7 +6,7 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-from c10.errors import SigningKeyError, VerifyError
+from c10.errors import TrustedKeyError, VerifyError
 
 
 def register(sub) -> None:
@@ -38,7 +38,7 @@ def cmd_pack(args) -> int:
                               f"{trust_store()}/")
         try:
             trusted = load_trusted_keys(entries)
-        except SigningKeyError as err:
+        except TrustedKeyError as err:
             raise VerifyError("bad-trusted-key", str(err)) from None
         result = pack(args.dir.resolve(), args.out, trusted=trusted,
                       now=args.now or dt.datetime.now(dt.timezone.utc),

@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 
-from c10.errors import ConfigError, SigningKeyError, VerifyError
+from c10.errors import ConfigError, TrustedKeyError, VerifyError
 
 
 def register(sub) -> None:
@@ -61,6 +62,10 @@ def cmd_verify(args) -> int:
             _say(f"c10 verify: note: {outcome.pending} shard/index file(s) of an unfinished build "
                  f"are not in the Manifest (nothing loads them); the next `doit build_cache` in "
                  f"{root} commits or removes them")
+        if outcome.out_of_scope:
+            _say(f"c10 verify: note: {outcome.out_of_scope} tile(s) in tiles/ outside the signed "
+                 f"area are inputs kept for another request: not in the Manifest, never loaded, "
+                 f"not in the flight image (`c10 pack`)")
     else:
         _say(f"c10 verify: REJECTED ({outcome.reason}): {outcome}")
     return line["exit_code"]
@@ -79,7 +84,7 @@ def _verify(args):
                           "c10.toml is unsigned)")
     try:
         trusted = load_trusted_keys(entries)
-    except SigningKeyError as err:
+    except TrustedKeyError as err:
         raise VerifyError("bad-trusted-key", str(err)) from None
     from c10.features.backends import host_fingerprints
 
@@ -131,13 +136,15 @@ def cmd_keygen(args) -> int:
     from c10.trust.keys import generate_key, load_signing_key, public_key_pem, ssh_fingerprint
 
     passphrase = _read_passphrase(args)
-    kid = generate_key(args.path, passphrase)
-    key = load_signing_key(args.path, passphrase=passphrase, cache_root=None)
-    pub = args.path.with_name(args.path.name + ".pub")
+    # absolute: c10.toml resolves a relative signing.key against the cache, not this directory
+    path = Path(os.path.abspath(os.path.expanduser(args.path)))
+    kid = generate_key(path, passphrase)
+    key = load_signing_key(path, passphrase=passphrase, cache_root=None)
+    pub = path.with_name(path.name + ".pub")
     atomic.write_bytes(pub, public_key_pem(key))
-    print(f"wrote {args.path} (private, mode 0600) and {pub} (public)")
+    print(f"wrote {path} (private, mode 0600) and {pub} (public)")
     print(f"keyid {kid}\nfingerprint {ssh_fingerprint(key)}")
-    print(f"put `key = \"{args.path}\"` and `allowed_keyids = [\"{kid}\"]` under [signing] in "
+    print(f"put `key = \"{path}\"` and `allowed_keyids = [\"{kid}\"]` under [signing] in "
           "c10.toml;")
     print(f"copy {pub} into {trust_store()}/ on the aircraft (or pass it to `c10 verify "
           "--trusted-keys`)")

@@ -95,8 +95,27 @@ def _embed_batch(run: Callable[[np.ndarray], np.ndarray], paths: Sequence[Path],
     batch = _BUFFERS.array[:len(paths)]
     for j, path in enumerate(paths):
         load_tensor(path, prep, batch[j])
+    with inference(paths):
+        out = run(batch)
     # a copy: the buffer is reused
-    return np.array(run(batch), dtype=np.float32).reshape(len(paths), -1)
+    return np.array(out, dtype=np.float32).reshape(len(paths), -1)
+
+
+@contextmanager
+def inference(paths: Sequence[Path]) -> Iterator[None]:
+    """An engine's runtime failure on these tiles (onnxruntime's RuntimeError, an OpenVINO
+    exception, TensorRT's execution or CUDA error, out of memory) as the seed's
+    DescriptorBatchError (CP-TC-9), naming the tiles; a DescriptorBatchError passes unchanged."""
+    try:
+        yield
+    except DescriptorBatchError:
+        raise
+    except Exception as exc:
+        first, last = Path(paths[0]), Path(paths[-1])
+        tiles = f"{first}" if len(paths) == 1 else f"{len(paths)} tiles {first} .. {last}"
+        raise DescriptorBatchError(
+            f"the engine failed on {tiles}: {type(exc).__name__}: {exc}",
+            "if the device ran out of memory, lower the model's batch_size in c10.toml") from exc
 
 
 def l2_normalize(desc: np.ndarray) -> np.ndarray:
@@ -124,9 +143,10 @@ class Features:
         return self.keypoints, self.descriptors, self.scores
 
 
-def run_local(runner, batch: np.ndarray) -> Features:
+def run_local(runner, batch: np.ndarray, where: str | Path = "an image") -> Features:
     """One image [1, 3, H, W] through a local-feature engine, outputs taken by name."""
-    out = dict(zip(runner.output_names, runner.run({runner.input_names[0]: batch})))
+    with inference([where]):
+        out = dict(zip(runner.output_names, runner.run({runner.input_names[0]: batch})))
     missing = [name for name in OUTPUTS if name not in out]
     if missing:
         raise DescriptorBatchError(f"the local-feature engine has outputs {runner.output_names}, "
@@ -142,7 +162,7 @@ def extract_tiles(runner, paths: Sequence[Path], prep: Preprocessing,
     if not paths:
         return Features(*(np.zeros((0,), np.float32) for _ in OUTPUTS))
     pool = worker_pool("local", workers or embed_workers(runner))
-    parts = list(pool.map(lambda p: run_local(runner, load_tensor(p, prep)[None]), paths))
+    parts = list(pool.map(lambda p: run_local(runner, load_tensor(p, prep)[None], p), paths))
     return Features(*(np.concatenate([getattr(f, n) for f in parts]) for n in OUTPUTS))
 
 

@@ -96,22 +96,18 @@ def _prepare(root: Path, tiles: int, key: Path, backend: str, keypoints: int | N
 
 
 def _real_models(root: Path, keypoints: int) -> str:
-    """Export the pretrained networks into models/; where c10.toml still holds the template's
-    models (the demo wrote it), point them at the exported networks."""
-    import re
-
-    from c10.store import atomic
+    """Export the pretrained networks into models/ and point c10.toml's [models.*] tables at them,
+    unless the operator edited those tables (as `c10 export-models` does, without --force)."""
     from c10.tools.export import export_models, models_toml
-    from c10.tools.project import CONFIG_TOML, DEFAULTS
+    from c10.tools.export.tables import plan_models_tables, write_models_tables
 
     export_models(root, keypoints=keypoints, log=lambda line: print(f"c10 demo: {line}"))
-    models = re.compile(r"\[models\.global\].*?(?=\[shards\])", re.S)
-    text = (root / CONFIG_NAME).read_text()
-    found, template = models.search(text), models.search(CONFIG_TOML.format(**DEFAULTS))
-    # after the export: a failure leaves it
-    if found and template and found.group(0) == template.group(0):
-        atomic.write_text(root / CONFIG_NAME,
-                          text.replace(found.group(0), models_toml(keypoints) + "\n"))
+    # after the export: a failure leaves c10.toml as it was
+    update = plan_models_tables(root / CONFIG_NAME, models_toml(keypoints))
+    if update.refused():
+        print(f"c10 demo: {root / CONFIG_NAME}: [models.*] edited by hand, left as they are")
+    else:
+        write_models_tables(update)
     return f"pretrained ALIKED-n16 + ALIKED-LightGlue ({keypoints} keypoints)"
 
 

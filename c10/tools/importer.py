@@ -26,11 +26,20 @@ class ImportResult:
     conflicts: list[str] = field(default_factory=list)  # a different tile is in the cache: kept
     invalid: list[str] = field(default_factory=list)    # not JPEG/PNG/WebP: not imported
     outside: int = 0                                 # outside area.bbox/zooms: not imported
+    # a folder's tiles that would fall inside the request with y counted the other way (TMS
+    # for an XYZ read, XYZ for a --tms read); None for MBTiles (TMS by its spec)
+    flipped: int | None = None
 
     @property
     def seen(self) -> int:
         return (len(self.added) + self.identical + len(self.replaced) + len(self.conflicts)
                 + len(self.invalid))
+
+    @property
+    def looks_flipped(self) -> bool:
+        """More of the folder's tiles fall inside the request with y flipped than as read: the
+        folder most likely counts y the other way (`--tms` given or missing)."""
+        return self.flipped is not None and self.flipped > self.seen
 
 
 def import_tiles(root: Path, source: Path, *, tms: bool = False,
@@ -44,8 +53,8 @@ def import_tiles(root: Path, source: Path, *, tms: bool = False,
     if source.is_file():
         result, rows = ImportResult(str(source), "MBTiles"), mbtiles_rows(source, scope)
     elif source.is_dir():
-        result = ImportResult(str(source), "TMS folder" if tms else "XYZ folder")
-        rows = folder_rows(source, scope, tms)
+        result = ImportResult(str(source), "TMS folder" if tms else "XYZ folder", flipped=0)
+        rows = folder_rows(source, scope, tms, result)
     else:
         raise TileError(f"{source}: no such MBTiles file or tile folder; pass a .mbtiles file or a "
                         "folder of {z}/{x}/{y}.jpg|png|webp tiles")
@@ -124,12 +133,15 @@ def mbtiles_rows(path: Path, scope: Scope) -> Iterator[tuple[TileId, bytes, str]
     yield total - inside
 
 
-def folder_rows(path: Path, scope: Scope, tms: bool) -> Iterator[tuple[TileId, bytes, str] | int]:
+def folder_rows(path: Path, scope: Scope, tms: bool,
+                tally: ImportResult | None = None) -> Iterator[tuple[TileId, bytes, str] | int]:
     """In-scope tiles of a {z}/{x}/{y}.ext folder (y from the south with tms), then the count
-    outside."""
+    outside; `tally.flipped` counts the tiles that y counted the other way puts in scope."""
     outside = 0
     for rel, z, x, y in _walk(path):
         tile = TileId(z, x, 2 ** z - 1 - y if tms else y)
+        if tally is not None and TileId(z, x, y if tms else 2 ** z - 1 - y) in scope:
+            tally.flipped += 1
         if tile in scope:
             yield tile, (path / rel).read_bytes(), str(path / rel)
         else:
@@ -163,7 +175,19 @@ def summary(result: ImportResult, root: Path) -> str:
     if result.conflicts:
         lines.append("  re-run with --replace to overwrite them with the source's tiles")
     lines += [f"  not a JPEG/PNG/WebP tile, skipped: {where}" for where in result.invalid[:20]]
+    if result.looks_flipped:
+        lines.append(_flip_hint(result, root))
     if result.added or result.replaced:
         lines.append(f"next: `c10 status {root}` shows what the build will redo; "
                      "then `doit build_cache`")
     return "\n".join(lines)
+
+
+def _flip_hint(result: ImportResult, root: Path) -> str:
+    counts = (f"{result.flipped} of its tiles fall inside area.bbox/zooms with y flipped, "
+              f"{result.seen} as read")
+    if result.kind == "TMS folder":
+        return (f"  this folder looks like XYZ (y counted from the north), not TMS: {counts}; "
+                f"re-run without --tms: `c10 import {root} {result.source}`")
+    return (f"  this folder looks like TMS (y counted from the south): {counts}; re-run with "
+            f"--tms: `c10 import {root} {result.source} --tms`")

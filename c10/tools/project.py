@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from c10.errors import ConfigError
 from c10.store import atomic
 from c10.store.layout import CONFIG_NAME, CONTROL_DIR, DODO_NAME, DOIT_CFG_NAME
-from c10.store.lock import require_cache_root
 
 DODO_PY = '''\
 """This cache's build graph is c10's own: `doit list` shows it, `c10 init` wrote this file.
@@ -39,10 +39,12 @@ CONFIG_TOML = '''# c10.toml: the build request of this takeoff cache. `doit buil
 bbox = {bbox}
 # XYZ zoom levels whose tiles are embedded; tiles live in tiles/{{z}}/{{x}}/{{y}}.jpg|png|webp.
 zooms = {zooms}
-# "stable_rear" or "active_conflict".
+# "stable_rear" or "active_conflict": sets signing.validity_days unless this file sets it
+# (stable_rear 30 days, active_conflict 7: a front line's imagery goes stale in days).
 sector_class = "stable_rear"
-# true: a build with tiles missing inside bbox/zooms is a FAILURE.
-require_complete = false
+# Tiles missing inside bbox/zooms make the build a FAILURE (the default in every sector); false
+# signs an incomplete area (`c10 map` shows where the holes are).
+require_complete = true
 # The sector's name, signed into the Manifest: `c10 verify --area NAME` refuses any other.
 # name = "sector-7"
 
@@ -90,8 +92,9 @@ key = "{key}"
 # passphrase_file = "/path/to/passphrase"   # for an encrypted key; never on the command line
 # Key ids allowed to sign this cache (empty: any key). `c10 keygen` prints the id.
 allowed_keyids = {allowed}
-# Days until the Manifest expires; the aircraft refuses an expired cache.
-validity_days = 30
+# Days until the Manifest expires; the aircraft refuses an expired cache. Default by
+# area.sector_class: 30 (stable_rear), 7 (active_conflict).
+# validity_days = 30
 
 # Where shards are embedded (not part of the request: the cache is the same either way).
 # [executor]
@@ -107,9 +110,18 @@ DEFAULTS = {"bbox": "[50.40, 30.45, 50.48, 30.60]", "zooms": "[15]", "backend": 
 
 
 def init_cache(root: Path, **values) -> list[str]:
-    """Write dodo.py, doit.cfg and c10.toml into an existing directory; never overwrite anything but
-    an older c10's own dodo.py. Returns what was skipped."""
-    root = require_cache_root(root)
+    """Write dodo.py, doit.cfg and c10.toml into `root`, creating it (and its parents) if missing:
+    init is where the operator places a cache (seed CP-INV-5: a build never creates one). Never
+    overwrites anything but an older c10's own dodo.py. Returns what was skipped."""
+    root = Path(root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root}: exists and is not a directory; pick a directory for the cache")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{root}: cannot create the cache directory ({exc.strerror or exc})",
+                          "create it yourself or pick another path") from None
+    root = root.resolve()
     skipped = []
     texts = {DODO_NAME: DODO_PY, DOIT_CFG_NAME: DOIT_CFG,
              CONFIG_NAME: CONFIG_TOML.format(**(DEFAULTS | values))}

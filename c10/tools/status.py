@@ -11,7 +11,9 @@ SETTINGS = {
     "index": "index parameters changed (factory, metric, efConstruction, efSearch)",
     "manifest": "request, signing key or tile count changed",
 }
-CALLABLES = {"manifest_fresh": "the Manifest expires within a day: it is re-signed",
+CALLABLES = {"manifest_fresh": ("the Manifest expires soon (within a tenth of "
+                               "signing.validity_days, at most a day) or Manifest.json is not the "
+                               "payload its envelope signs: it is re-signed"),
              "refs_current": ("its file is missing or damaged, or a stopped build left another "
                               "one current")}
 SHOWN = 3
@@ -105,6 +107,10 @@ def render(status: dict) -> str:
                  f"{status['tiles_expected']} in bbox {status['bbox']} zooms {status['zooms']}"
                  + (" (area.require_complete: the build fails)" if status["tiles_missing"]
                     and status["require_complete"] else ""))
+    if status.get("tiles_out_of_scope"):
+        lines.append(f"tiles out of scope: {status['tiles_out_of_scope']} in tiles/ outside the "
+                     "bbox/zooms, kept as inputs: never indexed nor signed (not in the flight "
+                     "image)")
     lines += _gate(status)
     return "\n".join(lines)
 

@@ -18,7 +18,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from c10.errors import ManifestWriteError, SigningKeyError
+from c10.errors import ManifestWriteError, SigningKeyError, TrustedKeyError
 from c10.store.atomic import fsync_dir
 from c10.store.layout import CONFIG_NAME
 
@@ -236,7 +236,7 @@ def trust_store_keys() -> dict[str, Ed25519PublicKey]:
     for path in sorted(store.glob("*")) if store.is_dir() else ():
         try:
             out.update(load_trusted_keys([path]))
-        except SigningKeyError:
+        except TrustedKeyError:
             continue
     return out
 
@@ -260,7 +260,7 @@ def _load_trusted(entry: str | os.PathLike) -> Ed25519PublicKey:
     try:
         data = Path(text).read_bytes()
     except OSError as exc:
-        raise SigningKeyError(f"cannot read trusted key {text}: {exc.strerror}; pass a public "
+        raise TrustedKeyError(f"cannot read trusted key {text}: {exc.strerror}; pass a public "
                               f"key file (`c10 keygen` prints one) or 64-hex raw key") from None
     return _parse_public(data, text)
 
@@ -274,7 +274,7 @@ def _parse_public(data: bytes, where: str) -> Ed25519PublicKey:
     except (ValueError, UnsupportedAlgorithm):
         key = None
     if not isinstance(key, Ed25519PublicKey):
-        raise SigningKeyError(f"trusted key {where} is not an Ed25519 public key (PEM or "
+        raise TrustedKeyError(f"trusted key {where} is not an Ed25519 public key (PEM or "
                               f"ssh-ed25519); use the PATH.pub that `c10 keygen PATH` writes")
     return key
 

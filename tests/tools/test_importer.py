@@ -139,6 +139,27 @@ def test_import_waits_for_no_build(xyz, tmp_path):
     assert not (root / "tiles").exists()
 
 
+def test_a_tms_folder_imported_as_xyz_says_so_and_suggests_tms(xyz, tmp_path, capsys):
+    tms = tms_copy(xyz, tmp_path / "tms-source")
+    root = empty_cache(tmp_path / "cache")
+    assert c10_main(["import", str(root), str(tms)]) == 1  # nothing of the request: never silent
+    out = capsys.readouterr().out
+    assert "looks like TMS" in out and f"`c10 import {root} {tms} --tms`" in out
+    assert "6 of its tiles fall inside area.bbox/zooms with y flipped, 0 as read" in out
+    assert not (root / "tiles").exists()
+    assert c10_main(["import", str(root), str(tms), "--tms"]) == 0
+    assert "looks like" not in capsys.readouterr().out
+
+
+def test_an_xyz_folder_imported_with_tms_says_so(xyz, tmp_path, capsys):
+    root = empty_cache(tmp_path / "cache")
+    assert c10_main(["import", str(root), str(xyz), "--tms"]) == 1
+    out = capsys.readouterr().out
+    assert "looks like XYZ" in out and "re-run without --tms" in out
+    assert import_tiles(root, xyz).looks_flipped is False  # as XYZ: no hint
+    assert import_tiles(root, mbtiles(xyz, tmp_path / "a.mbtiles")).flipped is None
+
+
 def test_sniff():
     assert [sniff(b) for b in (b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"RIFF\0\0\0\0WEBPVP8 ",
                                b"\x1f\x8b")] \

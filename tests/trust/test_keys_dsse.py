@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from c10.errors import SigningKeyError, VerifyError
+from c10.errors import SigningKeyError, TrustedKeyError, VerifyError
 from c10.trust.dsse import PAYLOAD_TYPE, pae, sign_envelope, verify_envelope
 from c10.trust.keys import (
     generate_key,
@@ -221,9 +221,9 @@ def test_load_trusted_keys_pem_hex_and_ssh(tmp_path):
 
 def test_load_trusted_keys_rejects_garbage(tmp_path):
     (tmp_path / "bad.pub").write_bytes(b"hello")
-    with pytest.raises(SigningKeyError, match="not an Ed25519 public key"):
+    with pytest.raises(TrustedKeyError, match="not an Ed25519 public key"):
         load_trusted_keys([tmp_path / "bad.pub"])
-    with pytest.raises(SigningKeyError, match="cannot read trusted key"):
+    with pytest.raises(TrustedKeyError, match="cannot read trusted key"):
         load_trusted_keys([tmp_path / "absent.pub"])
 
 
