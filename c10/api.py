@@ -105,7 +105,9 @@ class DoitCacheProvisioner:
     def build_cache_artifacts(self, request: BuildRequest) -> BuildReport:
         """Write the request into c10.toml if it differs, build, and report.
 
-        Hard errors raise the seed's exceptions; missing tiles return outcome FAILURE.
+        Hard errors raise the seed's exceptions; missing tiles return outcome FAILURE. A request
+        that fails either way leaves c10.toml as it was (CP-INV-2): its previous bytes are put
+        back atomically, under the build lock.
         """
         from c10.rules import session
         from c10.rules.driver import run_build
@@ -120,13 +122,21 @@ class DoitCacheProvisioner:
             # (CP-INV-7).
             build.operator_key(config.signing)
             build.ensure_locked()  # CP-INV-4: c10.toml is part of the build's state
+            previous = _current_config(root) if text is not None else None
             if text is not None:
                 atomic.write_text(root / CONFIG_NAME, text)
-            code = run_build(root, ["build_cache"])
-            report, error = build.report, build.error
+            try:
+                code = run_build(root, ["build_cache"])
+                result = _result(root, code, build.report, build.error,
+                                 time.perf_counter() - t0)
+            except BaseException as exc:
+                _restore_config(root, previous, exc)
+                raise
+            if result.outcome is BuildOutcome.FAILURE:
+                _restore_config(root, previous)
         finally:
             session.end()
-        return _result(root, code, report, error, time.perf_counter() - t0)
+        return result
 
     def compile_engines_for_corpus(
             self, request: EngineCompileRequest) -> tuple[EngineCacheEntry, ...]:
@@ -153,6 +163,28 @@ class DoitCacheProvisioner:
         hashes.save()
         ledger.save()
         return tuple(out)
+
+
+def _current_config(root: Path) -> tuple[bytes, int]:
+    """c10.toml's bytes and mode, read under the build lock before the request replaces it."""
+    path = root / CONFIG_NAME
+    return path.read_bytes(), path.stat().st_mode & 0o777
+
+
+def _restore_config(root: Path, previous: tuple[bytes, int] | None,
+                    failure: BaseException | None = None) -> None:
+    """Put back the c10.toml a failed request replaced (atomically: a kill leaves one or the
+    other); if that fails too, the build's own error still propagates, with a note."""
+    if previous is None:
+        return
+    data, mode = previous
+    try:
+        atomic.write_bytes(root / CONFIG_NAME, data, mode=mode)
+    except OSError as exc:
+        if failure is None:
+            raise
+        failure.add_note(f"{root / CONFIG_NAME} could not be restored ({exc}): it still holds "
+                         "the failed request")
 
 
 def _ledger(ledger, files: dict[str, str]) -> None:

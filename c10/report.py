@@ -42,6 +42,9 @@ class BuildReport:
     tiles_expected: int | None = None
     tiles_present: int | None = None
     tiles_missing: int | None = None
+    # tiles in tiles/ outside area.bbox/zooms: inputs kept for another request, never indexed or
+    # listed in the Manifest (CP-TC-3)
+    tiles_out_of_scope: int | None = None
     require_complete: bool = False
     error_type: str | None = None
     # stage -> ran, up_to_date, failed, seconds
@@ -49,6 +52,10 @@ class BuildReport:
     rebuilt_tiles: tuple[tuple[int, int, int], ...] = ()   # (z, x, y) embedded in this run
     cache_root: Path | None = None
     finished_at: str | None = None
+    # tiles whose local features (role = "local") were extracted in this run, and rows carried
+    # over inside re-written local-feature shards
+    local_features_generated: int = 0
+    local_features_reused: int = 0
 
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -154,8 +161,12 @@ def _detail(report: BuildReport, stage: str) -> str:
     if stage == "engines":
         return f"{report.engines_built} built, {report.engines_reused} reused from disk"
     if stage == "shards":
-        return (f"{report.descriptors_generated} descriptors embedded, "
+        text = (f"{report.descriptors_generated} descriptors embedded, "
                 f"{report.descriptors_reused} carried over")
+        if report.local_features_generated or report.local_features_reused:
+            text += (f"; local features of {report.local_features_generated} tiles extracted, "
+                     f"{report.local_features_reused} carried over")
+        return text
     if stage == "manifest" and report.manifest_hash:
         return f"Manifest v{report.manifest_version} sha256 {report.manifest_hash[:16]}"
     return ""
@@ -168,4 +179,7 @@ def tiles_line(report: BuildReport) -> str:
             f"of {report.tiles_expected} in area.bbox/zooms")
     if report.tiles_missing and not report.require_complete:
         text += " (allowed: area.require_complete = false; `c10 map .` shows where)"
+    if report.tiles_out_of_scope:
+        text += (f"; {report.tiles_out_of_scope} more in tiles/ outside area.bbox/zooms (kept, "
+                 "not indexed or signed)")
     return text

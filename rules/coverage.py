@@ -28,10 +28,10 @@ def verdict(plan: Plan) -> Verdict:
     entries = (read_ref(plan.root, rel) for rel in plan.owned_logicals())
     live = {e["path"] for e in entries if e}
     # shards/ and index/ keep the build's current files and, until the next commit, the last
-    # Manifest's; tiles/ was listed file by file when the plan loaded: its orphans are known
+    # Manifest's; tiles/ was listed file by file when the plan loaded: its orphans are known (the
+    # files not named z/x/y; a tile outside the request is an input held, never an orphan: CP-TC-3)
     return decide(plan.root, plan.declared(tiles=False), live,
-                  cache(lambda: set(committed_files(plan.root))),
-                  TILES_DIR, plan.strays + [t.path for t in plan.out_of_scope])
+                  cache(lambda: set(committed_files(plan.root))), TILES_DIR, plan.strays)
 
 
 def check_coverage() -> None:
@@ -72,7 +72,7 @@ def _hashed_files(plan: Plan) -> set[str]:
     from c10.store.layout import ref_relpath
     from c10.store.refs import read_ref
 
-    keep = plan.declared()
+    keep = plan.declared() | {t.path for t in plan.out_of_scope}  # hashed again when re-widened
     for logical in plan.owned_logicals():
         keep.add(ref_relpath(logical))
         entry = read_ref(plan.root, logical)
@@ -97,13 +97,17 @@ def _check_complete(plan: Plan) -> None:
 
 
 def _roll_forward(build) -> None:
-    """A build killed between the Manifest's two renames left a torn commit: complete it first."""
-    from c10.trust.manifest import roll_forward
+    """A build killed between the Manifest's two renames left a torn commit: complete it first.
+    Then record whether Manifest.json is the signed payload (build.commit_intact): if not (torn
+    beyond repair, edited, re-formatted), the manifest task re-signs it (CP-INV-1)."""
+    from c10.trust.manifest import committed_intact, roll_forward
 
-    version = roll_forward(build.root)
+    intact = committed_intact(build.root)  # the one read of the pair on a no-op build
+    version = None if intact else roll_forward(build.root)
     if version is not None:
         print(f"warning: a build was cut between writing Manifest.json.dsse and Manifest.json; "
               f"rolled Manifest.json forward to the signed version {version}")
+    build.commit_intact = intact or version is not None or committed_intact(build.root)
 
 
 def _orphan_message(plan: Plan, orphans: list[str]) -> str:
@@ -112,8 +116,8 @@ def _orphan_message(plan: Plan, orphans: list[str]) -> str:
     if any(o.startswith(ENGINES_DIR + "/") for o in orphans):
         hints.append("`doit prune` lists stale engines and `doit prune --apply` removes them")
     if any(o.startswith(TILES_DIR + "/") for o in orphans):
-        hints.append("tiles outside area.bbox/zooms or not named tiles/{z}/{x}/{y}.{jpg,png,webp} "
-                     "must be moved out of the cache or the area widened in c10.toml")
+        hints.append("files in tiles/ not named tiles/{z}/{x}/{y}.{jpg,png,webp} (with x and y "
+                     "within the zoom) must be moved out of the cache")
     hints.append("move any other file out of the cache")
     return (f"{len(orphans)} file(s) under {plan.root} are declared by no task: {shown}; "
             + "; ".join(hints) + "; the previous Manifest stays in force")

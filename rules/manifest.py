@@ -13,8 +13,11 @@ from c10.rules import session
 from c10.rules.adapters import action, changed, plan_or_none, presigned
 from c10.store.layout import ENVELOPE_NAME, MANIFEST_NAME, ref_relpath
 
-# A no-op build re-signs a Manifest that would expire within this margin (else it stays untouched).
-RESIGN_MARGIN = dt.timedelta(days=1)
+# A no-op build re-signs a Manifest that would expire within its margin (else it stays untouched):
+# a tenth of the validity period, between these bounds (validity_days = 1: 2.4 hours).
+RESIGN_MARGIN = (dt.timedelta(hours=1), dt.timedelta(days=1))
+# What a re-sign changes: a Manifest that differs from the committed one only here is not rewritten.
+RESIGNED_FIELDS = ("issued_at", "expires", "version")
 
 
 def task_manifest():
@@ -43,13 +46,28 @@ def manifest_deps(plan: Plan) -> list[str]:
     return deps + [ref_relpath(rel) for rel in plan.owned_logicals()]
 
 
+def resign_margin(validity_days: int) -> dt.timedelta:
+    """How long before it expires a Manifest is re-signed: a tenth of its validity, bounded."""
+    low, high = RESIGN_MARGIN
+    return min(max(dt.timedelta(days=validity_days) / 10, low), high)
+
+
 @presigned
 def manifest_fresh(task, values) -> bool:
-    """doit uptodate: False when the last Manifest expires within RESIGN_MARGIN (frozen caches)."""
+    """doit uptodate: False when Manifest.json is not the payload its envelope signs (edited, or a
+    torn commit: CP-INV-1) or the last Manifest expires within its re-sign margin (frozen
+    caches)."""
+    from c10.trust.manifest import committed_intact
+
+    build = session.current()
+    intact = build.commit_intact  # decided by the coverage gate, which runs first
+    if intact is None:  # `c10 status`: no gate ran
+        intact = committed_intact(build.root)
     expires = values.get("expires")
-    if not expires:
+    if not intact or not expires:
         return False
-    return dt.datetime.fromisoformat(expires.replace("Z", "+00:00")) - now() > RESIGN_MARGIN
+    margin = resign_margin(build.plan().config.signing.validity_days)
+    return dt.datetime.fromisoformat(expires.replace("Z", "+00:00")) - now() > margin
 
 
 def write_manifest() -> dict:
@@ -75,6 +93,13 @@ def write_manifest() -> dict:
         tools=tool_versions(), tiles_hash=tiles_hash, files=files,
         cache_id=cache_id or uuid.uuid4().hex, engines=_engine_entries(plan),
         runtime=runtime_spec(plan))
+    committed = _same_content(build.provenance.verified, body,
+                              issued + resign_margin(plan.config.signing.validity_days))
+    if committed is not None:  # the doit DB was lost, the cache moved: nothing to sign (CP-INV-1)
+        build.drop_key()
+        _collect_garbage(plan, {f.path for f in files})
+        return {"version": committed["version"], "files": len(files),
+                "expires": committed["expires"], "unchanged": True}
     data = mf.dumps_manifest(body)
     build.hashes.save()  # before the commit: after it, only the leftovers' removal may still fail
     try:
@@ -83,6 +108,24 @@ def write_manifest() -> dict:
         build.drop_key()
     _collect_garbage(plan, {f.path for f in files})
     return {"version": body["version"], "files": len(files), "expires": body["expires"]}
+
+
+def _same_content(committed: dict | None, body: dict, fresh_until: dt.datetime) -> dict | None:
+    """The committed, verified Manifest if `body` would differ from it only in RESIGNED_FIELDS and
+    it stays valid past `fresh_until`; None when a new version must be signed."""
+    from c10.canonical import canonical_json
+    from c10.trust.manifest import parse_time
+
+    if committed is None or parse_time(committed["expires"]) <= fresh_until:
+        return None
+    if (committed.get("build_identity"), committed.get("tiles_hash")) != (body["build_identity"],
+                                                                       body["tiles_hash"]):
+        return None
+
+    def content(manifest: dict) -> bytes:
+        return canonical_json({k: v for k, v in manifest.items() if k not in RESIGNED_FIELDS})
+
+    return committed if content(committed) == content(body) else None
 
 
 def _collect_garbage(plan: Plan, listed: set[str]) -> None:

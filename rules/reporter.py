@@ -97,7 +97,7 @@ class C10Reporter(ConsoleReporter):
             plan, tiles = None, {}
         if failed:
             outcome = BuildOutcome.FAILURE
-        elif any(self._stages[s]["ran"] for s in WORK_STAGES):
+        elif any(self._stages[s]["ran"] for s in WORK_STAGES) and not _nothing_new(self._values):
             outcome = BuildOutcome.SUCCESS
         else:
             outcome = BuildOutcome.IDEMPOTENT_NO_OP
@@ -107,12 +107,25 @@ class C10Reporter(ConsoleReporter):
             descriptors_generated=values["embedded"],
             failure_reason=str(error) if error else self._fail_msg,
             elapsed_s=round(build.elapsed(), 3), shards_generated=self._stages["shards"]["ran"],
-            descriptors_reused=values["reused"], **manifest_facts(build.root), **tiles,
+            descriptors_reused=values["reused"],
+            local_features_generated=values["extracted"],
+            local_features_reused=values["local_reused"], **manifest_facts(build.root), **tiles,
             error_type=type(error).__name__ if error else None,
             stages={s: {**v, "seconds": round(v["seconds"], 3)} for s, v in self._stages.items()},
             rebuilt_tiles=tuple(sorted(_rebuilt(plan, self._values))) if plan else (),
             cache_root=build.root,
             finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _nothing_new(values: list[tuple[str, dict, list]]) -> bool:
+    """Tasks ran (a lost doit DB, a moved cache: doit re-decides) but decided by content that the
+    cache is what its Manifest signs: no engine compiled, no tile embedded or extracted, and the
+    manifest task left the committed Manifest untouched (CP-INV-1)."""
+    stages = {_stage(name): vals for name, vals, _ in values}
+    if not stages.get("manifest", {}).get("unchanged"):
+        return False
+    return not any(vals.get("built") or vals.get("embedded") or vals.get("extracted")
+                   for name, vals, _ in values if _stage(name) in ("engines", "shards"))
 
 
 def _changed_deps(task) -> list[str]:
@@ -138,10 +151,14 @@ def _last_line(text: str) -> str:
 
 
 def _sum_values(values: list[tuple[str, dict, list]]):
-    totals = {"engines_built": 0, "engines_reused": 0, "embedded": 0, "reused": 0}
+    totals = {"engines_built": 0, "engines_reused": 0, "embedded": 0, "reused": 0,
+              "extracted": 0, "local_reused": 0}
     for name, vals, _ in values:
         if _stage(name) == "engines" and "built" in vals:
             totals["engines_built" if vals["built"] else "engines_reused"] += 1
+        elif _stage(name) == "shards" and "extracted" in vals:  # a local-feature shard
+            totals["extracted"] += int(vals["extracted"])
+            totals["local_reused"] += int(vals.get("reused", 0))
         elif _stage(name) == "shards":
             totals["embedded"] += int(vals.get("embedded", 0))
             totals["reused"] += int(vals.get("reused", 0))
@@ -151,7 +168,8 @@ def _sum_values(values: list[tuple[str, dict, list]]):
 def _tile_counts(plan) -> dict:
     counts = plan.tile_counts()
     return {"tiles_expected": counts.expected, "tiles_present": counts.present,
-            "tiles_missing": counts.missing, "require_complete": plan.config.area.require_complete}
+            "tiles_missing": counts.missing, "tiles_out_of_scope": counts.out_of_scope,
+            "require_complete": plan.config.area.require_complete}
 
 
 def _rebuilt(plan, values: list[tuple[str, dict, list]]) -> set[tuple[int, int, int]]:

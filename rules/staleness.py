@@ -122,5 +122,5 @@ def area_facts(plan: Plan) -> dict:
     return {"root": str(plan.root), "bbox": list(area.bbox), "zooms": list(area.zooms),
             "require_complete": area.require_complete, "tiles_expected": counts.expected,
             "tiles_present": counts.present, "tiles_missing": counts.missing,
-            "dead": found.dead, "orphans": found.orphans,
+            "tiles_out_of_scope": counts.out_of_scope, "dead": found.dead, "orphans": found.orphans,
             "manifest": (plan.root / MANIFEST_NAME).is_file()}

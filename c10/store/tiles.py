@@ -177,6 +177,21 @@ def _scan_column(z: int, x_entry: os.DirEntry, prefix: str, tiles: list, strays:
             last = y
 
 
+def tile_of(relpath: str) -> TileId | None:
+    """The tile a cache-relative path names, as scan_tiles takes it (tiles/{z}/{x}/{y}.{ext}, each
+    index a canonical decimal within its zoom), or None for a name the scan calls a stray. Of two
+    files of one z/x/y the scan takes the first name: the caller decides between them."""
+    parts = relpath.split("/")
+    if len(parts) != 4 or parts[0] != TILES_DIR:
+        return None
+    _, z, x, name = parts
+    stem, _, ext = name.partition(".")
+    if not (_is_index(z) and _is_index(x) and _is_index(stem) and ext.lower() in TILE_EXTS):
+        return None
+    z, x, y = int(z), int(x), int(stem)
+    return TileId(z, x, y) if z <= 30 and x < (1 << z) and y < (1 << z) else None
+
+
 def _entries(path) -> list[os.DirEntry]:
     with os.scandir(path) as it:
         return sorted(it, key=lambda e: e.name)

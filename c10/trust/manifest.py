@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -253,7 +252,12 @@ def write_signed_manifest(cache_root: Path, manifest_bytes: bytes, key: Ed25519P
     Both files are written and fsynced before the first rename: the cut can only fall between
     two back-to-back renames.
     """
-    loads_manifest(manifest_bytes)  # never sign bytes the verifier would refuse to parse
+    try:  # never sign bytes the verifier would refuse to parse
+        loads_manifest(manifest_bytes)
+    except VerifyError as exc:
+        raise ManifestWriteError(f"refusing to sign a Manifest the verifier would reject "
+                                 f"({exc.reason}: {exc})", "this is a bug in c10: report it with "
+                                 "the build's output", then="") from exc
     from c10.trust.dsse import PAYLOAD_TYPE, sign_envelope
 
     envelope = sign_envelope(manifest_bytes, PAYLOAD_TYPE, key)
@@ -330,7 +334,7 @@ def roll_forward(cache_root: Path) -> int | None:
     Manifest: this only copies signed bytes, it never makes an unsigned state acceptable.
     """
     root = Path(cache_root)
-    if _committed_in_order(root):
+    if committed_intact(root):
         return None
     payload, newer = _envelope_payload(root / ENVELOPE_NAME)
     if payload is None:
@@ -354,39 +358,23 @@ def roll_forward(cache_root: Path) -> int | None:
 
 _ENVELOPE_MAX = 1 << 31  # the envelope of the largest Manifest c10 reads, with slack
 _PAYLOAD_START = len(b'{"payload":"')  # canonical JSON sorts "payload" first
-_TAIL = 1024  # base64 chars: the payload's last 768 bytes hold its version, tiles hash and tools
 
 
-def _committed_in_order(root: Path) -> bool:
-    """Fast path for every build: the envelope's payload and Manifest.json end alike (read ~2 KiB).
-
-    The tail of a Manifest holds its version and tiles hash (keys are sorted), so equal tails
-    mean the commit finished; a cut one has an older Manifest.json (or none) and differs.
-    """
+def committed_intact(root: Path) -> bool:
+    """Manifest.json is, byte for byte, the payload its envelope signs: a finished commit that
+    nothing edited since (a torn one, a tampered, re-ordered or re-formatted Manifest.json all
+    differ). Both files are read whole and the payload's base64 is compared, nothing is parsed
+    as JSON (every build asks, a no-op included); the signature is left to the verifier."""
     try:
-        with open(root / ENVELOPE_NAME, "rb") as env, open(root / MANIFEST_NAME, "rb") as man:
-            tail = _payload_tail(env)
-            if not tail:
-                return False
-            man.seek(max(0, os.fstat(man.fileno()).st_size - len(tail)))
-            return man.read() == tail
-    except (OSError, ValueError):
+        envelope = (Path(root) / ENVELOPE_NAME).read_bytes()
+        manifest = (Path(root) / MANIFEST_NAME).read_bytes()
+    except OSError:
         return False
-
-
-def _payload_tail(env) -> bytes | None:
-    """The decoded last bytes of an envelope's base64 payload, without reading the whole file."""
-    size = os.fstat(env.fileno()).st_size
-    env.seek(max(0, size - 4096))
-    block = env.read()
-    mark = block.rfind(b'","payloadType":"')
-    if mark < 0:
-        return None
-    end = size - len(block) + mark  # absolute offset just past the payload's last base64 char
-    start = max(_PAYLOAD_START, end - _TAIL)
-    start += (start - _PAYLOAD_START) % 4 and 4 - (start - _PAYLOAD_START) % 4
-    env.seek(start)
-    return base64.b64decode(env.read(end - start), validate=True)
+    end = envelope.rfind(b'","payloadType":"')  # canonical JSON: the payload comes first
+    if end < _PAYLOAD_START or not envelope.startswith(b'{"payload":"'):
+        return False
+    encoded = envelope[_PAYLOAD_START:end]
+    return len(encoded) == 4 * -(-len(manifest) // 3) and base64.b64encode(manifest) == encoded
 
 
 def _envelope_payload(path: Path) -> tuple[bytes | None, dict]:

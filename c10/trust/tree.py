@@ -54,6 +54,8 @@ class Tree:
     specials: list[str] = field(default_factory=list)
     extras: list[str] = field(default_factory=list)  # refused by name: never opened nor hashed
     modes: list[tuple[str, int]] = field(default_factory=list)  # (relpath, st_mode) refused
+    # ground: unlisted tiles outside the signed area, accepted by name, never opened (CP-TC-3)
+    out_of_scope: list[str] = field(default_factory=list)
 
 
 def _walk(root: Path, image_dirs: set[str] | None) -> Tree:
@@ -180,9 +182,10 @@ def check_files(root: Path, files: list[dict], strict: bool = False) -> tuple[in
 
 
 def check_coverage(root: Path, tree: Tree, manifest: dict, strict: bool = False) -> int:
-    """Exactly the listed files plus control files plus pending files (airborne: the listed files
-    and the Manifest pair only); no symlink or special file anywhere. Returns the number of pending
-    files (always 0 airborne)."""
+    """Exactly the listed files plus control files plus pending files plus, on the ground, tiles
+    outside the signed area (airborne: the listed files and the Manifest pair only); no symlink or
+    special file anywhere. Returns the number of pending files (always 0 airborne); the tiles out
+    of scope are left in tree.out_of_scope."""
     if tree.symlinks:
         rel = sorted(tree.symlinks)[0]
         raise VerifyError("symlink", f"{rel} is a symlink; caches hold no symlinks (not even to "
@@ -202,6 +205,8 @@ def check_coverage(root: Path, tree: Tree, manifest: dict, strict: bool = False)
         return 0
     _refuse_extra(sorted(tree.extras), f"c10 writes no such file into {CONTROL_DIR}/; remove it "
                   f"(`rm -r {{rel}}`)")
+    tree.out_of_scope = out_of_scope_tiles(root, unlisted, manifest)
+    unlisted = sorted(set(unlisted) - set(tree.out_of_scope))
     if not unlisted:
         return 0
     accepted, refused = pending_files(root, unlisted, manifest)
@@ -214,6 +219,41 @@ def _refuse_extra(extra: list[str], fix: str) -> None:
         more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise VerifyError("extra-file", f"{extra[0]}{more} not listed in the Manifest; "
                           + fix.replace("{rel}", extra[0]), extra[0])
+
+
+def out_of_scope_tiles(root: Path, unlisted: list[str], manifest: dict) -> list[str]:
+    """The unlisted files that are tiles outside the area the Manifest signs (runtime.area): inputs
+    a ground cache holds for another request, which the build never indexes nor signs (CP-TC-3) and
+    `c10 pack` never copies. Decided by name as the build's tile scan decides (one file per z/x/y,
+    the first name), then one lstat each: a regular, singly linked, not setuid file. Never opened.
+    A tile inside the signed area that the Manifest does not list is not one of them."""
+    candidates = [rel for rel in unlisted if rel.startswith("tiles/")]
+    if not candidates:
+        return []
+    from c10.store.tiles import Scope, tile_of  # the build's own rule (mercantile): ground only
+
+    try:
+        area = manifest["runtime"]["area"]
+        bbox = tuple(float(v) for v in area["bbox"] if type(v) in (int, float))
+        zooms = [z for z in area["zooms"] if type(z) is int and 0 <= z <= 30]
+        scope = Scope(bbox, zooms) if len(bbox) == 4 and zooms else None
+    except (KeyError, TypeError, ValueError, OverflowError):  # schema 1 has no runtime spec
+        scope = None
+    if scope is None:
+        return []
+    seen, out = set(), []
+    for rel in sorted(candidates):
+        tile = tile_of(rel)
+        if tile is None or tile in scope or tile in seen:
+            continue
+        seen.add(tile)
+        try:
+            st = os.lstat(root / rel)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and not st.st_mode & GROUND_BAD_BITS:
+            out.append(rel)
+    return out
 
 
 # ---------------------------------------------------------------- pending files of a stopped build

@@ -54,6 +54,8 @@ class VerifyResult:
     pending: int = 0  # content-named files of an unfinished build, listed by no Manifest yet
     first_use: bool | None = None  # no state for this cache before (TUF's trust on first use)
     area: str | None = None  # the sector it is signed for (runtime.area.name)
+    # ground: tiles in tiles/ outside the signed area, listed by no Manifest, never shipped
+    out_of_scope: int = 0
 
 
 def verify_cache(
@@ -113,7 +115,7 @@ def _verify(root, trusted, now, state_path, airborne, threshold, start, area,
     updated = record_state(fresh, manifest, payload, signers, now)
     return VerifyResult(manifest["cache_id"], manifest["version"], len(manifest["files"]),
                         total, ",".join(signers), time.perf_counter() - start, updated, pending,
-                        fresh.first_use, fresh.area)
+                        fresh.first_use, fresh.area, len(tree.out_of_scope))
 
 
 def _check_signature(root: Path, trusted, threshold) -> tuple[bytes, tuple[str, ...]]:

@@ -87,15 +87,13 @@ def test_removed_tile_redoes_its_block(cache, capsys, tmp_path):
     assert executed(out) == [_block_task(cache, tile), "index:global", "coverage", "manifest"]
 
 
-def test_different_bbox_rebuilds_and_replaces_manifest(cache, capsys, tmp_path):  # CP-TC-3
+def test_different_bbox_rebuilds_and_replaces_manifest(cache, capsys):  # CP-TC-3
     built(cache, capsys)
     first = (cache / "Manifest.json").read_bytes()
     text = (cache / "c10.toml").read_text()
     (cache / "c10.toml").write_text(re.sub(r"bbox = \[.*?\]", "bbox = [50.43, 30.49, 50.47, 30.52]",
                                            text))
-    outside = [p for p in (cache / "tiles/15").iterdir() if int(p.name) > 19160]
-    for column in outside:  # tiles outside the new bbox are taken out of the cache
-        shutil.move(column, tmp_path / column.name)
+    # the tiles outside the new bbox stay in tiles/: inputs out of scope, not orphans
     code, out = build(cache, capsys)
     assert code == 0, out
     assert "index:global" in executed(out) and "manifest" in executed(out)

@@ -158,7 +158,7 @@ def test_write_signed_manifest_pair(tmp_path):
 
 
 def test_write_refuses_unparsable_bytes(tmp_path):
-    with pytest.raises(VerifyError):
+    with pytest.raises(ManifestWriteError, match="verifier would reject"):
         mf.write_signed_manifest(tmp_path, b"{}", Ed25519PrivateKey.generate())
     assert list(tmp_path.iterdir()) == []
 
@@ -206,22 +206,27 @@ def test_next_version_refuses_unreadable_previous(tmp_path, name):
     assert name in str(info.value) and "rollback" in str(info.value)
 
 
-def test_commit_fast_path_reads_tails_only(tmp_path):
-    """Equal payload/Manifest tails mean a finished commit; any other tail takes the full path."""
+def test_commit_check_compares_the_whole_payload(tmp_path):
+    """CP-INV-1: a commit is intact only when Manifest.json is the signed payload byte for byte: a
+    torn commit (older tail), one byte changed in the middle, or the same JSON re-ordered all
+    differ; a missing Manifest.json is not intact."""
     import json
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from c10.trust.dsse import PAYLOAD_TYPE, sign_envelope
-    from c10.trust.manifest import _committed_in_order
+    from c10.trust.manifest import committed_intact
 
     payload = json.dumps({"files": ["x" * 5000], "version": 7}, sort_keys=True).encode()
     envelope = sign_envelope(payload, PAYLOAD_TYPE, Ed25519PrivateKey.generate())
     (tmp_path / "Manifest.json.dsse").write_text(json.dumps(envelope, sort_keys=True,
                                                             separators=(",", ":")))
     (tmp_path / "Manifest.json").write_bytes(payload)
-    assert _committed_in_order(tmp_path)
-    (tmp_path / "Manifest.json").write_bytes(payload.replace(b'"version": 7', b'"version": 6'))
-    assert not _committed_in_order(tmp_path)
+    assert committed_intact(tmp_path)
+    for edited in (payload.replace(b'"version": 7', b'"version": 6'),
+                   payload.replace(b"x" * 10, b"x" * 9 + b"y", 1),
+                   json.dumps({"version": 7, "files": ["x" * 5000]}).encode()):
+        (tmp_path / "Manifest.json").write_bytes(edited)
+        assert not committed_intact(tmp_path)
     (tmp_path / "Manifest.json").unlink()
-    assert not _committed_in_order(tmp_path)
+    assert not committed_intact(tmp_path)
