@@ -123,3 +123,20 @@ def current_files(root: Path, top: str) -> dict[str, Path]:
     logicals = [p.relative_to(refs).as_posix().removesuffix(".json")
                 for p in sorted((refs / top).rglob("*.json"))]
     return {rel: current(root, rel) for rel in logicals}
+
+
+def api_request(cache: Path, key: tuple, **changes):
+    """The seed's BuildRequest for a test cache (STABLE_REAR, the test bbox and zooms)."""
+    from c10.api import Bbox, BuildRequest, SectorClassification
+
+    values = dict(bbox=Bbox(*BBOX), zoom_levels=ZOOMS,
+                  sector_class=SectorClassification.STABLE_REAR,
+                  calibration_path=cache.parent / "no-int8-here.cache", cache_root=cache,
+                  key_path=key[0])
+    return BuildRequest(**(values | changes))
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under root with its size and mtime: proves a call wrote nothing."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}

@@ -10,13 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import BBOX, ZOOMS
+from conftest import BBOX, api_request, snapshot
 
 import c10
 from c10.api import (
     Bbox,
     BuildOutcome,
-    BuildRequest,
     CacheProvisioner,
     DoitCacheProvisioner,
     EngineCompileRequest,
@@ -41,18 +40,8 @@ def impl() -> DoitCacheProvisioner:
     return DoitCacheProvisioner()
 
 
-def request(cache: Path, key: tuple, **changes) -> BuildRequest:
-    values = dict(bbox=Bbox(*BBOX), zoom_levels=ZOOMS,
-                  sector_class=SectorClassification.STABLE_REAR,
-                  calibration_path=cache.parent / "no-int8-here.cache", cache_root=cache,
-                  key_path=key[0])
-    return BuildRequest(**(values | changes))
 
 
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under root with its size and mtime: proves a call wrote nothing."""
-    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*") if p.is_file()}
 
 
 def manifest(cache: Path) -> tuple[bytes, int]:
@@ -66,7 +55,7 @@ def test_conformance(impl):  # CP-TC-10
 
 
 def test_cold_build_succeeds_and_reports(impl, cache, operator_key, capsys):  # CP-TC-1
-    report = impl.build_cache_artifacts(request(cache, operator_key))
+    report = impl.build_cache_artifacts(api_request(cache, operator_key))
     tiles = len(list((cache / "tiles").rglob("*.jpg")))
     assert report.outcome is BuildOutcome.SUCCESS and report.failure_reason is None
     assert report.engines_built == 1 and report.engines_reused == 0
@@ -81,9 +70,9 @@ def test_cold_build_succeeds_and_reports(impl, cache, operator_key, capsys):  # 
 
 
 def test_warm_identical_request_is_a_no_op(impl, cache, operator_key):  # CP-TC-2, CP-INV-1
-    impl.build_cache_artifacts(request(cache, operator_key))
+    impl.build_cache_artifacts(api_request(cache, operator_key))
     before, toml = manifest(cache), os.stat(cache / "c10.toml").st_mtime_ns
-    report = impl.build_cache_artifacts(request(cache, operator_key))
+    report = impl.build_cache_artifacts(api_request(cache, operator_key))
     assert report.outcome is BuildOutcome.IDEMPOTENT_NO_OP
     assert (report.engines_built, report.engines_reused, report.descriptors_generated,
             report.shards_generated) == (0, 0, 0, 0)
@@ -92,10 +81,10 @@ def test_warm_identical_request_is_a_no_op(impl, cache, operator_key):  # CP-TC-
 
 
 def test_different_bbox_is_written_and_rebuilds(impl, cache, operator_key):  # CP-TC-3
-    impl.build_cache_artifacts(request(cache, operator_key))
+    impl.build_cache_artifacts(api_request(cache, operator_key))
     first = manifest(cache)[0]
     smaller = Bbox(BBOX[0], BBOX[1], BBOX[2], 30.52)  # the tiles outside it stay in tiles/
-    report = impl.build_cache_artifacts(request(cache, operator_key, bbox=smaller))
+    report = impl.build_cache_artifacts(api_request(cache, operator_key, bbox=smaller))
     assert report.outcome is BuildOutcome.SUCCESS and report.stages["index"]["ran"] == 1
     assert report.tiles_out_of_scope > 0 and report.tiles_missing == 0
     assert manifest(cache)[0] != first and report.manifest_version == 2
@@ -105,7 +94,7 @@ def test_different_bbox_is_written_and_rebuilds(impl, cache, operator_key):  # C
 
 def test_no_tiles_is_a_failure_that_says_fetch_first(impl, cache, operator_key):  # CP-TC-4
     shutil.rmtree(cache / "tiles")
-    report = impl.build_cache_artifacts(request(cache, operator_key))
+    report = impl.build_cache_artifacts(api_request(cache, operator_key))
     assert report.outcome is BuildOutcome.FAILURE
     assert "no tiles in scope" in report.failure_reason and "fetch tiles" in report.failure_reason
     assert report.tiles_present == 0 and report.tiles_missing == report.tiles_expected > 0
@@ -116,26 +105,26 @@ def test_no_tiles_is_a_failure_that_says_fetch_first(impl, cache, operator_key):
 def test_incomplete_area_fails_only_when_required(impl, cache, operator_key, tmp_path):
     gone = sorted((cache / "tiles/15").rglob("*.jpg"))[3]
     shutil.move(gone, tmp_path / "gone.jpg")
-    report = impl.build_cache_artifacts(request(cache, operator_key))
+    report = impl.build_cache_artifacts(api_request(cache, operator_key))
     assert report.outcome is BuildOutcome.SUCCESS and report.tiles_missing == 1
     first = manifest(cache)
     text = (cache / "c10.toml").read_text().replace("require_complete = false",
                                                     "require_complete = true")
     (cache / "c10.toml").write_text(text)
-    report = impl.build_cache_artifacts(request(cache, operator_key))
+    report = impl.build_cache_artifacts(api_request(cache, operator_key))
     assert report.outcome is BuildOutcome.FAILURE and report.error_type == "MissingTilesError"
     assert "1 of" in report.failure_reason and "c10 map" in report.failure_reason
     assert manifest(cache) == first  # never signed over an incomplete area
 
 
 def test_concurrent_build_raises_and_writes_nothing(impl, cache, operator_key):  # CP-TC-5, CP-INV-4
-    impl.build_cache_artifacts(request(cache, operator_key))
+    impl.build_cache_artifacts(api_request(cache, operator_key))
     holder = BuildLock(cache)
     holder.acquire()
     try:
         before = snapshot(cache)
         with pytest.raises(BuildLockHeldError, match=f"pid {os.getpid()}"):
-            impl.build_cache_artifacts(request(cache, operator_key,
+            impl.build_cache_artifacts(api_request(cache, operator_key,
                                                sector_class=SectorClassification.ACTIVE_CONFLICT))
         assert snapshot(cache) == before  # not even the request went into c10.toml
     finally:
@@ -143,12 +132,12 @@ def test_concurrent_build_raises_and_writes_nothing(impl, cache, operator_key): 
 
 
 def test_orphan_raises_and_keeps_previous_manifest(impl, cache, operator_key):  # CP-TC-6
-    impl.build_cache_artifacts(request(cache, operator_key))
+    impl.build_cache_artifacts(api_request(cache, operator_key))
     before = manifest(cache)
     (cache / "index" / "smuggled.bin").write_bytes(b"x")
     (cache / "models" / "extra.onnx").write_bytes(b"x")
     with pytest.raises(ManifestCoverageError, match="models/extra.onnx"):
-        impl.build_cache_artifacts(request(cache, operator_key,
+        impl.build_cache_artifacts(api_request(cache, operator_key,
                                            sector_class=SectorClassification.ACTIVE_CONFLICT))
     assert manifest(cache) == before
     assert read_report(cache).error_type == "ManifestCoverageError"
@@ -158,18 +147,18 @@ def test_key_outside_allowlist_raises_with_zero_writes(impl, cache, operator_key
                                                        tmp_path):  # CP-TC-7
     from c10.trust.keys import generate_key
 
-    impl.build_cache_artifacts(request(cache, operator_key))
+    impl.build_cache_artifacts(api_request(cache, operator_key))
     other = tmp_path / "keys" / "intruder.pem"
     other.parent.mkdir()
     generate_key(other)
     before = snapshot(cache)
     with pytest.raises(ManifestWriteError, match="allowed_keyids"):
-        impl.build_cache_artifacts(request(cache, operator_key, key_path=other))
+        impl.build_cache_artifacts(api_request(cache, operator_key, key_path=other))
     assert snapshot(cache) == before
 
 
 def test_engine_build_error_propagates_and_manifest_stays(impl, cache, operator_key):  # CP-TC-8
-    impl.build_cache_artifacts(request(cache, operator_key))
+    impl.build_cache_artifacts(api_request(cache, operator_key))
     before = manifest(cache)
     shutil.copy(cache / "models/global.onnx", cache / "models/second.onnx")
     text = (cache / "c10.toml").read_text().replace(
@@ -177,7 +166,7 @@ def test_engine_build_error_propagates_and_manifest_stays(impl, cache, operator_
                     'input_size = [64, 64]\nprecision = "fp16"\n\n[shards]')
     (cache / "c10.toml").write_text(text)
     with pytest.raises(EngineBuildError, match="fp16"):
-        impl.build_cache_artifacts(request(cache, operator_key))
+        impl.build_cache_artifacts(api_request(cache, operator_key))
     engines = sorted(p.name for p in (cache / "engines").iterdir())
     # engine + sidecar, no temp
     assert len(engines) == 2 and all(n.startswith("global-") for n in engines)
@@ -186,12 +175,12 @@ def test_engine_build_error_propagates_and_manifest_stays(impl, cache, operator_
 
 
 def test_descriptor_error_propagates_and_manifest_stays(impl, cache, operator_key):  # CP-TC-9
-    impl.build_cache_artifacts(request(cache, operator_key))
+    impl.build_cache_artifacts(api_request(cache, operator_key))
     before = manifest(cache)
     bad = sorted((cache / "tiles/15").rglob("*.jpg"))[2]
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(DescriptorBatchError, match=bad.relative_to(cache).as_posix()):
-        impl.build_cache_artifacts(request(cache, operator_key))
+        impl.build_cache_artifacts(api_request(cache, operator_key))
     assert manifest(cache) == before and any((cache / "engines").iterdir())
 
 
@@ -207,7 +196,7 @@ def test_compile_engines_only(impl, cache, operator_key):  # CP-TC-11
                                                                  models=("global",),
                                                                  backend="onnxruntime"))
     assert again[0].built is False and again[0].path == entry.path
-    report = impl.build_cache_artifacts(request(cache, operator_key))
+    report = impl.build_cache_artifacts(api_request(cache, operator_key))
     # D-C10-6: reused, not recompiled
     assert (report.engines_built, report.engines_reused) == (0, 1)
 
@@ -223,14 +212,14 @@ def test_compile_refuses_what_the_build_would_not_declare(impl, cache):
 def test_missing_cache_root_is_never_created(impl, tmp_path, operator_key):  # CP-INV-5
     root = tmp_path / "nowhere"
     with pytest.raises(CacheRootMissingError):
-        impl.build_cache_artifacts(request(root, operator_key))
+        impl.build_cache_artifacts(api_request(root, operator_key))
     with pytest.raises(CacheRootMissingError):
         impl.compile_engines_for_corpus(EngineCompileRequest(cache_root=root))
     assert not root.exists()
 
 
 def test_request_is_written_into_c10_toml(impl, cache, operator_key):
-    req = request(cache, operator_key, sector_class=SectorClassification.ACTIVE_CONFLICT,
+    req = api_request(cache, operator_key, sector_class=SectorClassification.ACTIVE_CONFLICT,
                   zoom_levels=(15,))
     impl.build_cache_artifacts(req)
     text = (cache / "c10.toml").read_text()
@@ -243,10 +232,10 @@ def test_request_is_written_into_c10_toml(impl, cache, operator_key):
 def test_bad_request_is_refused_before_any_write(impl, cache, operator_key):
     before = snapshot(cache)
     with pytest.raises(ConfigError, match="area.bbox"):
-        impl.build_cache_artifacts(request(cache, operator_key,
+        impl.build_cache_artifacts(api_request(cache, operator_key,
                                            bbox=Bbox(50.5, 30.49, 50.4, 30.56)))
     with pytest.raises(ConfigError, match="zoom_levels"):
-        impl.build_cache_artifacts(request(cache, operator_key, zoom_levels=()))
+        impl.build_cache_artifacts(api_request(cache, operator_key, zoom_levels=()))
     assert snapshot(cache) == before
 
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BBOX, ZOOMS
+from conftest import api_request, snapshot
 from PIL import Image
 
 from c10 import errors
-from c10.api import Bbox, BuildRequest, DoitCacheProvisioner, SectorClassification
+from c10.api import DoitCacheProvisioner
 from c10.errors import (
     RERUN,
     BuildLockHeldError,
@@ -207,36 +208,27 @@ def test_any_runtime_error_of_an_engine_is_wrapped_and_a_bad_tile_passes_unchang
 
 # --- through the seed's API: CP-TC-7..9 raise the seed's classes ------------------------------
 
-def request(cache: Path, key: tuple, **changes) -> BuildRequest:
-    values = dict(bbox=Bbox(*BBOX), zoom_levels=ZOOMS,
-                  sector_class=SectorClassification.STABLE_REAR,
-                  calibration_path=cache.parent / "no-int8-here.cache", cache_root=cache,
-                  key_path=key[0])
-    return BuildRequest(**(values | changes))
 
 
-def files(root: Path) -> dict[str, tuple[int, int]]:
-    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*") if p.is_file()}
 
 
 def test_api_key_load_failure_is_a_manifest_write_error_with_zero_writes(cache, operator_key,
                                                                          tmp_path):  # CP-TC-7
     impl = DoitCacheProvisioner()
-    impl.build_cache_artifacts(request(cache, operator_key))
-    before = files(cache)
+    impl.build_cache_artifacts(api_request(cache, operator_key))
+    before = snapshot(cache)
     with pytest.raises(ManifestWriteError, match="does not exist"):
-        impl.build_cache_artifacts(request(cache, operator_key, key_path=tmp_path / "gone.pem"))
-    assert files(cache) == before
+        impl.build_cache_artifacts(api_request(cache, operator_key, key_path=tmp_path / "gone.pem"))
+    assert snapshot(cache) == before
 
 
 def test_api_bad_onnx_is_an_engine_build_error(cache, operator_key):  # CP-TC-8
     impl = DoitCacheProvisioner()
-    impl.build_cache_artifacts(request(cache, operator_key))
+    impl.build_cache_artifacts(api_request(cache, operator_key))
     before = (cache / "Manifest.json").read_bytes()
     (cache / "models/global.onnx").write_bytes(b"\x08\x07 truncated")
     with pytest.raises(EngineBuildError, match="not a valid ONNX"):
-        impl.build_cache_artifacts(request(cache, operator_key))
+        impl.build_cache_artifacts(api_request(cache, operator_key))
     assert (cache / "Manifest.json").read_bytes() == before
 
 
@@ -247,7 +239,7 @@ def test_api_inference_failure_is_a_descriptor_batch_error(cache, operator_key,
     from c10.features.backends.onnxruntime import OrtRunner
 
     impl = DoitCacheProvisioner()
-    impl.build_cache_artifacts(request(cache, operator_key))
+    impl.build_cache_artifacts(api_request(cache, operator_key))
     before = (cache / "Manifest.json").read_bytes()
 
     def oom(self, feeds):
@@ -257,5 +249,34 @@ def test_api_inference_failure_is_a_descriptor_batch_error(cache, operator_key,
     tile = sorted((cache / "tiles/15").rglob("*.jpg"))[0]
     tile.write_bytes(tile.read_bytes() + b"\0")  # its shard is re-embedded
     with pytest.raises(DescriptorBatchError, match="RuntimeException: Failed to allocate"):
-        impl.build_cache_artifacts(request(cache, operator_key))
+        impl.build_cache_artifacts(api_request(cache, operator_key))
     assert (cache / "Manifest.json").read_bytes() == before
+
+
+def test_doit_with_a_refused_key_changes_only_doits_records(cache, operator_key, tmp_path,
+                                                            capsys):  # CP-TC-7 from the CLI
+    """`doit build_cache` with a key outside signing.allowed_keyids fails naming the key and the
+    fix; what it says is true: nothing outside .c10/ changed, the Manifest pair is the one in
+    force, and `c10 verify` still accepts the cache."""
+    from conftest import build, built
+
+    from c10.cli import main as c10_main
+    from c10.trust.keys import generate_key
+
+    built(cache, capsys)
+    other = tmp_path / "keys" / "intruder.pem"
+    other.parent.mkdir()
+    generate_key(other)
+    text = (cache / "c10.toml").read_text()
+    (cache / "c10.toml").write_text(re.sub(r'^key = ".*?"', f'key = "{other}"', text, count=1,
+                                           flags=re.M))
+    before = snapshot(cache)
+    code, out = build(cache, capsys)
+    assert code != 0 and "ManifestWriteError" in out and "not in signing.allowed_keyids" in out
+    assert "nothing was signed and the Manifest in force is unchanged" in out
+    assert "No file was written" not in out
+    changed = {rel for rel in set(before) | set(snapshot(cache)) if before.get(rel) !=
+               snapshot(cache).get(rel)}
+    assert changed and all(rel.startswith(".c10/") for rel in changed), changed
+    assert c10_main(["verify", str(cache), "--trusted-keys", str(operator_key[1]), "--state",
+                     str(tmp_path / "state.json")]) == 0

@@ -321,6 +321,9 @@ def check_key_allowed(key, allowed_keyids: list[str] | None) -> None:
     allowed = {a.strip() for a in allowed_keyids}
     if kid in {a.lower() for a in allowed} or fpr in allowed:
         return
+    # What is true on every path: the API refuses before it writes anything, `doit build_cache`
+    # only after doit has recorded its run under .c10/ (its DB, the report, the lock holder)
     raise ManifestWriteError(f"signing key {kid} ({fpr}) is not in signing.allowed_keyids of "
-                             f"c10.toml; sign with an allowed key (signing.key) or add "
-                             f"\"{kid}\" to signing.allowed_keyids. No file was written.")
+                             "c10.toml: nothing was signed and the Manifest in force is unchanged",
+                             f"sign with an allowed key (signing.key) or add \"{kid}\" to "
+                             "signing.allowed_keyids")
