@@ -57,12 +57,13 @@ def manifest_fresh(task, values) -> bool:
     """doit uptodate: False when Manifest.json is not the payload its envelope signs (edited, or a
     torn commit: CP-INV-1) or the last Manifest expires within its re-sign margin (frozen
     caches)."""
+    from c10.store.host import cache_secret
     from c10.trust.manifest import committed_intact
 
     build = session.current()
     intact = build.commit_intact  # decided by the coverage gate, which runs first
-    if intact is None:  # `c10 status`: no gate ran
-        intact = committed_intact(build.root)
+    if intact is None:  # `c10 status`: no gate ran (it reads the commit memo, never writes it)
+        intact = committed_intact(build.root, cache_secret(build.root))
     expires = values.get("expires")
     if not intact or not expires:
         return False

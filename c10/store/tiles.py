@@ -1,7 +1,6 @@
 """The XYZ tile store: scanning tiles/{z}/{x}/{y}.{ext}, scope by bbox and zoom, blocks of tiles."""
 from __future__ import annotations
 
-import hmac
 import json
 import math
 import os
@@ -10,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
-import blake3
 import mercantile
 
 from c10.store.layout import TILE_EXTS, TILES_DIR
+from c10.store.memo import read_authenticated, write_authenticated
 
 # mercantile.tiles() nudges the east/south edges inward by this much so a bbox edge
 # that falls exactly on a tile boundary does not pull in the neighbouring tile (its own
@@ -86,13 +85,10 @@ def scan_tiles(root: Path, memo: dict | None = None) -> Scan:
 def read_memo(path: Path, secret: bytes | None) -> dict:
     """The scan memo saved by write_memo, or {} (missing, torn, another format, or not written
     by c10 on this host: its MAC, keyed by a secret kept outside the cache, does not match)."""
-    if secret is None:
+    body = read_authenticated(path, secret)
+    if body is None:
         return {}
     try:
-        raw = Path(path).read_bytes()
-        mac, _, body = raw.partition(b"\n")
-        if not hmac.compare_digest(mac, blake3.blake3(body, key=secret).hexdigest().encode()):
-            return {}
         data = json.loads(body)
         return _memo_columns(data["columns"]) if data.get("format") == MEMO_FORMAT else {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -122,12 +118,10 @@ def write_memo(path: Path, scan: Scan, secret: bytes) -> None:
     stale-format memo is only re-read). JSON of file names, authenticated by `secret`."""
     if scan.memo is None or scan.reread < MEMO_MIN_REREAD:
         return
-    from c10.store import atomic
-
     columns = {prefix: [list(key), [row[3].rsplit("/", 1)[1] for row in rows], strays]
                for prefix, (key, rows, strays) in scan.memo.items()}
     body = json.dumps({"format": MEMO_FORMAT, "columns": columns}, separators=(",", ":")).encode()
-    atomic.write_bytes(path, blake3.blake3(body, key=secret).hexdigest().encode() + b"\n" + body)
+    write_authenticated(path, body, secret)
 
 
 def _column(z: int, x_entry: os.DirEntry, prefix: str, tiles: list, strays: list,

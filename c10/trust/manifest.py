@@ -13,7 +13,8 @@ import blake3
 from c10.canonical import canonical_json
 from c10.errors import ManifestWriteError, VerifyError
 from c10.store import atomic
-from c10.store.layout import ENVELOPE_NAME, MANIFEST_NAME, STAGING_DIR, is_control
+from c10.store.layout import COMMIT_MEMO, ENVELOPE_NAME, MANIFEST_NAME, STAGING_DIR, is_control
+from c10.store.memo import read_authenticated, write_authenticated
 from c10.trust.strictjson import StrictJSONError, strict_loads
 
 # c10.trust.dsse (cryptography) is imported only to sign: a no-op build never does
@@ -360,14 +361,43 @@ _ENVELOPE_MAX = 1 << 31  # the envelope of the largest Manifest c10 reads, with 
 _PAYLOAD_START = len(b'{"payload":"')  # canonical JSON sorts "payload" first
 
 
-def committed_intact(root: Path) -> bool:
+def committed_intact(root: Path, secret: bytes | None = None, save: bool = False) -> bool:
     """Manifest.json is, byte for byte, the payload its envelope signs: a finished commit that
     nothing edited since (a torn one, a tampered, re-ordered or re-formatted Manifest.json all
     differ). Both files are read whole and the payload's base64 is compared, nothing is parsed
-    as JSON (every build asks, a no-op included); the signature is left to the verifier."""
+    as JSON (every build asks, a no-op included); the signature is left to the verifier.
+
+    With this host's `secret`, a pair whose stat (inode, size, mtime, ctime) is the one recorded
+    when it was last found intact is not read again (any write to either file moves its ctime,
+    which no user call sets back); `save` records it (under the build lock only)."""
+    root = Path(root)
+    stats = _pair_stat(root)
+    if stats is None:
+        return False
+    if read_authenticated(root / COMMIT_MEMO, secret) == stats:
+        return True
+    intact = _pair_intact(root)
+    if intact and save and secret is not None:
+        write_authenticated(root / COMMIT_MEMO, stats, secret)
+    return intact
+
+
+def _pair_stat(root: Path) -> bytes | None:
+    """The stat key of the Manifest pair, as the commit memo holds it; None if one is missing."""
+    keys = []
+    for name in (ENVELOPE_NAME, MANIFEST_NAME):
+        try:
+            st = (root / name).stat()
+        except OSError:
+            return None
+        keys.append([st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    return canonical_json({"pair": keys})
+
+
+def _pair_intact(root: Path) -> bool:
     try:
-        envelope = (Path(root) / ENVELOPE_NAME).read_bytes()
-        manifest = (Path(root) / MANIFEST_NAME).read_bytes()
+        envelope = (root / ENVELOPE_NAME).read_bytes()
+        manifest = (root / MANIFEST_NAME).read_bytes()
     except OSError:
         return False
     end = envelope.rfind(b'","payloadType":"')  # canonical JSON: the payload comes first

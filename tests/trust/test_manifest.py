@@ -230,3 +230,41 @@ def test_commit_check_compares_the_whole_payload(tmp_path):
         assert not committed_intact(tmp_path)
     (tmp_path / "Manifest.json").unlink()
     assert not committed_intact(tmp_path)
+
+
+def test_the_commit_memo_spares_a_read_and_misses_no_edit(tmp_path, monkeypatch):
+    """CP-INV-1 at no-op speed: once a pair was found intact and saved, the same pair (same
+    inode, size, mtime, ctime) is intact without a read; an edit in place that puts back the size
+    and the mtime (os.utime) still moves the ctime and is caught; a memo under another host's
+    secret, or no secret, is never trusted."""
+    import json
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from c10.trust import manifest as mf
+    from c10.trust.dsse import PAYLOAD_TYPE, sign_envelope
+
+    payload = json.dumps({"files": ["x" * 500], "version": 3}, sort_keys=True).encode()
+    envelope = sign_envelope(payload, PAYLOAD_TYPE, Ed25519PrivateKey.generate())
+    (tmp_path / "Manifest.json.dsse").write_text(json.dumps(envelope, sort_keys=True,
+                                                            separators=(",", ":")))
+    (tmp_path / "Manifest.json").write_bytes(payload)
+    (tmp_path / ".c10").mkdir()
+    secret, other = b"s" * 32, b"o" * 32
+    assert mf.committed_intact(tmp_path, secret)  # read, not saved
+    assert not (tmp_path / ".c10/commit-stat.json").exists()
+    assert mf.committed_intact(tmp_path, secret, save=True)
+    reads = []
+    real = mf._pair_intact
+    monkeypatch.setattr(mf, "_pair_intact", lambda root: reads.append(root) or real(root))
+    assert mf.committed_intact(tmp_path, secret) and reads == []
+    assert mf.committed_intact(tmp_path, other) and len(reads) == 1  # another host reads
+    assert mf.committed_intact(tmp_path) and len(reads) == 2         # so does no secret
+    st = os.stat(tmp_path / "Manifest.json")
+    with open(tmp_path / "Manifest.json", "r+b") as f:  # same size, one byte changed
+        f.seek(20)
+        f.write(b"y")
+    os.utime(tmp_path / "Manifest.json", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(tmp_path / "Manifest.json").st_mtime_ns == st.st_mtime_ns
+    assert not mf.committed_intact(tmp_path, secret) and len(reads) == 3
