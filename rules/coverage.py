@@ -100,18 +100,20 @@ def _roll_forward(build) -> None:
     """A build killed between the Manifest's two renames left a torn commit: complete it first.
     Then record whether Manifest.json is the signed payload (build.commit_intact): if not (torn
     beyond repair, edited, re-formatted), the manifest task re-signs it (CP-INV-1)."""
+    from c10.rules.manifest import remember_commit
     from c10.store.host import cache_secret
-    from c10.trust.manifest import committed_intact, roll_forward
+    from c10.trust.manifest import committed_intact, remembered_intact, roll_forward
 
-    secret = cache_secret(build.root, create=True)
-    # on a no-op build: a stat of the pair, or (after each commit) its one read
-    intact = committed_intact(build.root, secret, save=True)
+    # on a no-op build: a stat of the pair (the commit recorded it), else its one read
+    remembered = remembered_intact(build.root, cache_secret(build.root))
+    intact = remembered or committed_intact(build.root)
     version = None if intact else roll_forward(build.root)
     if version is not None:
         print(f"warning: a build was cut between writing Manifest.json.dsse and Manifest.json; "
               f"rolled Manifest.json forward to the signed version {version}")
-    build.commit_intact = intact or version is not None or committed_intact(build.root, secret,
-                                                                             save=True)
+    build.commit_intact = intact or version is not None or committed_intact(build.root)
+    if build.commit_intact and not remembered:
+        remember_commit(build.root)
 
 
 def _orphan_message(plan: Plan, orphans: list[str]) -> str:

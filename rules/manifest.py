@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import sys
 import uuid
 
 from c10 import __version__
@@ -11,7 +12,8 @@ from c10.errors import ManifestWriteError
 from c10.plan import Plan
 from c10.rules import session
 from c10.rules.adapters import action, changed, plan_or_none, presigned
-from c10.store.layout import ENVELOPE_NAME, MANIFEST_NAME, ref_relpath
+from c10.store.host import cache_secret
+from c10.store.layout import COMMIT_MEMO, ENVELOPE_NAME, MANIFEST_NAME, ref_relpath
 
 # A no-op build re-signs a Manifest that would expire within its margin (else it stays untouched):
 # a tenth of the validity period, between these bounds (validity_days = 1: 2.4 hours).
@@ -57,7 +59,6 @@ def manifest_fresh(task, values) -> bool:
     """doit uptodate: False when Manifest.json is not the payload its envelope signs (edited, or a
     torn commit: CP-INV-1) or the last Manifest expires within its re-sign margin (frozen
     caches)."""
-    from c10.store.host import cache_secret
     from c10.trust.manifest import committed_intact
 
     build = session.current()
@@ -107,8 +108,21 @@ def write_manifest() -> dict:
         mf.write_signed_manifest(plan.root, data, key)
     finally:
         build.drop_key()
+    remember_commit(plan.root)
     _collect_garbage(plan, {f.path for f in files})
     return {"version": body["version"], "files": len(files), "expires": body["expires"]}
+
+
+def remember_commit(root) -> None:
+    """Record the Manifest pair as intact (c10.trust.manifest.record_intact): a failure is only
+    reported, the commit stands and the next build reads the pair once more."""
+    from c10.trust.manifest import record_intact
+
+    problem = record_intact(root, cache_secret(root, create=True))
+    if problem:
+        # stderr: doit shows it even for a task whose stdout it keeps (verbosity 1)
+        print(f"warning: {COMMIT_MEMO} not written ({problem}); the next build re-reads the "
+              "Manifest pair", file=sys.stderr)
 
 
 def _same_content(committed: dict | None, body: dict, fresh_until: dt.datetime) -> dict | None:
@@ -138,7 +152,7 @@ def _collect_garbage(plan: Plan, listed: set[str]) -> None:
         remove_dead(plan.root, dead_files(plan.root, listed))
     except OSError as exc:
         print(f"warning: the new Manifest is committed, but its predecessor's files were not all "
-              f"removed ({exc}); the next `doit build_cache` removes them")
+              f"removed ({exc}); the next `doit build_cache` removes them", file=sys.stderr)
 
 
 def _file_entries(build, plan: Plan) -> list:

@@ -14,7 +14,6 @@ from c10.canonical import canonical_json
 from c10.errors import ManifestWriteError, VerifyError
 from c10.store import atomic
 from c10.store.layout import COMMIT_MEMO, ENVELOPE_NAME, MANIFEST_NAME, STAGING_DIR, is_control
-from c10.store.memo import read_authenticated, write_authenticated
 from c10.trust.strictjson import StrictJSONError, strict_loads
 
 # c10.trust.dsse (cryptography) is imported only to sign: a no-op build never does
@@ -361,25 +360,37 @@ _ENVELOPE_MAX = 1 << 31  # the envelope of the largest Manifest c10 reads, with 
 _PAYLOAD_START = len(b'{"payload":"')  # canonical JSON sorts "payload" first
 
 
-def committed_intact(root: Path, secret: bytes | None = None, save: bool = False) -> bool:
+def committed_intact(root: Path, secret: bytes | None = None) -> bool:
     """Manifest.json is, byte for byte, the payload its envelope signs: a finished commit that
     nothing edited since (a torn one, a tampered, re-ordered or re-formatted Manifest.json all
     differ). Both files are read whole and the payload's base64 is compared, nothing is parsed
-    as JSON (every build asks, a no-op included); the signature is left to the verifier.
+    as JSON (every build asks, a no-op included); the signature is left to the verifier. With
+    this host's `secret`, a pair recorded intact (remembered_intact) is not read again."""
+    return remembered_intact(root, secret) or _pair_intact(Path(root))
 
-    With this host's `secret`, a pair whose stat (inode, size, mtime, ctime) is the one recorded
-    when it was last found intact is not read again (any write to either file moves its ctime,
-    which no user call sets back); `save` records it (under the build lock only)."""
-    root = Path(root)
-    stats = _pair_stat(root)
+
+def remembered_intact(root: Path, secret: bytes | None) -> bool:
+    """The pair's stat (inode, size, mtime, ctime) is the one record_intact kept under this host's
+    `secret`: any write to either file since moves its ctime, which no user call sets back."""
+    from c10.store.memo import read_authenticated  # not on the verifier's import path
+
+    stats = _pair_stat(Path(root))
+    return stats is not None and read_authenticated(Path(root) / COMMIT_MEMO, secret) == stats
+
+
+def record_intact(root: Path, secret: bytes) -> str | None:
+    """Record the pair's stat as intact (right after a commit, or a full check, under the build
+    lock); why it could not be, or None. A failure only costs the next build one read."""
+    from c10.store.memo import write_authenticated
+
+    stats = _pair_stat(Path(root))
     if stats is None:
-        return False
-    if read_authenticated(root / COMMIT_MEMO, secret) == stats:
-        return True
-    intact = _pair_intact(root)
-    if intact and save and secret is not None:
-        write_authenticated(root / COMMIT_MEMO, stats, secret)
-    return intact
+        return "the Manifest pair is missing"
+    try:
+        write_authenticated(Path(root) / COMMIT_MEMO, stats, secret)
+    except OSError as exc:
+        return str(exc)
+    return None
 
 
 def _pair_stat(root: Path) -> bytes | None:

@@ -252,9 +252,10 @@ def test_the_commit_memo_spares_a_read_and_misses_no_edit(tmp_path, monkeypatch)
     (tmp_path / "Manifest.json").write_bytes(payload)
     (tmp_path / ".c10").mkdir()
     secret, other = b"s" * 32, b"o" * 32
-    assert mf.committed_intact(tmp_path, secret)  # read, not saved
-    assert not (tmp_path / ".c10/commit-stat.json").exists()
-    assert mf.committed_intact(tmp_path, secret, save=True)
+    assert mf.committed_intact(tmp_path, secret)  # read, not recorded
+    assert not mf.remembered_intact(tmp_path, secret)
+    assert mf.record_intact(tmp_path, secret) is None
+    assert mf.remembered_intact(tmp_path, secret) and not mf.remembered_intact(tmp_path, other)
     reads = []
     real = mf._pair_intact
     monkeypatch.setattr(mf, "_pair_intact", lambda root: reads.append(root) or real(root))
