@@ -7,12 +7,29 @@ from doit.dependency import FileChangedChecker
 
 from c10.rules import session
 from c10.store.hashcache import stat_key
+from c10.store.layout import TILES_DIR
+
+_TILES = TILES_DIR + "/"
 
 
 class Blake3Checker(FileChangedChecker):
     """State is [size, mtime_ns, inode, ctime_ns, blake3]: a matching stat trusts the hash, else it
     is looked up or computed once through the shared hash cache (a mass `touch` costs one re-hash,
     ever)."""
+
+    def __init__(self) -> None:
+        self._tile_stats: dict[str, os.stat_result] = {}
+
+    def info(self, file_path):
+        """os.stat, once per run for a tile: a tile is a file_dep of its block's shard and of up to
+        three window shards (shards.stride < 1), and no task writes under tiles/. Every other file
+        (refs the shard tasks write, models) is stat'ed each time it is asked."""
+        if not file_path.startswith(_TILES):
+            return os.stat(file_path)
+        st = self._tile_stats.get(file_path)
+        if st is None:
+            st = self._tile_stats[file_path] = os.stat(file_path)
+        return st
 
     def check_modified(self, file_path, file_stat, state):
         if type(state) is not list or len(state) != 5:
