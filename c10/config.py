@@ -28,6 +28,7 @@ RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
 EXECUTORS = ("local", "dask")
 TILE_TRANSPORTS = ("bytes", "shared")
 MAX_ZOOM = 24
+MAX_DIV = 4  # shards.stride down to 1/4 tile: 16 rows per tile already
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -77,6 +78,14 @@ class Engines:
 @dataclass(frozen=True)
 class Shards:
     block: int = 16
+    # Retrieval windows of the global models, in tiles: 1 (tiles only), 0.5 (windows at half-tile
+    # offsets), 1/3, 0.25 (c10.features.windows)
+    stride: float = 1.0
+
+    @property
+    def div(self) -> int:
+        """Window offsets per tile side (1 / stride): index ids count in 1/div tile."""
+        return round(1 / self.stride)
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,10 @@ class Config:
     def request(self) -> dict[str, Any]:
         """The request as plain JSON values (not the executor: where descriptors are computed is
         not what the cache is); the build's own key of what it was asked."""
-        return _plain(dataclasses.asdict(self) | {"root": None, "executor": None})
+        request = _plain(dataclasses.asdict(self) | {"root": None, "executor": None})
+        if self.shards.stride == 1:  # tiles only: the request (and Manifest) of a c10 without it
+            del request["shards"]["stride"]
+        return request
 
     def signed_request(self) -> dict[str, Any]:
         """The request as the Manifest records it: no workstation path (a model by its path
@@ -179,7 +191,7 @@ def parse_config(data: dict, root: Path, where: str = CONFIG_NAME) -> Config:
         area=area,
         models={name: _model(name, spec, root, where) for name, spec in models.items()},
         engines=_section(Engines, data.get("engines", {}), where, "engines"),
-        shards=_section(Shards, data.get("shards", {}), where, "shards"),
+        shards=_shards(data.get("shards", {}), where),
         index=_section(Index, data.get("index", {}), where, "index"),
         signing=_signing(data.get("signing", {}), root, where, area.sector_class),
         executor=_executor(data.get("executor", {}), where),
@@ -227,6 +239,15 @@ def _validate(obj: Any, where: str, name: str) -> None:
         value = getattr(obj, f.name)
         if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
             raise ConfigError(f"{where}: `{name}.{f.name}` must be positive, got {value}")
+
+
+def _shards(table: dict, where: str) -> Shards:
+    shards = _section(Shards, table, where, "shards")
+    stride, allowed = shards.stride, [1.0 / n for n in range(1, MAX_DIV + 1)]
+    if not any(abs(stride - a) < 1e-9 for a in allowed):
+        raise ConfigError(f"{where}: `shards.stride` = {stride!r}; allowed: 1 (tiles only), 0.5, "
+                          f"1/3 (0.3333333333333333) or 0.25: windows at 1/n-tile offsets")
+    return dataclasses.replace(shards, stride=1.0 / shards.div)
 
 
 def _area(table: dict, where: str) -> Area:

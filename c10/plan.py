@@ -9,9 +9,10 @@ from c10.canonical import digest
 from c10.config import Config, Model, load_config
 from c10.errors import CalibrationCacheError, EngineBuildError, ModelError
 from c10.features import engines
+from c10.features.window_grid import WindowBlock, window_blocks
 from c10.store.hashcache import HashCache
 from c10.store.host import cache_secret
-from c10.store.layout import ENGINES_DIR, SCAN_MEMO, index_relpaths, shard_relpath
+from c10.store.layout import ENGINES_DIR, SCAN_MEMO, index_relpaths, shard_relpath, window_relpath
 from c10.store.tiles import Scan, Scope, Tile, group_blocks, read_memo, scan_tiles
 
 SHARD_ROLES = ("global", "local")  # a matcher has no per-tile output
@@ -30,6 +31,8 @@ class ModelPlan:
     engine_rel: str
     sidecar_rel: str
     shards: dict[str, list[Tile]] = field(default_factory=dict)  # shard relpath -> its tiles
+    # global models with shards.stride < 1: window shard relpath -> the tiles its windows cover
+    windows: dict[str, WindowBlock] = field(default_factory=dict)
 
     @property
     def index_rels(self) -> tuple[str, ...]:
@@ -97,7 +100,7 @@ class Plan:
         """Logical paths of every shard and index file (each a ref in .c10/refs/)."""
         out = []
         for plan in self.plans.values():
-            out += [*plan.shards, *plan.index_rels]
+            out += [*plan.shards, *plan.windows, *plan.index_rels]
         return out
 
     def shipped_inputs(self) -> list[str]:
@@ -123,10 +126,13 @@ def load_plan(root: Path, hashes: HashCache, memo: bool = True) -> Plan:
     tiles, out = scope.split(scan.tiles)
     plans = {name: _model_plan(root, config, model, hashes)
              for name, model in config.models.items()}
+    blocks = group_blocks(tiles, config.shards.block)
+    windows = window_blocks(tiles, config.shards.block, config.shards.div)
     for plan in plans.values():
         if plan.model.role in SHARD_ROLES:
-            plan.shards = {shard_relpath(plan.model.name, b): ts
-                           for b, ts in group_blocks(tiles, config.shards.block).items()}
+            plan.shards = {shard_relpath(plan.model.name, b): ts for b, ts in blocks.items()}
+        if plan.model.role == "global":
+            plan.windows = {window_relpath(plan.model.name, b): ws for b, ws in windows.items()}
     return Plan(root, config, tiles, out, scan.strays, plans, scan)
 
 

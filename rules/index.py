@@ -17,12 +17,21 @@ def task_index():
             continue
         yield {
             "name": model_plan.model.name,
-            "doc": f"FAISS {plan.config.index.factory} index over {len(plan.tiles)} tiles",
-            "file_dep": [ref_relpath(rel) for rel in model_plan.shards],
+            "doc": f"FAISS {plan.config.index.factory} index over {len(plan.tiles)} tiles"
+                   + (" and their windows" if model_plan.windows else ""),
+            "file_dep": [ref_relpath(rel) for rel in [*model_plan.shards, *model_plan.windows]],
             "targets": [ref_relpath(rel) for rel in model_plan.index_rels],
-            "uptodate": [changed(dataclasses.asdict(plan.config.index)), refs_current],
+            "uptodate": [changed(index_key(plan)), refs_current],
             "actions": [(action(build_index), [model_plan.model.name])],
         }
+
+
+def index_key(plan) -> dict:
+    """The index parameters, and the stride when there are windows (a stride back to 1 drops the
+    window shards from file_dep, which doit alone would not notice)."""
+    key = dataclasses.asdict(plan.config.index)
+    div = plan.config.shards.div
+    return key | {"div": div} if div != 1 else key  # tiles only: today's key, no re-run
 
 
 def build_index(name: str) -> dict:
@@ -34,6 +43,8 @@ def build_index(name: str) -> dict:
     plan = build.begin_writing()
     model_plan = plan.plans[name]
     # each shard as this build wrote it or the last signed Manifest lists it: a forged ref fails
-    shards = [io.BytesIO(build.provenance.current(rel)[1]) for rel in sorted(model_plan.shards)]
-    rows, entries = build_index(build.root, name, shards, plan.config.index)
+    shards, windows = ([io.BytesIO(build.provenance.current(rel)[1]) for rel in sorted(rels)]
+                       for rels in (model_plan.shards, model_plan.windows))
+    rows, entries = build_index(build.root, name, shards, plan.config.index, windows,
+                                plan.config.shards.div)
     return {"rows": rows, "refs": published(build, dict(zip(model_plan.index_rels, entries)))}

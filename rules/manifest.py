@@ -204,7 +204,7 @@ def _owned_files(plan: Plan) -> list[tuple[str, str]]:
     """(logical path, kind) of every shard and index file."""
     out = []
     for model_plan in plan.plans.values():
-        out += [(rel, "shard") for rel in model_plan.shards]
+        out += [(rel, "shard") for rel in [*model_plan.shards, *model_plan.windows]]
         out += [(rel, "index") for rel in model_plan.index_rels]
     return out
 
@@ -237,7 +237,9 @@ def _runtime_model(plan: Plan, mp, index) -> dict:
         index_rel, ids_rel = (current_entry(plan.root, rel)["path"] for rel in mp.index_rels)
         out["index"] = {"index": index_rel, "ids": ids_rel, "factory": index.factory,
                         "metric": index.metric, "ef_search": index.ef_search,
-                        "ef_construction": index.ef_construction}
+                        "ef_construction": index.ef_construction,
+                        # the id map counts in 1/div tile (shards.stride = 1/div; 1: tile ids)
+                        "div": plan.config.shards.div}
     if model.role == "local":
         out["shards"] = {rel: current_entry(plan.root, rel)["path"] for rel in mp.shards}
     return out

@@ -14,6 +14,8 @@ from c10.store.layout import ref_relpath
 def task_shards():
     """Embed each block of tiles into a descriptor shard (global) or a local-feature shard
     (local)."""
+    from c10.rules.windows import window_tasks
+
     plan = plan_or_none()
     for model_plan in plan.shard_plans() if plan else ():
         for rel, tiles in model_plan.shards.items():
@@ -28,6 +30,8 @@ def task_shards():
                 "uptodate": [changed(shard_key(model_plan.ident, tiles)), refs_current],
                 "actions": [(action(build_shard), [model_plan.model.name, rel])],
             }
+    if plan is not None:  # the global models' retrieval windows (shards.stride < 1)
+        yield from window_tasks(plan)
 
 
 def shard_key(ident: str, tiles) -> str:
@@ -95,16 +99,17 @@ def signed_tiles(provenance) -> set[str]:
     return {digest for rel, digest in provenance.signed.items() if rel.startswith(TILES_DIR + "/")}
 
 
-def trusted_shards(root, provenance) -> list:
+def trusted_shards(root, provenance, windows: bool = False) -> list:
     """A Source per trusted shard file, the signed ones first; each read back only if its bytes
-    are still the trusted ones."""
-    from c10.store.layout import SHARDS_DIR, split_tagged
+    are still the trusted ones. windows: the window shards (rules/windows.py) instead of the
+    tiles' (neither holds the other's rows)."""
+    from c10.store.layout import SHARDS_DIR, WINDOWS_SUFFIX, split_tagged
 
     signed, written = provenance.signed, dict(provenance.ledger.files)
     sources = []
     for rel in [*signed, *(rel for rel in written if rel not in signed)]:
         split = split_tagged(rel) if rel.startswith(SHARDS_DIR + "/") else None
-        if split is not None:
+        if split is not None and split[0].endswith(WINDOWS_SUFFIX) == windows:
             digests = tuple(dict.fromkeys(d for d in (signed.get(rel), written.get(rel)) if d))
             sources.append(_source(root, provenance, rel, digests, split[0], rel in signed))
     return sources

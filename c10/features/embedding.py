@@ -26,10 +26,13 @@ DECODE_THREADS = min(4, os.cpu_count() or 1)
 
 def embed_tiles(runner, paths: Sequence[Path], prep: Preprocessing, batch_size: int = 32,
                 workers: int | None = None,
-                progress: Callable[[int], None] | None = None) -> np.ndarray:
+                progress: Callable[[int], None] | None = None,
+                load: Callable = load_tensor) -> np.ndarray:
     """L2-normalised descriptors of `paths`, in order. Each worker takes a whole batch, decodes it
     into its own buffer and runs it on one of the engine's streams: every core is always either
-    decoding or inferring, and no engine thread waits for a decoder on its core."""
+    decoding or inferring, and no engine thread waits for a decoder on its core.
+
+    load(item, prep, out) fills one tensor (default: decode a tile file; windows cut a mosaic)."""
     n = len(paths)
     if not n:
         return np.zeros((0, 0), np.float32)
@@ -37,7 +40,8 @@ def embed_tiles(runner, paths: Sequence[Path], prep: Preprocessing, batch_size: 
     size = _batch(n, batch_size, workers)
     run = getattr(runner, "stream", runner)
     bounds = list(itertools.accumulate(_staggered(n, size, workers), initial=0))
-    futures = [worker_pool("embed", workers).submit(_embed_batch, run, paths[i:j], prep, size)
+    futures = [worker_pool("embed", workers).submit(_embed_batch, run, paths[i:j], prep, size,
+                                                       load)
                for i, j in zip(bounds[:-1], bounds[1:])]
     out = []
     try:
@@ -86,7 +90,7 @@ _BUFFERS = threading.local()
 
 
 def _embed_batch(run: Callable[[np.ndarray], np.ndarray], paths: Sequence[Path],
-                 prep: Preprocessing, size: int) -> np.ndarray:
+                 prep: Preprocessing, size: int, load: Callable = load_tensor) -> np.ndarray:
     """One batch decoded into this worker's buffer (reused: fresh pages cost as much as a resize),
     then run."""
     shape = (size, *prep.shape)
@@ -94,7 +98,7 @@ def _embed_batch(run: Callable[[np.ndarray], np.ndarray], paths: Sequence[Path],
         _BUFFERS.shape, _BUFFERS.array = shape, np.empty(shape, np.float32)
     batch = _BUFFERS.array[:len(paths)]
     for j, path in enumerate(paths):
-        load_tensor(path, prep, batch[j])
+        load(path, prep, batch[j])
     with inference(paths):
         out = run(batch)
     # a copy: the buffer is reused
@@ -111,7 +115,7 @@ def inference(paths: Sequence[Path]) -> Iterator[None]:
     except DescriptorBatchError:
         raise
     except Exception as exc:
-        first, last = Path(paths[0]), Path(paths[-1])
+        first, last = paths[0], paths[-1]  # tile paths, or windows (their own str)
         tiles = f"{first}" if len(paths) == 1 else f"{len(paths)} tiles {first} .. {last}"
         raise DescriptorBatchError(
             f"the engine failed on {tiles}: {type(exc).__name__}: {exc}",

@@ -13,22 +13,34 @@ from c10.features.shards import read_shard
 from c10.store import refs
 from c10.store.layout import index_relpaths
 
+# Row -> (z, x, y) in units of 1/div tile (div = 1 / shards.stride, signed in the runtime spec): a
+# row's footprint is the one-tile square whose top-left corner is (x/div, y/div) in tile
+# coordinates; a tile's row is (z, x*div, y*div), a window's its id (c10.features.windows).
 IDS_DTYPE = np.dtype([("z", "<u1"), ("x", "<u4"), ("y", "<u4")])
 
 
-
-def load_descriptors(shards: Sequence[Path | BinaryIO]) -> tuple[np.ndarray, np.ndarray]:
-    """Descriptors and tile ids of all shards (paths or open files), sorted by (z, x, y)."""
+def load_descriptors(shards: Sequence[Path | BinaryIO], windows: Sequence[Path | BinaryIO] = (),
+                     div: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Descriptors and ids of all tile shards and window shards (paths or open files), sorted by
+    (z, x, y) in 1/div tile (div = 1, no windows: tile ids, as before windows)."""
     parts = [read_shard(p) for p in shards]
     if not parts or not sum(len(p) for p in parts):
         raise IndexBuildError("no descriptors to index: no tiles in scope; "
                               "fetch tiles into tiles/ first")
-    rows = np.concatenate(parts)
-    rows = rows[np.lexsort((rows["y"], rows["x"], rows["z"]))]
+    tiles = np.concatenate(parts)
+    parts = [_ids(tiles, div)] + [_ids(read_shard(p), 1) for p in windows]
+    ids = np.concatenate([p[0] for p in parts])
+    desc = np.concatenate([p[1] for p in parts]) if windows else parts[0][1]
+    order = np.lexsort((ids["y"], ids["x"], ids["z"]))
+    return np.ascontiguousarray(desc[order], dtype=np.float32), ids[order]
+
+
+def _ids(rows: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids scaled by `scale`, descriptors) of shard rows."""
     ids = np.zeros(len(rows), IDS_DTYPE)
     for name in IDS_DTYPE.names:
-        ids[name] = rows[name]
-    return np.ascontiguousarray(rows["desc"], dtype=np.float32), ids
+        ids[name] = rows[name] * scale if name != "z" else rows[name]
+    return ids, rows["desc"]
 
 
 def make_index(desc: np.ndarray, params: Index):
@@ -58,12 +70,13 @@ def _set_hnsw(index, params: Index, faiss) -> None:
         hnsw.efSearch = params.ef_search
 
 
-def build_index(root: Path, model: str, shards: Sequence[Path | BinaryIO],
-                params: Index) -> tuple[int, list[dict]]:
-    """Write the model's index and id map under their content names: (rows, their two entries)."""
+def build_index(root: Path, model: str, shards: Sequence[Path | BinaryIO], params: Index,
+                windows: Sequence[Path | BinaryIO] = (), div: int = 1) -> tuple[int, list[dict]]:
+    """Write the model's index and id map under their content names: (rows, their two entries).
+    windows, div: the model's window shards and the stride's 1/div (ids in 1/div tile)."""
     import faiss
 
-    desc, ids = load_descriptors(shards)
+    desc, ids = load_descriptors(shards, windows, div)
     index = make_index(desc, params)
     index_rel, ids_rel = index_relpaths(model)
     buf = io.BytesIO()

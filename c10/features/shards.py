@@ -52,10 +52,13 @@ class ShardStats:
 
 
 def build_shard(root: Path, logical: str, records: Sequence[TileRecord], compute: Compute,
-                ident: str, codec: Codec = DESCRIPTORS, reuse: Reuse | None = None) -> ShardStats:
+                ident: str, codec: Codec = DESCRIPTORS, reuse: Reuse | None = None,
+                inputs: Callable[[TileRecord], object] | None = None) -> ShardStats:
     """Write one shard under its content name, computing only the tiles `reuse` has no trusted
     row for (c10.features.descriptor_store: by tile bytes and this identity, from any trusted
-    shard), each distinct tile content once; stats.entry names the new file (for its ref)."""
+    shard), each distinct tile content once; stats.entry names the new file (for its ref).
+
+    inputs(record): what compute() gets for a row (default: the tile file's path)."""
     values = list(reuse([(r.tile.id, r.blake3) for r in records])) if reuse else \
         [None] * len(records)
     todo, first = [], {}  # a tile copied under two ids of this block is computed once
@@ -64,7 +67,8 @@ def build_shard(root: Path, logical: str, records: Sequence[TileRecord], compute
             first[records[i].blake3] = len(todo)
             todo.append(i)
     if todo:
-        fresh = compute([Path(root) / records[i].tile.path for i in todo])
+        where = inputs or (lambda r: Path(root) / r.tile.path)
+        fresh = compute([where(records[i]) for i in todo])
         computed = [tuple(column[j] for column in fresh) for j in range(len(todo))]
         values = [computed[first[r.blake3]] if row is None else row
                   for r, row in zip(records, values)]

@@ -108,7 +108,7 @@ class FlightCache:
         spec = self.model(model)
         index, ids = self._index(spec)
         searcher = Searcher(self.runner(spec), preprocessing(spec), index, ids, spec.index.metric,
-                            self.tiles, spec.batch_size)
+                            self.tiles, spec.batch_size, div=spec.index.div)
         return searcher, spec.name
 
     def _index(self, spec: ModelSpec):

@@ -48,6 +48,16 @@ def shard_relpath(model: str, block: tuple[int, int, int]) -> str:
     return f"{SHARDS_DIR}/{model}/{z}/{bx}-{by}.npy"
 
 
+WINDOWS_SUFFIX = ".windows.npy"
+
+
+def window_relpath(model: str, block: tuple[int, int, int]) -> str:
+    """shards/{model}/{z}/{bx}-{by}.windows.npy: the retrieval windows of a block
+    (c10.features.windows)."""
+    z, bx, by = block
+    return f"{SHARDS_DIR}/{model}/{z}/{bx}-{by}{WINDOWS_SUFFIX}"
+
+
 def index_relpaths(model: str) -> tuple[str, str]:
     """(FAISS index, row -> tile id array) of a model."""
     return f"{INDEX_DIR}/{model}.faiss", f"{INDEX_DIR}/{model}.ids.npy"

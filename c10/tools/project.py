@@ -78,6 +78,10 @@ input_size = []
 [shards]
 # A shard holds block x block tiles of one zoom; a new tile re-embeds only its block.
 block = 16
+# Retrieval windows of the global models, in tiles: 0.5 adds a window at every half-tile offset
+# (a frame that straddles tiles finds one centred on it; about 4x the embeddings), 1/3 or 0.25
+# finer; 1 (the default): tiles only.
+# stride = 0.5
 
 [index]
 # Any faiss.index_factory string: "Flat" is exact (fine below ~50k tiles), "HNSW32,Flat" scales.

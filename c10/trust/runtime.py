@@ -8,6 +8,7 @@ from c10.store.layout import MANIFEST_NAME
 
 ROLES = ("global", "local", "matcher")
 PREP_KEYS = ("input_size", "mean", "std", "channel_order", "resize", "code")
+MAX_DIV = 4  # c10.config.MAX_DIV: the finest stride a build makes
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,9 @@ class IndexSpec:
     factory: str
     metric: str
     ef_search: int
+    # ids count in 1/div tile (shards.stride = 1/div): a row's footprint is the one-tile square
+    # whose top-left corner is (x/div, y/div); 1: tile ids (and a Manifest that does not say)
+    div: int = 1
 
 
 @dataclass(frozen=True)
@@ -105,9 +109,12 @@ def _model(name: str, value, listed: set[str]) -> ModelSpec:
 def _index(name: str, value, listed: set[str]) -> IndexSpec:
     value = _dict(value)
     where = f"runtime.models.{name}.index"
+    div = _int(value.get("div", 1), f"{where}.div")  # (c10 before windows: tile ids)
+    if not 1 <= div <= MAX_DIV:
+        raise TypeError(f"{where}.div")
     return IndexSpec(_listed(value["index"], listed, where), _listed(value["ids"], listed, where),
                      _str(value["factory"], where), _str(value["metric"], where),
-                     _int(value["ef_search"], where))
+                     _int(value["ef_search"], where), div)
 
 
 def _listed(value, listed: set[str], where: str) -> str:
