@@ -125,17 +125,23 @@ class FlightCache:
                               f"holds {index.ntotal}; {_BUILD_AGAIN}", spec.index.ids)
         return index, ids
 
-    def reranker(self):
-        """Reranker over the first local and the first matcher model (`c10 query --rerank`)."""
-        from c10.query.rerank import Reranker
+    def reranker(self, matching: str = "mnn"):
+        """Reranker over the first local model (`c10 query --rerank`) and, for matching =
+        "lightglue", the first matcher model; c10.query.rerank.MATCHING says what each costs."""
+        from c10.query.rerank import MATCHING, Reranker
 
-        missing = [r for r in ("local", "matcher") if not self.runtime.role(r)]
+        if matching not in MATCHING:
+            raise ConfigError(f"--matcher {matching!r}: allowed: {', '.join(MATCHING)}")
+        roles = ("local", "matcher") if matching == "lightglue" else ("local",)
+        missing = [r for r in roles if not self.runtime.role(r)]
         if missing:
-            raise ConfigError(f"{self.root}: --rerank needs a model with role = \"local\" and one "
-                              f"with role = \"matcher\" (missing: {', '.join(missing)})",
-                              "`c10 export-models` writes both and prints their tables; then "
+            needs = " and one with role = \"matcher\"" if matching == "lightglue" else ""
+            raise ConfigError(f"{self.root}: --rerank needs a model with role = \"local\"{needs} "
+                              f"(missing: {', '.join(missing)})",
+                              "`c10 export-models` writes them and prints their tables; then "
                               "rebuild the cache")
-        local, matcher = self.runtime.role("local")[0], self.runtime.role("matcher")[0]
+        local = self.runtime.role("local")[0]
+        matcher = self.runner(self.runtime.role("matcher")[0]) if matching == "lightglue" else None
 
         def shard(logical: str) -> bytes:
             rel = local.shards.get(logical)
@@ -144,8 +150,8 @@ class FlightCache:
                                   logical)
             return self.read(rel)
 
-        return Reranker(self.runner(local), preprocessing(local), self.runner(matcher), local.name,
-                        self.runtime.block, shard)
+        return Reranker(self.runner(local), preprocessing(local), matcher, local.name,
+                        self.runtime.block, shard, self.tiles, matching)
 
     def query(self, image, k: int = 5, model: str | None = None):
         """Top-k tiles for an image file (path) of a camera frame."""
