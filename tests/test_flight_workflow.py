@@ -35,3 +35,22 @@ def test_demo_pack_verify_airborne_then_query_the_image(tmp_path, capsys):
     code, ground = run(capsys, "query", demo, demo / tile.relative_to(image), "-k", "3", "--json",
                        "--trusted-keys", pub)
     assert code == 0 and json.loads(ground)["hits"] == json.loads(out)["hits"]
+
+
+def test_a_demo_with_windows_signs_them_and_keeps_its_comments(tmp_path, capsys):
+    """`c10 demo --stride 0.5` (the default with --real-models): shards.stride is written into
+    c10.toml with its comments kept, the window shards are built and signed, and the aircraft
+    reads div = 2 from the signed runtime spec."""
+    import json
+
+    from c10.cli import main as c10_main
+
+    root = tmp_path / "demo"
+    assert c10_main(["demo", str(root), "--tiles", "24", "--backend", "onnxruntime",
+                     "--key", str(tmp_path / "k.pem"), "--stride", "0.5"]) == 0
+    text = (root / "c10.toml").read_text()
+    assert "stride = 0.5" in text and "# Retrieval windows of the global models" in text
+    body = json.loads((root / "Manifest.json").read_bytes())
+    assert any(f["path"].startswith("shards/global/") and ".windows." in f["path"]
+               for f in body["files"])
+    assert body["runtime"]["models"]["global"]["index"]["div"] == 2

@@ -25,6 +25,10 @@ def register(sub) -> None:
                           "(needs c10[export])")
     cmd.add_argument("--keypoints", type=int, default=256,
                      help="local keypoints per tile with --real-models (default 256)")
+    cmd.add_argument("--stride", choices=("1", "0.5"),
+                     help="shards.stride: 0.5 adds retrieval windows at half-tile offsets, so "
+                          "camera frames that straddle tiles localize (default: 0.5 with "
+                          "--real-models, 1 otherwise)")
     cmd.set_defaults(func=cmd_demo)
     _operator_commands(sub)
     _network_commands(sub)
@@ -54,7 +58,8 @@ def cmd_demo(args) -> int:
     from c10.tools.demo import make_demo
 
     return make_demo(args.dir, run_build, tiles=args.tiles, key=args.key, backend=args.backend,
-                     real_models=args.real_models, keypoints=args.keypoints)
+                     real_models=args.real_models, keypoints=args.keypoints,
+                     stride=float(args.stride) if args.stride else None)
 
 
 def _operator_commands(sub) -> None:

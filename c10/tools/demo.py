@@ -37,18 +37,22 @@ def demo_key_path(root: Path) -> Path:
 
 def make_demo(root: Path, build: Callable[[Path], int], *, tiles: int = 300,
               key: Path | None = None, backend: str = "auto", real_models: bool = False,
-              keypoints: int = 256) -> int:
+              keypoints: int = 256, stride: float | None = None) -> int:
     """Create (or refresh) the demo cache at `root`, build it with `build` (the doit layer's
     run_build: this module stays doit-free), verify it, and say what was made.
 
     real_models: pretrained ALIKED and ALIKED-LightGlue (c10 export-models) instead of generated
-    networks."""
+    networks; stride: shards.stride (retrieval windows at 1/stride-tile offsets when < 1; default
+    0.5 with real models, whose frames then localize, else 1)."""
     root = Path(root)
     _check_target(root)
     root.mkdir(parents=True, exist_ok=True)
     key = key or demo_key_path(root)
     t0 = time.perf_counter()
     bbox, kid, pub = _prepare(root, tiles, key, backend, keypoints if real_models else None)
+    stride = stride if stride is not None else 0.5 if real_models else 1.0
+    if stride != 1:
+        _set_stride(root / CONFIG_NAME, stride)
     prep_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     code = build(root)
@@ -93,6 +97,17 @@ def _prepare(root: Path, tiles: int, key: Path, backend: str, keypoints: int | N
     print(f"c10 demo: {len(made)} synthetic tiles over bbox {list(bbox)} at zooms {list(ZOOMS)}, "
           f"{networks}, key {key} (keyid {kid[:16]}...)")
     return bbox, kid, pub
+
+
+def _set_stride(path: Path, stride: float) -> None:
+    """shards.stride in the demo's c10.toml (tomlkit: its comments stay)."""
+    import tomlkit
+
+    from c10.store import atomic
+
+    doc = tomlkit.parse(path.read_text())
+    doc["shards"]["stride"] = stride
+    atomic.write_text(path, tomlkit.dumps(doc))
 
 
 def _real_models(root: Path, keypoints: int) -> str:
