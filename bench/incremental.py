@@ -65,9 +65,12 @@ def write_tiles(root: Path, slots, size: int, seed: int) -> None:
         path.write_bytes(tile_jpeg(rng, size))
 
 
-def make_cache(root: Path, key: Path, args) -> list[tuple[int, int]]:
-    extra = args.tiles * args.percent // 100
-    first, added, bbox = layout(args.tiles, extra, args.seed, args.spread)
+def make_cache(root: Path, key: Path, args, extra: int | None = None,
+               stride: str | None = None) -> list[tuple[int, int]]:
+    """The first build's cache (tiles, model, c10.toml); the slots the later build adds."""
+    if extra is None:
+        extra = args.tiles * args.percent // 100
+    first, added, bbox = layout(args.tiles, extra, args.seed, getattr(args, "spread", "random"))
     write_tiles(root, first, args.tile_size, args.seed)
     netgen.write_global_model(root / "models" / "global.onnx", input_size=args.input, dim=args.dim)
     init_cache(root, bbox=str(list(bbox)), zooms=f"[{ZOOM}]", backend=args.backend,
@@ -76,8 +79,10 @@ def make_cache(root: Path, key: Path, args) -> list[tuple[int, int]]:
     text = text.split("[models.local]")[0] + "[shards]" + text.split("[shards]")[1]
     # the first build has holes where the added tiles go: missing tiles are allowed here
     text = text.replace("require_complete = true", "require_complete = false")
-    (root / "c10.toml").write_text(text.replace("block = 16", f"block = {args.block}")
-                                   .replace('factory = "Flat"', f'factory = "{args.factory}"'))
+    text = text.replace("block = 16", f"block = {args.block}"
+                        + (f"\nstride = {stride}" if stride else ""))
+    factory = getattr(args, "factory", "Flat")
+    (root / "c10.toml").write_text(text.replace('factory = "Flat"', f'factory = "{factory}"'))
     return added
 
 

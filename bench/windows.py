@@ -13,26 +13,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from incremental import ZOOM, build, layout, write_tiles  # noqa: E402
+import incremental  # noqa: E402
+from incremental import build, write_tiles  # noqa: E402
 
-from c10.tools import netgen  # noqa: E402
-from c10.tools.project import init_cache  # noqa: E402
 from c10.trust.keys import generate_key  # noqa: E402
 
 
 def make_cache(root: Path, key: Path, args, stride: str) -> list[tuple[int, int]]:
     """args.tiles tiles in a square with one random hole (the tile the incremental build adds)."""
-    first, added, bbox = layout(args.tiles, 1, args.seed, "random")
-    write_tiles(root, first, args.tile_size, args.seed)
-    netgen.write_global_model(root / "models" / "global.onnx", input_size=args.input, dim=args.dim)
-    init_cache(root, bbox=str(list(bbox)), zooms=f"[{ZOOM}]", backend=args.backend,
-               size=args.input, key=str(key))
-    text = (root / "c10.toml").read_text()
-    text = text.split("[models.local]")[0] + "[shards]" + text.split("[shards]")[1]
-    text = text.replace("require_complete = true", "require_complete = false")
-    text = text.replace("block = 16", f"block = {args.block}\nstride = {stride}")
-    (root / "c10.toml").write_text(text)
-    return added
+    return incremental.make_cache(root, key, args, extra=1, stride=stride)
 
 
 def index_facts(root: Path) -> dict:
