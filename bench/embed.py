@@ -148,8 +148,8 @@ def bench_backend(workdir: Path, backend: str, args) -> dict:
     from c10.rules.driver import run_build
 
     root = workdir / f"cache-{backend}"
-    # ONNX Runtime's engine is fp32 only
-    precision = args.precision if backend == "openvino" else "fp32"
+    # ONNX Runtime's engine is fp32 or int8 (calibrated on the cache's tiles)
+    precision = args.precision if backend == "openvino" or args.precision == "int8" else "fp32"
     make_cache(root, args.tiles, backend, workdir / "key.pem", args.input, args.block, precision)
     os.environ["C10_NO_PROGRESS"] = "1"
     with contextlib.redirect_stdout(sys.stderr):  # doit's progress lines: keep stdout pure JSON
@@ -218,7 +218,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backends", default="onnxruntime,openvino")
     parser.add_argument("--precision", default="fp32",
-                        help="OpenVINO's models.global.precision (bf16: AMX hosts)")
+                        help="OpenVINO's models.global.precision (bf16: AMX hosts); int8: "
+                             "ONNX Runtime's too")
     parser.add_argument("--what-if", choices=("free-resize",), default=None,
                         help="free-resize: crop instead of resizing, to measure what a zero-cost "
                              "resize would reach")

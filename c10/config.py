@@ -28,6 +28,8 @@ RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
 EXECUTORS = ("local", "dask")
 TILE_TRANSPORTS = ("bytes", "shared")
 MAX_ZOOM = 24
+# Model settings only precision = "int8" reads: left out of the request of any other model
+INT8_KEYS = ("calibration_tiles", "holdout_tiles", "int8_min_cosine", "int8_max_recall_drop")
 MAX_DIV = 4  # shards.stride down to 1/4 tile: 16 rows per tile already
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -54,6 +56,12 @@ class Model:
     resize: str = "bilinear"
     batch_size: int = 32
     calibration: Path | None = None
+    # INT8 on ONNX Runtime: tiles it calibrates on and tiles its accuracy gate holds out
+    # (c10.features.int8), and the gate's thresholds against the fp32 engine.
+    calibration_tiles: int = 128
+    holdout_tiles: int = 128
+    int8_min_cosine: float = 0.99
+    int8_max_recall_drop: float = 0.01
 
     def preprocessing(self) -> dict[str, Any]:
         """The settings that change a descriptor, and the version of the code that applies them
@@ -133,6 +141,10 @@ class Config:
         request = _plain(dataclasses.asdict(self) | {"root": None, "executor": None})
         if self.shards.stride == 1:  # tiles only: the request (and Manifest) of a c10 without it
             del request["shards"]["stride"]
+        for model in request["models"].values():  # settings only an INT8 model reads
+            if model["precision"] != "int8":
+                for key in INT8_KEYS:
+                    del model[key]
         return request
 
     def signed_request(self) -> dict[str, Any]:
@@ -307,8 +319,12 @@ def _model(name: str, table: dict, root: Path, where: str) -> Model:
     _check_choice(model.precision, PRECISIONS, where, prefix + "precision")
     _check_choice(model.channel_order, ("rgb", "bgr"), where, prefix + "channel_order")
     _check_choice(model.resize, RESIZE_MODES, where, prefix + "resize")
-    if not _is_int(model.batch_size) or model.batch_size <= 0:
-        raise ConfigError(f"{where}: `{prefix}batch_size` must be a positive integer")
+    for key in ("batch_size", "calibration_tiles", "holdout_tiles"):
+        if not _is_int(getattr(model, key)) or getattr(model, key) <= 0:
+            raise ConfigError(f"{where}: `{prefix}{key}` must be a positive integer")
+    for key in ("int8_min_cosine", "int8_max_recall_drop"):
+        if not _is_num(getattr(model, key)) or not 0 <= getattr(model, key) <= 1:
+            raise ConfigError(f"{where}: `{prefix}{key}` must be a number from 0 to 1")
     return model
 
 

@@ -1,7 +1,7 @@
 """What the graph decides when it loads: config, tile scan, blocks, engine keys, declared files."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -124,7 +124,7 @@ def load_plan(root: Path, hashes: HashCache, memo: bool = True) -> Plan:
     scope = Scope(config.area.bbox, config.area.zooms)
     scan = scan_tiles(root, read_memo(root / SCAN_MEMO, cache_secret(root)) if memo else None)
     tiles, out = scope.split(scan.tiles)
-    plans = {name: _model_plan(root, config, model, hashes)
+    plans = {name: _model_plan(root, config, model, hashes, tiles)
              for name, model in config.models.items()}
     blocks = group_blocks(tiles, config.shards.block)
     windows = window_blocks(tiles, config.shards.block, config.shards.div)
@@ -136,7 +136,8 @@ def load_plan(root: Path, hashes: HashCache, memo: bool = True) -> Plan:
     return Plan(root, config, tiles, out, scan.strays, plans, scan)
 
 
-def _model_plan(root: Path, config: Config, model: Model, hashes: HashCache) -> ModelPlan:
+def _model_plan(root: Path, config: Config, model: Model, hashes: HashCache,
+                tiles: list[Tile] | None = None) -> ModelPlan:
     backend = engines.get_backend(config.engines.backend)
     if not model.path.is_file():
         raise ModelError(f"{model.path}: ONNX file of model `{model.name}` not found (c10.toml "
@@ -153,6 +154,10 @@ def _model_plan(root: Path, config: Config, model: Model, hashes: HashCache) -> 
         calibration_path=calibration,
         calibration_hash=hashes.hash_abs(calibration) if calibration else None,
     )
+    if model.precision == "int8" and backend.quantizer() is not None:  # calibrated on tiles
+        from c10.features.int8 import plan_sample
+
+        spec = replace(spec, **plan_sample(root, model, tiles or [], spec.calibration_hash))
     engine = engines.engine_path(root / ENGINES_DIR, spec, backend)
     return ModelPlan(model, backend, spec, engines.engine_key(spec, backend),
                      engine.relative_to(root).as_posix(),
@@ -161,18 +166,25 @@ def _model_plan(root: Path, config: Config, model: Model, hashes: HashCache) -> 
 
 def check_calibration(model: Model, backend: engines.Backend) -> Path | None:
     """`models.NAME.calibration`, checked whenever it is given (a regular, readable, non-empty
-    file) and required by an INT8 model, which only a backend that builds INT8 engines can take
-    (today: TensorRT only). Checked when the graph loads, before any engine is compiled."""
+    file) and required by an INT8 model on TensorRT (its calibration cache); ONNX Runtime
+    calibrates a global model on the cache's own tiles, or on that file as an .npy of
+    preprocessed tensors. Checked when the graph loads, before any engine is compiled."""
     name, path = model.name, model.calibration
     key = f"models.{name}.calibration"
+    own = backend.quantizer() is not None  # the backend quantizes itself (ONNX Runtime)
     if model.precision == "int8":
         if "int8" not in backend.precisions:
             raise EngineBuildError(
-                f"model {name!r} has precision int8, but only the TensorRT backend builds INT8 "
-                f"engines today and engines.backend is {backend.name!r} on this host",
-                f"set models.{name}.precision to one of {', '.join(backend.precisions)}, or "
-                "build on an NVIDIA host with engines.backend = \"tensorrt\"")
-        if path is None:
+                f"model {name!r} has precision int8, but only the TensorRT and ONNX Runtime "
+                f"backends build INT8 engines and engines.backend is {backend.name!r} on this "
+                "host", f"set models.{name}.precision to one of {', '.join(backend.precisions)}, "
+                "or set engines.backend = \"onnxruntime\"")
+        if own and model.role != "global":
+            raise EngineBuildError(
+                f"model {name!r} has precision int8, but ONNX Runtime builds INT8 engines only "
+                f"for global models (its accuracy gate is on global descriptors; {name!r} is "
+                f"{model.role!r})", f"set models.{name}.precision = \"fp32\"")
+        if path is None and not own:
             raise CalibrationCacheError(
                 f"model {name!r} has precision int8 but no calibration cache",
                 f"set {key} in c10.toml (or the request's calibration_path) to its TensorRT "
@@ -193,4 +205,8 @@ def check_calibration(model: Model, backend: engines.Backend) -> Path | None:
     if not data.strip():
         raise CalibrationCacheError(f"{path}: the calibration cache of model {name!r} ({key}) is "
                                     "empty", f"regenerate it or fix {key} in c10.toml")
+    if own and model.precision == "int8":
+        from c10.features.int8 import check_npy
+
+        check_npy(path, name)
     return path

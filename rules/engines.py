@@ -15,12 +15,17 @@ def task_engines():
         deps = [str(model_plan.model.path.resolve())]
         if model_plan.spec.calibration_path is not None:
             deps.append(str(Path(model_plan.spec.calibration_path).resolve()))
+        spec = model_plan.spec
+        # an INT8 engine's gate reruns (on its recorded figures) when a threshold changes
+        gate = ({"int8_min_cosine": spec.int8_min_cosine,
+                 "int8_max_recall_drop": spec.int8_max_recall_drop}
+                if spec.precision == "int8" and model_plan.backend.quantizer() else {})
         yield {
             "name": name,
             "doc": f"engine of model {name} ({model_plan.backend.name})",
             "file_dep": deps,
             "targets": [model_plan.engine_rel, model_plan.sidecar_rel],
-            "uptodate": [changed({"engine_key": model_plan.engine_key})],
+            "uptodate": [changed({"engine_key": model_plan.engine_key, **gate})],
             "actions": [(action(build_engine), [name])],
             # no "clean": engines are removed only by `doit prune --apply` (GC is explicit)
         }

@@ -66,3 +66,21 @@ def test_init_writes_a_config_that_parses_and_never_overwrites(tmp_path):
 def test_repo_dodo_is_what_init_writes():
     from pathlib import Path
     assert (Path(__file__).parent.parent / "dodo.py").read_text() == DODO_PY
+
+
+def test_int8_settings_enter_only_an_int8_models_request(tmp_path):
+    """A model's request (the build identity, the Manifest) holds the INT8 calibration and gate
+    settings only when it is INT8: an fp32 cache keeps the request, and the signature, it had
+    before they existed; for an INT8 model a changed threshold is a changed request."""
+    from c10.config import INT8_KEYS
+
+    fp32 = parse_config(GOOD, tmp_path).request()["models"]["global"]
+    assert not set(INT8_KEYS) & set(fp32)
+    int8 = {"global": {"path": "models/global.onnx", "precision": "int8"}}
+    strict = {"global": {**int8["global"], "int8_min_cosine": 0.995}}
+    loose, tight = (parse_config(_with(models=m), tmp_path).request()["models"]["global"]
+                    for m in (int8, strict))
+    assert set(INT8_KEYS) <= set(loose) and loose["int8_min_cosine"] == 0.99
+    assert tight["int8_min_cosine"] == 0.995
+    with pytest.raises(ConfigError, match="models.global.int8_min_cosine"):
+        parse_config(_with(models={"global": {**int8["global"], "int8_min_cosine": 2}}), tmp_path)

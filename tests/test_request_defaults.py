@@ -106,18 +106,28 @@ def test_an_unreadable_calibration_cache_names_the_key(cache, tmp_path, monkeypa
         plan_of(cache)
 
 
-def test_int8_needs_tensorrt_and_a_calibration_cache(cache, tmp_path):
+def test_int8_on_onnxruntime_refuses_a_tensorrt_calibration_cache(cache, tmp_path):
     path = tmp_path / "c.cache"
     path.write_bytes(b"TRT-100300-EntropyCalibration2\nimage: 3c010a14\n")
     with_calibration(cache, str(path), precision="int8")
-    with pytest.raises(EngineBuildError, match="only the TensorRT backend builds INT8"):
+    with pytest.raises(CalibrationCacheError, match="not a NumPy .npy.*models.global.calibration"):
+        plan_of(cache)
+
+
+def test_int8_on_a_backend_without_int8_is_refused_when_the_graph_loads(cache, monkeypatch):
+    from c10.features.backends.onnxruntime import OnnxRuntimeBackend
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "precisions", ("fp32",))  # as OpenVINO's today
+    text = (cache / "c10.toml").read_text().replace('precision = "fp32"', 'precision = "int8"', 1)
+    (cache / "c10.toml").write_text(text)
+    with pytest.raises(EngineBuildError, match="only the TensorRT and ONNX Runtime backends"):
         plan_of(cache)
 
 
 def test_int8_without_a_calibration_cache_is_refused_when_the_graph_loads(cache, monkeypatch):
     from c10.features.backends.onnxruntime import OnnxRuntimeBackend
 
-    monkeypatch.setattr(OnnxRuntimeBackend, "precisions", ("fp32", "int8"))  # as TensorRT's
+    monkeypatch.setattr(OnnxRuntimeBackend, "quantizer", lambda self: None)  # as TensorRT's
     text = (cache / "c10.toml").read_text().replace('precision = "fp32"', 'precision = "int8"', 1)
     (cache / "c10.toml").write_text(text)
     with pytest.raises(CalibrationCacheError, match="models.global.calibration"):

@@ -44,6 +44,14 @@ class EngineSpec:
     batch: tuple[int, int, int] = (1, 32, 64)
     calibration_path: Path | None = None
     calibration_hash: str | None = None
+    # INT8 on ONNX Runtime (c10.features.int8): the sample tiles, the held-out tiles of the
+    # accuracy gate (absolute paths), their preprocessing (input_size, mean, std, channel_order,
+    # resize) and the gate's thresholds. Not key material: the sample is by calibration_hash.
+    calibration_tiles: tuple[str, ...] = ()
+    holdout_tiles: tuple[str, ...] = ()
+    preprocess: tuple | None = None
+    int8_min_cosine: float = 0.99
+    int8_max_recall_drop: float = 0.01
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "onnx_path", Path(self.onnx_path))
@@ -72,7 +80,7 @@ class ModelInfo:
 def key_material(spec: EngineSpec, backend: Backend) -> dict:
     """Everything that makes an engine valid, and nothing else (not the ONNX's path or name)."""
     int8 = spec.precision == "int8"
-    return {
+    material = {
         "schema": SCHEMA_VERSION,
         "onnx_hash": spec.onnx_hash,
         "backend": backend.name,
@@ -85,6 +93,10 @@ def key_material(spec: EngineSpec, backend: Backend) -> dict:
         "input_shape": list(spec.input_shape) if spec.input_shape is not None else None,
         "batch": list(spec.batch),
     }
+    quantizer = backend.quantizer() if int8 else None
+    if quantizer is not None:  # only in INT8 keys: every other engine keeps its key
+        material["quantizer"] = quantizer
+    return material
 
 
 def engine_key(spec: EngineSpec, backend: Backend) -> str:
@@ -111,7 +123,13 @@ def build_engine(spec: EngineSpec, backend: Backend, engines_dir: Path,
     path = engine_path(engines_dir, spec, backend)
     material = key_material(spec, backend)
     key = engine_key(spec, backend)
-    if path.is_file() and _read_sidecar(sidecar_path(path)).get("key") == key:
+    existing = _read_sidecar(sidecar_path(path))
+    if path.is_file() and existing.get("key") == key:
+        gate = (existing.get("build") or {}).get("int8_gate")
+        if gate:  # thresholds are not key material: the recorded figures meet today's
+            from c10.features.int8 import check_gate
+
+            check_gate(spec, gate)
         return path, False
     staged = Path(engines_dir).parent / STAGING_DIR / ENGINES_DIR / path.name
     staged.parent.mkdir(parents=True, exist_ok=True)
@@ -249,8 +267,8 @@ def _check_input_shape(spec: EngineSpec, info: ModelInfo) -> None:
 def read_calibration(spec: EngineSpec) -> bytes | None:
     """The INT8 calibration cache bytes (None unless int8); missing/unreadable ->
     CalibrationCacheError."""
-    if spec.precision != "int8":
-        return None
+    if spec.precision != "int8" or (spec.calibration_path is None and spec.calibration_tiles):
+        return None  # ONNX Runtime calibrates on the cache's own tiles (c10.features.int8)
     where = f"models.{spec.model}.calibration"
     if spec.calibration_path is None:
         raise CalibrationCacheError(

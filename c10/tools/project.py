@@ -58,7 +58,7 @@ workspace_mb = 1024
 path = "models/global.onnx"
 role = "global"
 input_size = [{size}, {size}]
-precision = "fp32"          # fp32, fp16, bf16, int8 (int8 needs calibration = "path")
+precision = "fp32"          # fp32, fp16, bf16, int8 (on its tiles; TensorRT: calibration)
 mean = [0.485, 0.456, 0.406]
 std = [0.229, 0.224, 0.225]
 channel_order = "rgb"

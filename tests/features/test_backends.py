@@ -86,11 +86,11 @@ def test_openvino_fingerprint_is_cpu_isa_and_version():
     assert not {"fpu", "vme", "pse", "ht"} & set(fp["isa"])
 
 
-def test_openvino_refuses_int8(tmp_path, onnx_file):
+def test_openvino_int8_refuses_a_tensorrt_calibration_cache(tmp_path, onnx_file):
     cache = tmp_path / "calib.cache"
     cache.write_text("TRT-100300-EntropyCalibration2\nimage: 3c010a14\n")
     spec = spec_for(onnx_file, precision="int8", calibration_path=cache, calibration_hash="0")
-    with pytest.raises(EngineBuildError, match="models.global.precision"):
+    with pytest.raises(CalibrationCacheError, match="models.global.calibration"):
         build_engine(spec, OpenVinoBackend(), tmp_path / "engines")
 
 

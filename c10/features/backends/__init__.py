@@ -121,6 +121,11 @@ class Backend:
     def _fingerprint(self) -> dict:
         raise NotImplementedError
 
+    def quantizer(self) -> dict | None:
+        """How this backend quantizes an INT8 engine itself (tool, version, settings), for the
+        engine key; None when INT8 comes from a calibration cache alone (TensorRT)."""
+        return None
+
     def host_metadata(self) -> dict:
         """What describes the host but must not invalidate engines (Manifest metadata)."""
         return {"platform": platform.platform(), "cpu": cpu_info()["model"], "cpus": os.cpu_count()}

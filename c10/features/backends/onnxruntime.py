@@ -27,7 +27,8 @@ def import_onnxruntime():
 
 
 class OnnxRuntimeBackend(Backend):
-    """The universal fallback: runs everywhere onnxruntime does, fp32 only.
+    """The universal fallback: runs everywhere onnxruntime does, fp32, or INT8 statically
+    quantized on the cache's own tiles (c10.features.int8).
 
     The EXTENDED graph holds fusions for the CPU execution provider, so the fingerprint is
     onnxruntime's flavour and version plus OS/arch; the host-specific layout passes of the
@@ -37,7 +38,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     suffix = ".onnx"
     install_hint = "pip install onnxruntime"
-    precisions = ("fp32",)
+    precisions = ("fp32", "int8")
 
     def version(self) -> str:
         return _build_info().get("__version__") or package_version("onnxruntime") or "unknown"
@@ -46,8 +47,23 @@ class OnnxRuntimeBackend(Backend):
         return {"package": _build_info().get("package_name", "onnxruntime"),
                 "version": self.version(), "os_arch": os_arch(), "provider": "CPUExecutionProvider"}
 
+    def quantizer(self) -> dict:
+        from c10.features.int8 import QUANTIZER
+
+        return {**QUANTIZER, "version": self.version()}
+
     def _compile(self, spec: EngineSpec, model: ModelInfo, calibration: bytes | None,
                  out: Path) -> dict:
+        ort = import_onnxruntime()
+        info = {"optimization_level": "ORT_ENABLE_EXTENDED", "ort_version": ort.__version__}
+        if spec.precision == "int8":
+            from c10.features.int8 import compile_int8
+
+            return info | compile_int8(spec, calibration, out, self._optimize, ort.__version__)
+        self._optimize(spec.onnx_path, out)
+        return info
+
+    def _optimize(self, onnx_path: Path, out: Path) -> None:
         ort = import_onnxruntime()
 
         options = ort.SessionOptions()
@@ -56,8 +72,7 @@ class OnnxRuntimeBackend(Backend):
         options.add_session_config_entry("session.save_model_format", "ONNX")
         with atomic_path(out) as tmp:
             options.optimized_model_filepath = str(tmp)
-            ort.InferenceSession(str(spec.onnx_path), options, providers=["CPUExecutionProvider"])
-        return {"optimization_level": "ORT_ENABLE_EXTENDED", "ort_version": ort.__version__}
+            ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
 
     def _load(self, data: bytes, spec: EngineSpec) -> Runner:
         ort = import_onnxruntime()
