@@ -157,7 +157,8 @@ def _model_plan(root: Path, config: Config, model: Model, hashes: HashCache,
     if model.precision == "int8" and backend.quantizer() is not None:  # calibrated on tiles
         from c10.features.int8 import plan_sample
 
-        spec = replace(spec, **plan_sample(root, model, tiles or [], spec.calibration_hash))
+        spec = replace(spec, **plan_sample(root, model, tiles or [], spec.calibration_hash,
+                                           lambda rel: hashes.hash(rel)[0]))
     engine = engines.engine_path(root / ENGINES_DIR, spec, backend)
     return ModelPlan(model, backend, spec, engines.engine_key(spec, backend),
                      engine.relative_to(root).as_posix(),

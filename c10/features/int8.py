@@ -42,10 +42,17 @@ def rank_tiles(tiles: list, count: int) -> list:
                            key=lambda t: blake3.blake3(f"{t.z}/{t.x}/{t.y}".encode()).digest())
 
 
-def plan_sample(root: Path, model, tiles: list, calibration_hash: str | None) -> dict:
+def plan_sample(root: Path, model, tiles: list, calibration_hash: str | None,
+                tile_digest: Callable[[str], str] | None = None) -> dict:
     """EngineSpec fields of an INT8 model on ONNX Runtime: its calibration tiles (none when
     `models.NAME.calibration` gives a file, whose hash is the sample's identity), its held-out
-    tiles, and the sample's identity: its tiles' z/x/y and blake3 and the preprocessing."""
+    tiles, and the sample's identity: its tiles' z/x/y and blake3 and the preprocessing.
+    tile_digest(rel): a tile's blake3 (the build's hash cache: a graph load reads no tile whose
+    stat is unchanged); by default each sample tile is read and hashed."""
+    if tile_digest is None:
+        def tile_digest(rel: str) -> str:
+            return blake3_file(Path(root) / rel)
+
     if not model.input_size:
         raise ConfigError(f"model {model.name!r} has precision int8 but no "
                           f"models.{model.name}.input_size: its tiles cannot be preprocessed "
@@ -61,7 +68,7 @@ def plan_sample(root: Path, model, tiles: list, calibration_hash: str | None) ->
                 "to an .npy of preprocessed tensors")
         calibration_hash = "tiles:" + digest({
             "schema": SAMPLE_SCHEMA, "preprocessing": model.preprocessing(),
-            "tiles": [[t.z, t.x, t.y, blake3_file(Path(root) / t.path)] for t in calibration]})
+            "tiles": [[t.z, t.x, t.y, tile_digest(t.path)] for t in calibration]})
     return {"calibration_hash": calibration_hash,
             "calibration_tiles": tuple(str(Path(root) / t.path) for t in calibration),
             "holdout_tiles": tuple(str(Path(root) / t.path) for t in holdout),
