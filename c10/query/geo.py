@@ -3,27 +3,8 @@ from __future__ import annotations
 
 import math
 
-import mercantile
-
-EARTH_RADIUS_M = 6378137.0  # the WGS 84 semi-major axis Web Mercator is defined on
-EQUATOR_M = 2 * math.pi * EARTH_RADIUS_M
-
-
-def tile_latlon(z: int, x: float, y: float) -> tuple[float, float]:
-    """(lat, lon) of the point (x, y) in tile units at zoom z (y counted from the north).
-
-    Tile units are linear in Web-Mercator metres; mercantile projects those (its ul() takes only
-    whole tiles in its next major version)."""
-    n = 2.0 ** z
-    point = mercantile.lnglat(x / n * EQUATOR_M - EQUATOR_M / 2, EQUATOR_M / 2 - y / n * EQUATOR_M)
-    return point.lat, point.lng
-
-
-def latlon_tile(z: int, lat: float, lon: float) -> tuple[float, float]:
-    """The inverse of tile_latlon: (x, y) in tile units at zoom z."""
-    n = 2.0 ** z
-    mx, my = mercantile.xy(lon, lat)
-    return (mx + EQUATOR_M / 2) / EQUATOR_M * n, (EQUATOR_M / 2 - my) / EQUATOR_M * n
+# tile coordinates <-> lat/lon live with the tiles (c10.store.tiles); re-exported for the query side
+from c10.store.tiles import EARTH_RADIUS_M, EQUATOR_M, latlon_tile, tile_latlon  # noqa: F401
 
 
 def tile_size_m(z: int, lat: float) -> float:

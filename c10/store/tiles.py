@@ -268,8 +268,26 @@ def group_blocks(tiles: Iterable[Tile], block: int) -> dict[tuple[int, int, int]
 
 def center_latlon(tile: Tile | TileId) -> tuple[float, float]:
     """The (lat, lon) of a tile's centre."""
-    # mercantile.ul() with fractional x/y works but warns about Mercantile 2.0; same formula here.
-    n = 2.0 ** tile.z
-    lon = (tile.x + 0.5) / n * 360.0 - 180.0
-    lat = math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * (tile.y + 0.5) / n))))
-    return lat, lon
+    return tile_latlon(tile.z, tile.x + 0.5, tile.y + 0.5)
+
+
+def tile_latlon(z: int, x: float, y: float) -> tuple[float, float]:
+    """(lat, lon) of the point (x, y) in tile units at zoom z (y counted from the north).
+
+    Tile units are linear in Web-Mercator metres; mercantile projects those (its ul() takes only
+    whole tiles in its next major version)."""
+    n = 2.0 ** z
+    point = mercantile.lnglat(x / n * EQUATOR_M - EQUATOR_M / 2,
+                              EQUATOR_M / 2 - y / n * EQUATOR_M)
+    return point.lat, point.lng
+
+
+def latlon_tile(z: int, lat: float, lon: float) -> tuple[float, float]:
+    """The inverse of tile_latlon: (x, y) in tile units at zoom z."""
+    n = 2.0 ** z
+    mx, my = mercantile.xy(lon, lat)
+    return (mx + EQUATOR_M / 2) / EQUATOR_M * n, (EQUATOR_M / 2 - my) / EQUATOR_M * n
+
+
+EARTH_RADIUS_M = 6378137.0  # the WGS 84 semi-major axis Web Mercator is defined on
+EQUATOR_M = 2 * math.pi * EARTH_RADIUS_M
