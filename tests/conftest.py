@@ -78,6 +78,22 @@ def cache(tmp_path, inputs, operator_key) -> Path:
     return make_cache(tmp_path / "cache", inputs, operator_key)
 
 
+@pytest.fixture
+def built_cache(cache, capsys) -> Path:
+    """`cache`, built once in process (its output swallowed)."""
+    from c10.rules.driver import run_build
+
+    assert run_build(cache) == 0, capsys.readouterr().out
+    capsys.readouterr()
+    return cache
+
+
+@pytest.fixture
+def pub(operator_key) -> Path:
+    """The operator key's public half: what a verifier is given."""
+    return operator_key[1]
+
+
 def executed(output: str) -> list[str]:
     """Task names doit executed (". name"), in order, from its output."""
     return [m.group(1) for m in re.finditer(r"^\.  (\S+)", output, re.M)]

@@ -9,20 +9,12 @@ import pytest
 
 from c10.errors import VerifyError
 from c10.query.flight import FlightCache
-from c10.rules.driver import run_build
 from c10.trust.runtime import parse_runtime
 
 
 @pytest.fixture
-def built(cache, capsys):
-    assert run_build(cache) == 0, capsys.readouterr().out
-    capsys.readouterr()
-    return cache
-
-
-@pytest.fixture
-def pub(operator_key):
-    return operator_key[1]
+def built(built_cache):
+    return built_cache
 
 
 def answers(root, pub, frames) -> list:

@@ -10,20 +10,12 @@ from c10.cli import main as c10_main
 from c10.features.preprocess import open_tile
 from c10.features.shards import read_shard
 from c10.query.flight import FlightCache
-from c10.rules.driver import run_build
 from c10.store.tiles import TileId, center_latlon
 
 
 @pytest.fixture
-def built(cache, capsys):
-    assert run_build(cache) == 0, capsys.readouterr().out
-    capsys.readouterr()
-    return cache
-
-
-@pytest.fixture
-def pub(operator_key):
-    return operator_key[1]
+def built(built_cache):
+    return built_cache
 
 
 def cli(capsys, *args) -> tuple[int, str]:

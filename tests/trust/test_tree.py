@@ -445,27 +445,29 @@ def test_a_300_mb_engine_named_json_is_refused_unread(cache, monkeypatch):
 
 # ---------------------------------------------------------------- many files, huge files
 
+def refused_unopened(cache, opened, top, names, first: str, seen: str) -> None:
+    """100k empty files `names` under `top`: refused as extra, naming `first`, in under 10 s, and
+    none of them (paths holding `seen`) opened."""
+    for name in names:
+        os.close(os.open(top / name, os.O_WRONLY | os.O_CREAT, 0o644))
+    opened.clear()
+    start = time.perf_counter()
+    refused(cache, "extra-file", first)
+    assert time.perf_counter() - start < 10
+    assert not [p for p in opened if seen in p]
+
+
 def test_100k_empty_files_are_refused_by_name(cache, opened):
     top = cache.root / "tiles/18/9"
     top.mkdir(parents=True)
-    for i in range(100_000):
-        os.close(os.open(top / f"{i}.jpg", os.O_WRONLY | os.O_CREAT, 0o644))
-    opened.clear()
-    start = time.perf_counter()
-    refused(cache, "extra-file", "tiles/18/9/0.jpg")
-    assert time.perf_counter() - start < 10
-    assert not [p for p in opened if "/tiles/18/9/" in p]
+    refused_unopened(cache, opened, top, (f"{i}.jpg" for i in range(100_000)),
+                     "tiles/18/9/0.jpg", "/tiles/18/9/")
 
 
 def test_100k_pending_names_for_one_logical_are_refused_unopened(cache, opened):
-    top = cache.root / "shards/net/18"
-    for i in range(100_000):
-        os.close(os.open(top / f"0-0.{i:016x}.npy", os.O_WRONLY | os.O_CREAT, 0o644))
-    opened.clear()
-    start = time.perf_counter()
-    refused(cache, "extra-file", "shards/net/18/0-0.0000000000000000.npy")
-    assert time.perf_counter() - start < 10
-    assert not [p for p in opened if "/shards/net/18/0-0.0" in p]
+    refused_unopened(cache, opened, cache.root / "shards/net/18",
+                     (f"0-0.{i:016x}.npy" for i in range(100_000)),
+                     "shards/net/18/0-0.0000000000000000.npy", "/shards/net/18/0-0.0")
 
 
 @pytest.mark.parametrize("where", ["ground-unlisted-name", "ground-pending-name", "airborne"])
