@@ -20,7 +20,7 @@ import blake3
 
 from c10.errors import C10Error, VerifyError
 from c10.store.atomic import fsync_dir
-from c10.store.digest import MMAP_MIN
+from c10.store.digest import hash_threads
 from c10.store.layout import ENVELOPE_NAME, MANIFEST_NAME
 from c10.trust.files import CONTROL_MAX, OPEN_FLAGS, REBUILD, open_failure, read_regular
 from c10.trust.hashing import check_paths, check_stat
@@ -247,7 +247,7 @@ def _copy_one(src: str, dst: str, entry: dict) -> int:
 
 def _copy_fd(fd: int, rel: str, size: int, target: str) -> str:
     """Copy `size` bytes from `fd` to a new file `target`: the blake3 of what was read."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if size >= MMAP_MIN else 1)
+    hasher = blake3.blake3(max_threads=hash_threads(size))
     try:
         out = os.open(target, _WRITE_FLAGS, FILE_MODE)
     except OSError as exc:
