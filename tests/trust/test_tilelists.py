@@ -263,3 +263,19 @@ def test_airborne_is_still_strict_about_lists(built_cache, pub, tmp_path):
     (image / twin).unlink()
     (image / entry["path"]).chmod(0o664)
     refused(image, pub, "bad-mode", entry["path"], airborne_fingerprints=airborne)
+
+
+def test_the_aircraft_reads_tiles_only_through_checked_lists(built_cache, pub):
+    from c10.query.flight import FlightCache
+
+    cache = FlightCache.open(built_cache, [pub])
+    tiles = {f["path"] for f in expand_files(built_cache, root_of(built_cache))
+             if f["kind"] == "tile"}
+    assert set(cache.tiles.values()) == tiles
+    tile = next(iter(cache.tiles))
+    assert cache.read(cache.tiles[tile]) == (built_cache / cache.tiles[tile]).read_bytes()
+    entry = lists_of(built_cache)[-1]
+    (built_cache / entry["path"]).unlink()
+    with pytest.raises(VerifyError) as info:
+        FlightCache.open(built_cache, [pub])
+    assert (info.value.reason, info.value.path) == ("missing-file", entry["path"])
