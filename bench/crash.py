@@ -277,11 +277,18 @@ def classify(root: Path, fx: dict, had_manifest: bool) -> tuple[str, int]:
 def differing_files(root: Path) -> tuple[list[str], int]:
     """(paths listed with other bytes or missing, and unlisted files verify would refuse;
     the number of unlisted files it accepts as pending)."""
+    from c10.errors import VerifyError
     from c10.store.layout import CONTROL_DIR, is_control, is_control_dir_file
+    from c10.trust.manifest import loads_manifest
+    from c10.trust.tilelists import expand_files
     from c10.trust.tree import pending_files
 
-    manifest = json.loads((root / "Manifest.json").read_bytes())
-    listed = {f["path"]: f["blake3"] for f in manifest["files"]}
+    manifest = loads_manifest((root / "Manifest.json").read_bytes())
+    try:  # a tile list that is missing or not its signed bytes differs as a whole
+        files = expand_files(root, manifest)
+    except VerifyError as exc:
+        return [exc.path or "Manifest.json"], 0
+    listed = {f["path"]: f["blake3"] for f in files}
     differ = []
     for rel, digest in listed.items():
         path = root / rel

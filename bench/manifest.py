@@ -1,5 +1,6 @@
 """Bench: Manifest serialization at 10k/100k entries, `c10 verify` vs raw blake3, and `c10 verify
---airborne` of a flight image (`c10 pack`) vs raw blake3 over its bytes (prints JSON)."""
+--airborne` of a flight image (`c10 pack`) vs raw blake3 over its bytes; `--tree`: the flat vs tree
+Manifest at 10^5 and 10^6 tiles (bench/manifest_tree.py). Prints JSON."""
 from __future__ import annotations
 
 import argparse
@@ -235,7 +236,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--only-airborne", action="store_true",
                         help="measure only `c10 verify --airborne` of a packed image")
+    parser.add_argument("--tree", action="store_true",
+                        help="only the flat vs tree Manifest (bench/manifest_tree.py): write, "
+                        "verify, 1 %% rewrite, wall time and peak RSS per stage")
+    parser.add_argument("--sizes", default="100000,1000000", help="tile entries, with --tree")
     args = parser.parse_args()
+    if args.tree:
+        from manifest_tree import bench as tree_bench  # bench/ is the script's directory
+
+        print(json.dumps(tree_bench([int(s) for s in args.sizes.split(",")], args.repeat),
+                         indent=1))
+        return
     key = Ed25519PrivateKey.generate()
     tmp = Path(tempfile.mkdtemp(prefix="c10-bench-manifest-"))
     try:

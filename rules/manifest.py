@@ -76,6 +76,7 @@ def write_manifest() -> dict:
     """Assemble every shipped file's entry, sign, and commit (envelope, then Manifest.json)."""
     from c10.trust import manifest as mf
     from c10.trust.keys import keyid, ssh_fingerprint
+    from c10.trust.tilelists import tree_tiles_hash
 
     build = session.current()
     plan = build.begin_writing()
@@ -83,7 +84,7 @@ def write_manifest() -> dict:
     files = _file_entries(build, plan)
     request = plan.config.signed_request()
     request["signing"] |= {"keyid": keyid(key), "fingerprint": ssh_fingerprint(key)}
-    tiles_hash = mf.tiles_aggregate_hash(files)
+    tiles_hash = tree_tiles_hash(files)
     issued = now()
     # the anti-rollback state of verifiers is kept per cache id: carried over, or new for a new
     # cache
@@ -156,28 +157,59 @@ def _collect_garbage(plan: Plan, listed: set[str]) -> None:
 
 
 def _file_entries(build, plan: Plan) -> list:
-    """Every shipped file's entry. Derived files are listed only with bytes this build wrote or
-    the last signed Manifest lists (c10.trust.provenance): refs, the hash cache and doit's DB
-    decide what is rebuilt, never what is signed."""
-    import io
-
-    from c10.features.shards import tile_facts
+    """Every entry of the root: shards, index files, models, engines, and one tile list per block.
+    Derived files are listed only with bytes this build wrote or the last signed Manifest lists
+    (c10.trust.provenance): refs, the hash cache and doit's DB decide what is rebuilt, never what
+    is signed."""
     from c10.trust.manifest import FileEntry
 
-    provenance, paths, entries = build.provenance, {t.id: t.path for t in plan.tiles}, {}
+    entries, by_block = {}, _tile_shards(plan)
+    in_blocks = {logical for logicals in by_block.values() for logical in logicals}
     for logical, kind in _owned_files(plan):
-        entry, data = provenance.current(logical)
-        entries[entry["path"]] = FileEntry(entry["path"], entry["size"], entry["blake3"], kind)
-        if kind == "shard" and logical in _global_shards(plan):
-            for tid, (size, blake3) in tile_facts(io.BytesIO(data)).items():
-                entries[paths[tid]] = FileEntry(paths[tid], size, blake3, "tile")
+        if logical not in in_blocks:
+            entry, _ = build.provenance.current(logical)
+            entries[entry["path"]] = FileEntry(entry["path"], entry["size"], entry["blake3"], kind)
+    for entry in _tile_lists(build, plan, by_block, entries):
+        entries[entry.path] = entry
     for rel, kind in _derived_files(plan):
         entries[rel] = _hashed_entry(build, plan, rel, kind)
     return list(entries.values())
 
 
-def _global_shards(plan: Plan) -> set[str]:
-    return {rel for mp in plan.embedding_plans() for rel in mp.shards}
+def _tile_shards(plan: Plan) -> dict[tuple[int, int, int], list[str]]:
+    """Block -> the logical paths of its shards, whose rows carry the block's tiles' sizes and
+    hashes."""
+    from c10.store.layout import shard_block
+
+    out: dict[tuple[int, int, int], list[str]] = {}
+    for model_plan in plan.embedding_plans():
+        for logical in model_plan.shards:
+            out.setdefault(shard_block(logical), []).append(logical)
+    return dict(sorted(out.items()))
+
+
+def _tile_lists(build, plan: Plan, by_block: dict, entries: dict):
+    """Each block's tile list from its shards' tile rows, one block in memory at a time; the
+    block's shard entries go into `entries`. Each list is written before the commit (the root
+    never names a list that is not there), and only when no file holds its bytes yet
+    (c10.trust.tilelists.write_tile_list)."""
+    import io
+
+    from c10.features.shards import tile_facts
+    from c10.trust.manifest import FileEntry
+    from c10.trust.tilelists import LIST_KIND, write_tile_list
+
+    paths = {t.id: t.path for t in plan.tiles}
+    for block, logicals in by_block.items():
+        facts: dict = {}
+        for logical in logicals:
+            entry, data = build.provenance.current(logical)
+            entries[entry["path"]] = FileEntry(entry["path"], entry["size"], entry["blake3"],
+                                               "shard")
+            facts.update(tile_facts(io.BytesIO(data)))
+        rel, size, digest = write_tile_list(plan.root, block, (
+            (paths[tid], size, digest) for tid, (size, digest) in facts.items()))
+        yield FileEntry(rel, size, digest, LIST_KIND)
 
 
 def _hashed_entry(build, plan: Plan, rel: str, kind: str):

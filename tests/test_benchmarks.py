@@ -33,3 +33,17 @@ def test_cold_build_and_warm_rerun_benchmarks_report_their_work():  # CP-TC-12, 
     assert out["wall"]["cold_s"] > 0 and out["noop_wall_s"] > 0
     assert out["stages"]["shards"]["tasks_ran"][0] > 0
     assert out["then_block"]["embedded"] == 0 and out["then_block"]["reused"] == 60 + added
+
+
+def test_the_manifest_tree_benchmark_reports_flat_and_tree():
+    """bench/manifest.py --tree: every stage ran in its own process, the tree's root holds one entry
+    per block (plus the non-tile files), the 1 % rewrite wrote 1 % of the lists, and verify
+    expanded every tile of both formats."""
+    out = run_bench("manifest.py", "--tree", "--sizes", "5000", "--repeat", "1")
+    size = out["sizes"][0]
+    blocks = size["write_tree"]["lists_written"]
+    assert blocks == -(-5000 // 256) and size["write_tree"]["root_entries"] == blocks + 2
+    assert size["rewrite_tree"]["lists_written"] == len(range(0, blocks, 100))
+    tiles = size["verify_flat"]["entries"] - 2
+    assert tiles >= 5000 and size["verify_tree"]["entries"] == tiles + blocks + 2
+    assert all(size[s]["peak_rss_mb"] > 0 for s in ("write_flat", "write_tree", "verify_tree"))

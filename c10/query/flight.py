@@ -13,6 +13,7 @@ from c10.store.layout import MANIFEST_NAME, TILES_DIR
 from c10.store.tiles import TileId
 from c10.trust.files import read_listed
 from c10.trust.runtime import ModelSpec, RuntimeSpec, parse_runtime
+from c10.trust.tilelists import iter_files
 
 _BUILD_AGAIN = "rebuild the cache with this c10 (`doit build_cache`) and copy it again"
 
@@ -50,7 +51,7 @@ class FlightCache:
             verify_cache(root, trusted=trusted, now=now, state_path=state_path,
                          airborne_fingerprints=host_fingerprints() if airborne else None)
         manifest = verify_signed_manifest(root, trusted=trusted, now=now, state_path=state_path)
-        entries = {f["path"]: f for f in manifest["files"]}
+        entries = {f["path"]: f for f in iter_files(root, manifest)}
         return cls(root, manifest, parse_runtime(manifest, set(entries)), entries)
 
     def read(self, rel: str) -> bytes:

@@ -36,10 +36,15 @@ ENGINE_NAME = re.compile(r"^(?P<model>[A-Za-z0-9_.-]+)-(?P<key>[0-9a-f]{64})"
                          r"\.(?P<ext>onnx|blob|plan|json)$")
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
+# The Manifest's tile lists (schema 3): tilelists/{z}/{bx}-{by}.{tag}.json, one per block, written
+# by the manifest task (c10.trust.tilelists); shipped and signed through the root, never a ref.
+LISTS_DIR = "tilelists"
 # Wholly owned by the graph: an undeclared file here is a dead output and is removed by the build.
-OWNED_DIRS = (SHARDS_DIR, INDEX_DIR)
+OWNED_DIRS = (SHARDS_DIR, INDEX_DIR, LISTS_DIR)
 # Derived dirs where a killed writer may have left an atomic-write temp file.
-DERIVED_DIRS = (ENGINES_DIR, SHARDS_DIR, INDEX_DIR)
+DERIVED_DIRS = (ENGINES_DIR, SHARDS_DIR, INDEX_DIR, LISTS_DIR)
+# What may be content-named (tagged_relpath): shards, index files, tile lists
+TAGGED_DIRS = (SHARDS_DIR, INDEX_DIR, LISTS_DIR)
 
 
 def shard_relpath(model: str, block: tuple[int, int, int]) -> str:
@@ -56,6 +61,21 @@ def window_relpath(model: str, block: tuple[int, int, int]) -> str:
     (c10.features.windows)."""
     z, bx, by = block
     return f"{SHARDS_DIR}/{model}/{z}/{bx}-{by}{WINDOWS_SUFFIX}"
+
+
+def list_relpath(block: tuple[int, int, int]) -> str:
+    """tilelists/{z}/{bx}-{by}.json: the logical path of a block's tile list."""
+    z, bx, by = block
+    return f"{LISTS_DIR}/{z}/{bx}-{by}.json"
+
+
+_SHARD_BLOCK = re.compile(rf"{SHARDS_DIR}/[^/]+/(\d+)/(\d+)-(\d+)\.npy")
+
+
+def shard_block(logical: str) -> tuple[int, int, int] | None:
+    """(z, bx, by) of a per-block shard's logical path (shard_relpath), None for anything else."""
+    m = _SHARD_BLOCK.fullmatch(logical)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
 
 
 def index_relpaths(model: str) -> tuple[str, str]:
@@ -78,8 +98,9 @@ def tagged_relpath(logical: str, blake3_hex: str) -> str:
 
 
 def split_tagged(relpath: str) -> tuple[str, str] | None:
-    """(logical path, tag) of a content-named file under shards/ or index/, else None."""
-    if not relpath.startswith((SHARDS_DIR + "/", INDEX_DIR + "/")):
+    """(logical path, tag) of a content-named file under shards/, index/ or tilelists/, else
+    None."""
+    if not relpath.startswith(tuple(d + "/" for d in TAGGED_DIRS)):
         return None
     m = _TAGGED.match(relpath)
     return (m["stem"] + m["ext"], m["tag"]) if m else None

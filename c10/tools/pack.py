@@ -25,6 +25,7 @@ from c10.store.layout import ENVELOPE_NAME, MANIFEST_NAME
 from c10.trust.files import CONTROL_MAX, OPEN_FLAGS, REBUILD, open_failure, read_regular
 from c10.trust.hashing import check_paths, check_stat
 from c10.trust.manifest import loads_manifest
+from c10.trust.tilelists import expand_files
 from c10.trust.tree import listed_dirs
 from c10.trust.verify import EXIT_CODES, verify_cache, verify_signed_manifest
 
@@ -80,7 +81,8 @@ def pack(cache_root: Path, out: Path, *, trusted: dict, now: datetime,
     manifest = verify_signed_manifest(root, trusted=trusted, now=now, state_path=state_path,
                                       threshold=threshold)
     payload, envelope = _read_pair(root, manifest)
-    files = manifest["files"]
+    check_paths(manifest["files"])  # the root's, before a tile list is opened
+    files = expand_files(root, manifest)
     check_paths(files)
     with _parent_locked(out.parent):
         removed = _remove_leftovers(out)

@@ -15,16 +15,19 @@ from c10.errors import ManifestWriteError, VerifyError
 from c10.store import atomic
 from c10.store.layout import COMMIT_MEMO, ENVELOPE_NAME, MANIFEST_NAME, STAGING_DIR, is_control
 from c10.trust.strictjson import StrictJSONError, strict_loads
+from c10.trust.tilelists import LIST_KIND, TREE_SCHEMA, check_root
 
 # c10.trust.dsse (cryptography) is imported only to sign: a no-op build never does
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-# 2: the runtime spec (c10.trust.runtime) and a request without workstation paths. A verifier
-# reads 1 too (its files and signature are checked the same way); only 2 can be flown.
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)
-KINDS = frozenset({"tile", "model", "engine", "engine-meta", "shard", "index", "report"})
+# 2: the runtime spec (c10.trust.runtime) and a request without workstation paths. 3: a tree, the
+# root lists one tile list per block instead of every tile (c10.trust.tilelists). A verifier reads
+# 1 and 2 too (flat: their files and signature are checked the same way); 1 cannot be flown.
+SCHEMA_VERSION = TREE_SCHEMA
+READABLE_SCHEMAS = (1, 2, TREE_SCHEMA)
+KINDS = frozenset({"tile", "model", "engine", "engine-meta", "shard", "index", "report",
+                   LIST_KIND})
 
 @dataclass(frozen=True, slots=True)
 class FileEntry:
@@ -87,13 +90,18 @@ def build_manifest(
     cache_id: str,
     engines: Iterable[dict] = (),
     runtime: dict | None = None,
+    schema: int = SCHEMA_VERSION,
 ) -> dict:
-    """The Manifest as a plain dict; refuses inputs the verifier would reject later."""
+    """The Manifest as a plain dict; refuses inputs the verifier would reject later. schema 2: the
+    flat format, every tile in `files` (what verify still reads; tests and benchmarks write it)."""
     files = sorted(files, key=lambda e: e.path)
     engines = sorted((dict(e) for e in engines), key=lambda e: e.get("path", ""))
     _check_build_inputs(version, issued_at, expires, files, engines)
+    if schema not in READABLE_SCHEMAS:
+        raise ManifestWriteError(f"Manifest schema {schema!r}: this c10 writes "
+                                 f"{', '.join(map(str, READABLE_SCHEMAS))}")
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema,
         "cache_id": cache_id,
         "version": version,
         "issued_at": _iso(issued_at),
@@ -202,6 +210,8 @@ def _check_fields(manifest: dict) -> None:
     for eng in manifest["engines"]:
         if not isinstance(eng, dict) or eng.get("path") not in paths:
             raise _bad_manifest(f"engine entry {eng!r} is not a listed file")
+    if manifest["schema_version"] >= TREE_SCHEMA:
+        check_root(manifest)
 
 
 def _entry_paths(files: list) -> set[str]:

@@ -91,13 +91,16 @@ class Provenance:
 
     @property
     def signed(self) -> dict[str, str]:
-        """path -> blake3 of every file the last verified Manifest lists ({} if none verifies)."""
+        """path -> blake3 of every file the last verified Manifest lists, its tile lists expanded
+        ({} if none verifies; a tile list that is not its signed bytes lists nothing)."""
         if self._signed is None:
+            from c10.trust.tilelists import iter_files
             from c10.trust.verify import verify_signed_manifest
 
             try:
                 manifest = verify_signed_manifest(self.root, trusted=self._keys, now=None)
-                self._signed = {f["path"]: f["blake3"] for f in manifest["files"]}
+                self._signed = {f["path"]: f["blake3"]
+                                for f in iter_files(self.root, manifest, skip_bad=True)}
                 self._manifest = manifest
             except VerifyError as exc:
                 self._signed, self.unsigned_reason = {}, exc.reason

@@ -15,9 +15,8 @@ from c10.store.layout import (
     ENGINE_NAME,
     ENGINES_DIR,
     ENVELOPE_NAME,
-    INDEX_DIR,
     MANIFEST_NAME,
-    SHARDS_DIR,
+    TAGGED_DIRS,
     is_control_dir_dir,
     is_control_dir_file,
     split_tagged,
@@ -37,7 +36,7 @@ from c10.trust.strictjson import StrictJSONError, strict_loads
 # (a writable file or directory could change after the check, behind the Manifest).
 
 # Pending files of a stopped build, bounded before a byte is hashed.
-PENDING_FORMATS = (".npy", ".faiss")  # what shards/ and index/ hold
+PENDING_FORMATS = (".npy", ".faiss", ".json")  # what shards/, index/ and tilelists/ hold
 PENDING_GROWTH, PENDING_SLACK = 4, 1 << 20  # at most 4x the listed file of the logical + 1 MiB
 SIDECAR_MAX = 1 << 20  # an engine sidecar is about 1 KB
 SIDECAR_DEPTH = 16
@@ -181,7 +180,8 @@ def check_files(root: Path, files: list[dict], strict: bool = False) -> tuple[in
                           lambda: _walk(root, listed_dirs(files) if strict else None))
 
 
-def check_coverage(root: Path, tree: Tree, manifest: dict, strict: bool = False) -> int:
+def check_coverage(root: Path, tree: Tree, manifest: dict, strict: bool = False,
+                   files: list[dict] | None = None) -> int:
     """Exactly the listed files plus control files plus pending files plus, on the ground, tiles
     outside the signed area (airborne: the listed files and the Manifest pair only); no symlink or
     special file anywhere. Returns the number of pending files (always 0 airborne); the tiles out
@@ -197,7 +197,7 @@ def check_coverage(root: Path, tree: Tree, manifest: dict, strict: bool = False)
     if tree.modes:
         rel, mode = sorted(tree.modes)[0]
         raise bad_mode(rel, mode, AIRBORNE_BAD_BITS if strict else GROUND_BAD_BITS)
-    listed = {f["path"] for f in manifest["files"]}
+    listed = {f["path"] for f in (manifest["files"] if files is None else files)}
     unlisted = sorted(tree.files - listed)
     if strict:
         _refuse_extra(sorted(tree.extras + unlisted), f"a flight image holds only the files its "
@@ -273,7 +273,7 @@ class _Layout:
         for f in manifest["files"]:
             rel = f["path"]
             sizes[rel] = f["size"]
-            if rel.startswith((SHARDS_DIR + "/", INDEX_DIR + "/")):
+            if rel.startswith(tuple(d + "/" for d in TAGGED_DIRS)):
                 split = split_tagged(rel)  # (an untagged listing, c10 0.1's, is its own logical)
                 logical = split[0] if split else rel
                 logicals[logical] = max(logicals.get(logical, 0), f["size"])
@@ -354,12 +354,15 @@ def _open_bounded(path: Path, cap: int) -> tuple[int, int] | None:
 
 
 def _pending_artifact(root: Path, rel: str, tag: str, cap: int) -> bool:
-    """A shard or index file that parses as its format and whose blake3 starts with its tag."""
+    """A shard, index file or tile list that parses as its format and whose blake3 starts with its
+    tag."""
     opened = _open_bounded(root / rel, cap)
     if opened is None:
         return False
     fd, size = opened
     try:
+        if rel.endswith(".json"):
+            return _list_ok(os.pread(fd, size + 1, 0), size) and hash_fd(fd, size).startswith(tag)
         head = os.pread(fd, min(size, _NPY_HEAD), 0)
         parses = _npy_ok(head, size) if rel.endswith(".npy") else _faiss_ok(head)
         return parses and hash_fd(fd, size).startswith(tag)
@@ -389,6 +392,16 @@ def _npy_ok(head: bytes, size: int) -> bool:
     except Exception:  # noqa: BLE001 - any failure to parse is a verdict, never a traceback
         return False
     return not dtype.hasobject and fp.tell() + math.prod(shape) * dtype.itemsize == size
+
+
+def _list_ok(data: bytes, size: int) -> bool:
+    """A tile list's shape: one strict JSON object of its block and tiles (the next build commits or
+    removes it; nothing reads its tiles before a root signs it)."""
+    try:
+        body = strict_loads(data, max_depth=4, max_bytes=size)
+    except StrictJSONError:
+        return False
+    return isinstance(body, dict) and body.keys() == {"block", "tiles"}
 
 
 def _faiss_ok(head: bytes) -> bool:

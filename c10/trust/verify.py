@@ -21,7 +21,9 @@ from c10.trust.dsse import (
 )
 from c10.trust.files import CONTROL_MAX, REBUILD, open_failure, read_control, read_regular
 from c10.trust.freshness import check_freshness, record_state
+from c10.trust.hashing import check_paths
 from c10.trust.manifest import loads_manifest
+from c10.trust.tilelists import expand_files
 from c10.trust.tree import check_coverage, check_files
 
 # Stable: scripts and the aircraft's arming logic branch on these. Never renumber.
@@ -108,12 +110,14 @@ def _verify(root, trusted, now, state_path, airborne, threshold, start, area,
     _check_payload_matches(root, payload)
     manifest = loads_manifest(payload)
     fresh = check_freshness(manifest, payload, signers, now, state_path, area)
-    total, tree = check_files(root, manifest["files"], strict)
-    pending = check_coverage(root, tree, manifest, strict)
+    check_paths(manifest["files"])  # the root's, before a tile list is opened
+    files = expand_files(root, manifest)
+    total, tree = check_files(root, files, strict)
+    pending = check_coverage(root, tree, manifest, strict, files)
     if airborne is not None:
         _check_platform(manifest["engines"], airborne)
     updated = record_state(fresh, manifest, payload, signers, now)
-    return VerifyResult(manifest["cache_id"], manifest["version"], len(manifest["files"]),
+    return VerifyResult(manifest["cache_id"], manifest["version"], len(files),
                         total, ",".join(signers), time.perf_counter() - start, updated, pending,
                         fresh.first_use, fresh.area, len(tree.out_of_scope))
 

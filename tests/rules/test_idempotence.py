@@ -10,6 +10,7 @@ import re
 import shutil
 
 from conftest import build, built, executed
+from listing import listed_files
 
 from c10.cli import main as c10_main
 from c10.report import BuildOutcome, read_report
@@ -131,7 +132,7 @@ def test_lost_doit_db_with_changed_content_signs_a_new_version(cache, capsys, tm
     code, out = build(cache, capsys)
     assert code == 0, out
     assert read_report(cache).outcome is BuildOutcome.SUCCESS and version(cache) == 2
-    entry = {f["path"]: f for f in json.loads((cache / MANIFEST).read_bytes())["files"]}
+    entry = {f["path"]: f for f in listed_files(cache)}
     assert entry[tiles[4].relative_to(cache).as_posix()]["blake3"] == blake3_file(tiles[4])
 
 

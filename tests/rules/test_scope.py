@@ -11,6 +11,7 @@ import stat
 
 import pytest
 from conftest import BBOX, ZOOMS, build, built, executed
+from listing import listed_files
 
 from c10.api import Bbox, BuildOutcome, BuildRequest, DoitCacheProvisioner, SectorClassification
 from c10.cli import main as c10_main
@@ -40,8 +41,7 @@ def all_tiles(cache) -> set[str]:
 
 
 def listed(cache, kind: str = "tile") -> set[str]:
-    body = json.loads((cache / "Manifest.json").read_bytes())
-    return {f["path"] for f in body["files"] if f["kind"] == kind}
+    return {f["path"] for f in listed_files(cache) if f["kind"] == kind}
 
 
 def index_rows(cache) -> int:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from listing import listed_files
 
 from c10.cli import main
 from c10.errors import VerifyError
@@ -59,7 +60,7 @@ def tree_of(root: Path) -> dict[str, str]:
 
 
 def listed(root: Path) -> list[str]:
-    return [f["path"] for f in json.loads((root / MANIFEST_NAME).read_bytes())["files"]]
+    return [f["path"] for f in listed_files(root)]
 
 
 def partials(out: Path) -> list[Path]:

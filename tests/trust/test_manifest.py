@@ -32,7 +32,7 @@ def _manifest(version=1, files=None, **over):
                 host={"os": "Linux"}, tools={"c10": "0.1.0"}, tiles_hash=H,
                 files=_files() if files is None else files, cache_id="cache-1",
                 engines=[{"path": "engines/net-k.onnx", "backend": "onnxruntime",
-                          "fingerprint": "fp"}])
+                          "fingerprint": "fp"}], schema=2)  # flat: the tiles in `files`
     args.update(over)
     return build_manifest(**args)
 
@@ -69,7 +69,7 @@ def test_dumps_refuses_non_json_values():
 
 def test_manifest_fields():
     m = _manifest()
-    assert m["schema_version"] == mf.SCHEMA_VERSION
+    assert m["schema_version"] == 2 and mf.SCHEMA_VERSION == 3
     assert m["issued_at"] == "2026-03-01T12:00:00Z" and m["expires"] == "2026-03-31T12:00:00Z"
     assert {f["kind"] for f in m["files"]} == {"tile", "engine"}
 

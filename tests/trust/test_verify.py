@@ -72,7 +72,7 @@ class Cache:
                     tools={"c10": "0.1.0"}, tiles_hash=mf.tiles_aggregate_hash(files),
                     files=files, cache_id="sector-7",
                     engines=[{"path": "engines/net-abc123.onnx", "backend": "onnxruntime",
-                              "fingerprint": "ort-1.31-x86_64"}])
+                              "fingerprint": "ort-1.31-x86_64"}], schema=2)  # flat: tiles listed
         args.update(over)
         return mf.build_manifest(**args)
 
