@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import blake3
@@ -12,7 +11,7 @@ import numpy as np
 
 from c10.rules.shards import published
 from c10.store import refs
-from c10.store.layout import IVF_CACHE_DIR, STAGING_DIR, ivf_encoding_relpath
+from c10.store.layout import IVF_CACHE_DIR, ivf_encoding_relpath
 
 
 def grow(build, plan, model_plan) -> dict:
@@ -71,6 +70,7 @@ class EncodingStore:
 
     def __init__(self, build, model: str):
         self.build, self.model = build, model
+        self._names: dict[str, dict[str, list[str]]] = {}  # quantizer dir -> slug -> file names
 
     def _rel(self, logical: str, key: str, quantizer: str) -> str:
         return ivf_encoding_relpath(self.model, quantizer, logical, key)
@@ -80,29 +80,37 @@ class EncodingStore:
 
     def previous(self, logical: str, key: str, quantizer: str) -> bytes | None:
         """The shard's last encoding with this quantizer (its unchanged rows keep their codes)."""
-        rel = self._rel(logical, key, quantizer)
-        parent, name = rel.rsplit("/", 1)
-        slug = name.rsplit(".", 2)[0]
-        for path in sorted((Path(self.build.root) / parent).glob(f"{slug}.*.npy")):
-            if (data := self._trusted(f"{parent}/{path.name}")) is not None:
+        parent, name = self._rel(logical, key, quantizer).rsplit("/", 1)
+        for other in self._listing(parent).get(name.rsplit(".", 2)[0], ()):
+            if (data := self._trusted(f"{parent}/{other}")) is not None:
                 return data
         return None
+
+    def _listing(self, parent: str) -> dict[str, list[str]]:
+        """The encodings in one quantizer's directory by shard, listed once per build."""
+        if parent not in self._names:
+            names: dict[str, list[str]] = {}
+            try:
+                entries = sorted(os.listdir(Path(self.build.root) / parent))
+            except OSError:
+                entries = []
+            for entry in entries:
+                names.setdefault(entry.rsplit(".", 2)[0], []).append(entry)
+            self._names[parent] = names
+        return self._names[parent]
 
     def _trusted(self, rel: str) -> bytes | None:
         digest = self.build.provenance.ledger.files.get(rel)
         return self.build.provenance.read(rel, digest) if digest else None
 
     def put(self, logical: str, key: str, quantizer: str, data: bytes) -> None:
-        # not fsynced: a torn file fails its ledger hash and is encoded again
+        # written in place, not fsynced: a torn or stale file fails its ledger hash and is
+        # encoded again (a cache; the atomic writer's temp file and fsync cost ~1 ms a shard)
         root = Path(self.build.root)
         target = root / self._rel(logical, key, quantizer)
         target.parent.mkdir(parents=True, exist_ok=True)
-        (root / STAGING_DIR).mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                   dir=root / STAGING_DIR)
-        with os.fdopen(fd, "wb") as f:
+        with open(target, "wb") as f:
             f.write(data)
-        os.replace(tmp, target)
         self.build.provenance.record(target.relative_to(root).as_posix(),
                                      blake3.blake3(data).hexdigest())
 
@@ -110,7 +118,7 @@ class EncodingStore:
         """Keep only the current quantizer's encodings of the index's shards."""
         top = Path(self.build.root) / IVF_CACHE_DIR / self.model
         wanted = {self._rel(logical, key, quantizer) for logical, key in logicals_keys.items()}
-        for path in sorted(top.rglob("*.npy")) if top.is_dir() else ():
+        for path in sorted(top.rglob("*.rows")) if top.is_dir() else ():
             if path.relative_to(self.build.root).as_posix() not in wanted:
                 path.unlink(missing_ok=True)
         for sub in top.iterdir() if top.is_dir() else ():

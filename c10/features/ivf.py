@@ -1,7 +1,6 @@
 """An IVF index that grows: a trained quantizer kept across builds, per-shard encodings."""
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -109,35 +108,42 @@ class Trained:
 
     def encode(self, desc: np.ndarray, ids: np.ndarray, previous: np.ndarray | None = None
                ) -> tuple[bytes, int]:
-        """One shard's rows as an encoding (.npy: ids, descriptor hash, coarse error, standalone
-        code) and how many rows FAISS encoded: a row of `previous` (the shard's last encoding
-        with this quantizer) with the same id and descriptor keeps its code."""
+        """One shard's rows as an encoding (raw records: ids, descriptor hash, coarse error,
+        standalone code) and how many rows FAISS encoded: a row whose descriptor is in `previous`
+        (the shard's last encoding with this quantizer) keeps its code."""
         desc = np.ascontiguousarray(desc, dtype=np.float32)
         rows = np.zeros(len(desc), self.dtype())
         for name, _ in ID_FIELDS:
             rows[name] = ids[name]
-        rows["dhash"] = _row_hashes(desc)
-        todo = np.ones(len(rows), bool)
-        if previous is not None and len(previous) and len(rows):
-            old = {_row_key(r): i for i, r in enumerate(previous)}
-            for i, row in enumerate(rows):
-                j = old.get(_row_key(row))
-                if j is not None:
-                    rows[i]["err"], rows[i]["code"], todo[i] = previous[j]["err"], \
-                        previous[j]["code"], False
+        rows["dhash"] = row_hashes(desc)
+        todo = ~self._reuse(rows, previous)
         if todo.any():
             codes = self.index.sa_encode(desc[todo])
             rows["code"][todo] = codes
             rows["err"][todo] = self.coarse_error(desc[todo], self.list_numbers(codes))
-        buf = io.BytesIO()
-        np.save(buf, rows, allow_pickle=False)
-        return buf.getvalue(), int(todo.sum())
+        return rows.tobytes(), int(todo.sum())
+
+    @staticmethod
+    def _reuse(rows: np.ndarray, previous: np.ndarray | None) -> np.ndarray:
+        """Copy code and error from the rows of `previous` with the same descriptor (a code is a
+        function of the descriptor and the quantizer); which rows got them."""
+        same = np.zeros(len(rows), bool)
+        if previous is None or not len(previous) or not len(rows):
+            return same
+        order = np.argsort(previous["dhash"][:, 0], kind="stable")
+        pos = np.minimum(np.searchsorted(previous["dhash"][order, 0], rows["dhash"][:, 0]),
+                         len(order) - 1)
+        found = previous[order[pos]]
+        same = (found["dhash"] == rows["dhash"]).all(axis=1)
+        rows["err"][same], rows["code"][same] = found["err"][same], found["code"][same]
+        return same
 
     def read_encoding(self, data: bytes) -> np.ndarray:
-        rows = np.load(io.BytesIO(data), allow_pickle=False)
-        if rows.dtype != self.dtype():
-            raise ValueError(f"encoding of dtype {rows.dtype}, expected {self.dtype()}")
-        return rows
+        """An encoding's rows: raw records of self.dtype() (no header to parse: a build reads
+        thousands; the key names the quantizer and IVF_SCHEMA the layout)."""
+        if len(data) % self.dtype().itemsize:
+            raise ValueError(f"{len(data)} bytes is no whole number of {self.dtype()} rows")
+        return np.frombuffer(data, self.dtype())
 
     def assemble(self, encodings: Sequence[np.ndarray],
                  nprobe: int) -> tuple[bytes, np.ndarray, float]:
@@ -174,18 +180,20 @@ class Trained:
         return f"{', '.join(diff)} changed" if diff else None
 
 
-def _row_hashes(desc: np.ndarray) -> np.ndarray:
-    """A 128-bit hash of each descriptor's bytes (blake2b: the standard library's fastest here)."""
-    import hashlib
-
-    out = np.zeros((len(desc), 2), "<u8")
-    view = memoryview(np.ascontiguousarray(desc)).cast("B")
-    width = desc.shape[1] * 4 if desc.ndim == 2 else 0
-    for i in range(len(desc)):
-        out[i] = np.frombuffer(hashlib.blake2b(view[i * width:(i + 1) * width],
-                                               digest_size=16).digest(), "<u8")
-    return out
+# Two fixed odd 64-bit multipliers per 32-bit word of a 256-float descriptor, and more on demand.
+_MULTIPLIERS: dict[int, np.ndarray] = {}
 
 
-def _row_key(row) -> tuple:
-    return int(row["z"]), int(row["x"]), int(row["y"]), int(row["dhash"][0]), int(row["dhash"][1])
+def row_hashes(desc: np.ndarray) -> np.ndarray:
+    """A 128-bit multilinear hash of each descriptor's bytes (a universal family, vectorized; not
+    cryptographic: the shard bytes it reads are already trusted, and a collision only reuses a
+    code within one shard's last encoding)."""
+    words = np.ascontiguousarray(desc, dtype=np.float32).view("<u4").astype(np.uint64)
+    width = words.shape[1] if words.ndim == 2 else 0
+    if width not in _MULTIPLIERS:
+        rng = np.random.default_rng(0x1F5)
+        _MULTIPLIERS[width] = rng.integers(0, 2**63, (width, 2), dtype=np.uint64) * 2 + 1
+    m = _MULTIPLIERS[width]
+    with np.errstate(over="ignore"):
+        return np.stack([(words * m[:, 0]).sum(axis=1, dtype=np.uint64),
+                         (words * m[:, 1]).sum(axis=1, dtype=np.uint64)], axis=1)

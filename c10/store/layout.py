@@ -102,14 +102,14 @@ def is_control(relpath: str) -> bool:
 
 # Per-shard encodings of an IVF index (c10.features.ivf), a cache keyed by shard and quantizer,
 # trusted only through the host's ledger: .c10/ivf/{model}/{quantizer tag}/{z}_{bx}-{by}[.windows]
-# .{64-hex key}.npy
+# .{64-hex key}.rows
 IVF_CACHE_DIR = f"{CONTROL_DIR}/ivf"
 
 
 def ivf_encoding_relpath(model: str, quantizer: str, logical: str, key: str) -> str:
     """The encoding of shard `logical` with the quantizer of blake3 `quantizer`."""
     slug = logical.removeprefix(f"{SHARDS_DIR}/{model}/").removesuffix(".npy").replace("/", "_")
-    return f"{IVF_CACHE_DIR}/{model}/{quantizer[:TAG_LEN]}/{slug}.{key}.npy"
+    return f"{IVF_CACHE_DIR}/{model}/{quantizer[:TAG_LEN]}/{slug}.{key}.rows"
 
 
 # --- what .c10/ may hold: the ground verifier walks it and refuses any other name ---------------
@@ -137,7 +137,7 @@ _REF_FILE = re.compile(rf"{_REFS}/(?:{SHARDS_DIR}|{INDEX_DIR})(?:/{_PART})+\.jso
 _REF_DIR = re.compile(rf"{_REFS}(?:/(?:{SHARDS_DIR}|{INDEX_DIR})(?:/{_PART})*)?")
 _IVF = IVF_CACHE_DIR.removeprefix(CONTROL_DIR + "/")
 _IVF_DIR = re.compile(rf"{_IVF}(?:/{_PART}(?:/[0-9a-f]{{{TAG_LEN}}})?)?")
-_IVF_FILE = re.compile(rf"{_IVF}/{_PART}/[0-9a-f]{{{TAG_LEN}}}/{_PART}\.[0-9a-f]{{64}}\.npy")
+_IVF_FILE = re.compile(rf"{_IVF}/{_PART}/[0-9a-f]{{{TAG_LEN}}}/{_PART}\.[0-9a-f]{{64}}\.rows")
 # .c10/tmp/: staged temp files of any writer, and an engine compiled there before it is moved in
 _STAGING_DIR_RE = re.compile(rf"{_STAGING}(?:/{_PART})*")
 

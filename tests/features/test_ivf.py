@@ -129,3 +129,15 @@ def test_drift_past_the_threshold_retrains_and_below_it_does_not():
 ])
 def test_which_factories_grow(factory, grows):
     assert Index(factory=factory).grows is grows
+
+
+def test_window_rows_count_in_their_unit_and_sort_among_the_tiles():
+    import dataclasses
+
+    tiles = [dataclasses.replace(s, scale=2) for s in blocks(n=2, per=4)]
+    windows = [shard(0, range(1, 4))]  # stands for a window shard: ids already in 1/2 tile
+    windows = [dataclasses.replace(windows[0], logical="shards/g/16/0-0.windows.npy")]
+    grown = grow_index(tiles + windows, PARAMS.__class__(factory="IVF2,SQ8"), None, Store())
+    rows = [tuple(map(int, r)) for r in grown.ids]
+    assert rows == sorted([(16, 2 * b, 2 * y) for b in range(2) for y in range(4)]
+                          + [(16, 0, y) for y in range(1, 4)])
