@@ -10,7 +10,7 @@ import blake3
 import numpy as np
 
 from c10.rules.shards import published
-from c10.store import refs
+from c10.store import atomic, refs
 from c10.store.layout import IVF_CACHE_DIR, ivf_encoding_relpath
 
 
@@ -106,13 +106,9 @@ class EncodingStore:
     def put(self, logical: str, key: str, quantizer: str, data: bytes) -> None:
         # written in place, not fsynced: a torn or stale file fails its ledger hash and is
         # encoded again (a cache; the atomic writer's temp file and fsync cost ~1 ms a shard)
-        root = Path(self.build.root)
-        target = root / self._rel(logical, key, quantizer)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "wb") as f:
-            f.write(data)
-        self.build.provenance.record(target.relative_to(root).as_posix(),
-                                     blake3.blake3(data).hexdigest())
+        rel = self._rel(logical, key, quantizer)
+        atomic.write_unsynced(Path(self.build.root) / rel, data)
+        self.build.provenance.record(rel, blake3.blake3(data).hexdigest())
 
     def keep(self, logicals_keys: dict[str, str], quantizer: str) -> None:
         """Keep only the current quantizer's encodings of the index's shards."""

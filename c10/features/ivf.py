@@ -158,15 +158,15 @@ class Trained:
         if not len(rows):
             raise IndexBuildError("no descriptors to index: no tiles in scope; "
                                   "fetch tiles into tiles/ first")
-        rows = rows[np.lexsort((rows["y"], rows["x"], rows["z"]))]
+        order = canonical_order(rows)
         index = faiss.deserialize_index(np.frombuffer(self.data, np.uint8))
-        index.add_sa_codes(np.ascontiguousarray(rows["code"]), np.arange(len(rows), dtype="int64"))
+        index.add_sa_codes(rows["code"][order], np.arange(len(rows), dtype="int64"))
         faiss.extract_index_ivf(index).nprobe = nprobe
         ids = np.zeros(len(rows), IDS_DTYPE)
         for name in IDS_DTYPE.names:
-            ids[name] = rows[name]
+            ids[name] = rows[name][order]
         return (faiss.serialize_index(index).tobytes(), ids,
-                float(rows["err"].astype(np.float64).mean()))
+                float(rows["err"].mean(dtype=np.float64)))
 
     def drift(self, mean_error: float) -> float:
         """Mean coarse error of the indexed rows over that of the training sample."""
@@ -178,6 +178,16 @@ class Trained:
         key = train_key(params, dim)
         diff = sorted(k for k, v in key.items() if self.meta.get(k) != v)
         return f"{', '.join(diff)} changed" if diff else None
+
+
+def canonical_order(rows: np.ndarray) -> np.ndarray:
+    """The permutation sorting rows by (z, x, y): one uint64 key (x, y < 2^28 even at zoom 24 in
+    quarter tiles), else a lexsort."""
+    if len(rows) and max(int(rows["x"].max()), int(rows["y"].max())) >= 1 << 28:
+        return np.lexsort((rows["y"], rows["x"], rows["z"]))
+    key = (rows["z"].astype(np.uint64) << np.uint64(56)) | (
+        rows["x"].astype(np.uint64) << np.uint64(28)) | rows["y"].astype(np.uint64)
+    return np.argsort(key, kind="stable")
 
 
 # Two fixed odd 64-bit multipliers per 32-bit word of a 256-float descriptor, and more on demand.
