@@ -49,7 +49,13 @@ def train(desc: np.ndarray, ids: np.ndarray, params: Index) -> tuple[bytes, byte
         raise IndexBuildError(f"index.factory = {params.factory!r} needs at least {ivf.nlist} "
                               f"descriptors to train, the cache has {len(desc)}",
                               "use a smaller IVF nlist or index.factory = \"HNSW32,Flat\"")
-    index.train(sample)
+    try:
+        index.train(sample)
+    except RuntimeError as exc:  # e.g. fewer rows than a PQ codebook's 256 centroids
+        raise IndexBuildError(f"index.factory = {params.factory!r} cannot be trained on "
+                              f"{len(sample)} descriptors ({str(exc).splitlines()[0]})",
+                              "raise index.train_sample, or use a smaller IVF nlist or codec in "
+                              "c10.toml") from None
     data = faiss.serialize_index(index).tobytes()
     digest = blake3.blake3(sample.tobytes() + ids[rows].tobytes()).hexdigest()
     trained = Trained(data, b"{}")

@@ -141,3 +141,15 @@ def test_window_rows_count_in_their_unit_and_sort_among_the_tiles():
     rows = [tuple(map(int, r)) for r in grown.ids]
     assert rows == sorted([(16, 2 * b, 2 * y) for b in range(2) for y in range(4)]
                           + [(16, 0, y) for y in range(1, 4)])
+
+
+@pytest.mark.parametrize("factory, says", [
+    ("IVF1024,SQ8", "needs at least 1024 descriptors"),
+    ("IVF4,PQ8", "cannot be trained on 240 descriptors"),
+])
+def test_too_few_rows_to_train_name_the_factory(factory, says):
+    from c10.errors import IndexBuildError
+
+    with pytest.raises(IndexBuildError, match=f"index.factory = '{factory}' {says}") as info:
+        grow_index(blocks(), Index(factory=factory), None, Store())
+    assert "c10.toml" in str(info.value) or "HNSW32,Flat" in str(info.value)
