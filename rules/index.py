@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 from c10.config import IVF_KEYS
 from c10.rules import session
 from c10.rules.adapters import action, changed, plan_or_none
 from c10.rules.shards import published, refs_current
-from c10.store.layout import ref_relpath
+from c10.store.layout import IVF_CACHE_DIR, ref_relpath
 
 
 def task_index():
@@ -51,6 +52,8 @@ def build_index(name: str) -> dict:
         from c10.rules.ivf import grow
 
         return grow(build, plan, model_plan)
+    # an IVF factory's cached encodings, if the factory was one before, are of no more use
+    shutil.rmtree(build.root / IVF_CACHE_DIR / name, ignore_errors=True)
     # each shard as this build wrote it or the last signed Manifest lists it: a forged ref fails
     shards, windows = ([io.BytesIO(build.provenance.current(rel)[1]) for rel in sorted(rels)]
                        for rels in (model_plan.shards, model_plan.windows))

@@ -33,3 +33,16 @@ def test_cold_build_and_warm_rerun_benchmarks_report_their_work():  # CP-TC-12, 
     assert out["wall"]["cold_s"] > 0 and out["noop_wall_s"] > 0
     assert out["stages"]["shards"]["tasks_ran"][0] > 0
     assert out["then_block"]["embedded"] == 0 and out["then_block"]["reused"] == 60 + added
+
+
+def test_the_growing_index_benchmark_reports_an_update_equal_to_a_full_build():
+    """bench/scale.py --grow at a tiny size: +1 % re-encodes only the new rows, the incremental
+    index equals the full one, and the mmap'd index is searched at each nprobe."""
+    out = run_bench("scale.py", "--grow", "--tiles", "4000", "--dim", "32", "--grow-factories",
+                    "IVF16,SQ8", "--nprobes", "2,4", "--queries", "50")
+    (grow,) = out["grow"]
+    assert grow["incremental_equals_full"] is True
+    assert grow["rows_encoded_incremental"] == grow["tiles_added"] == 40
+    assert grow["rows_encoded_cold"] == 4000 - 40
+    assert grow["latency"][0]["mapped"] == "OnDiskInvertedLists"
+    assert [r["nprobe"] for r in grow["latency"][1:]] == [2, 4]

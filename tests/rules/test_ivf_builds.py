@@ -192,3 +192,13 @@ def test_hnsw_stays_a_full_rebuild_with_its_old_task_key(tmp_path, inputs, opera
     assert not (cache / ".c10/refs/index/global.trained.faiss.json").exists()
     searcher, _ = FlightCache.open(cache, [operator_key[1]]).searcher()
     assert faiss.downcast_index(searcher.index).hnsw.efSearch == 64
+
+
+def test_leaving_ivf_for_hnsw_leaves_no_quantizer_nor_encodings(ivf_cache, capsys):
+    built(ivf_cache, capsys)
+    toml = ivf_cache / "c10.toml"
+    toml.write_text(toml.read_text().replace(f'factory = "{FACTORY}"', 'factory = "HNSW16,Flat"'))
+    built(ivf_cache, capsys)
+    assert not (ivf_cache / ".c10/ivf/global").exists()
+    assert not list((ivf_cache / "index").glob("global.trained.*"))
+    assert not list((ivf_cache / ".c10/refs/index").glob("global.trained.*"))
