@@ -142,7 +142,9 @@ def latency(path: Path, data: np.ndarray, nprobes: list[int], n_queries: int, se
     raw = path.read_bytes()
     entry = {"path": path.name, "size": len(raw), "blake3": blake3.blake3(raw).hexdigest()}
     del raw
+    before = _rss()
     index, open_s = _timed(lambda: open_index(path.parent, entry))
+    opened = _rss()
     rng = np.random.default_rng(seed)
     source = rng.choice(len(data), size=n_queries + 100, replace=False)
     noise = rng.standard_normal((len(source), data.shape[1])).astype(np.float32)
@@ -163,8 +165,21 @@ def latency(path: Path, data: np.ndarray, nprobes: list[int], n_queries: int, se
         out.append({"nprobe": nprobe, "recall_own_at_5": round(float(np.mean(hits)), 4),
                     "p50_ms": round(float(np.percentile(times, 50)) * 1e3, 3),
                     "p95_ms": round(float(np.percentile(times, 95)) * 1e3, 3)})
+    after = _rss()
+    mb = {k: {"opened": round((opened[k] - before[k]) / 1024, 1),
+              "after_queries": round((after[k] - before[k]) / 1024, 1)} for k in before}
     return [{"open_mmap_s": open_s, "mapped": type(faiss.downcast_InvertedLists(
-        faiss.extract_index_ivf(index).invlists)).__name__}] + out
+        faiss.extract_index_ivf(index).invlists)).__name__, "rss_growth_mb": mb}] + out
+
+
+def _rss() -> dict[str, int]:
+    """kB of this process's resident anonymous and file-backed memory (Linux)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    return {k: int(fields[k].split()[0]) for k in ("RssAnon", "RssFile") if k in fields}
 
 
 def grow_figures(n: int, dim: int, factory: str, train_sample: int, nprobes: list[int],
