@@ -1,6 +1,7 @@
 """Figures for docs/scale.md: FAISS index build (HNSW vs IVF-PQ) at up to 1e5 x dim, and a flat
-Manifest vs a tree of per-block sub-manifests under one root; prints JSON. Synthetic clustered unit
-vectors."""
+Manifest vs a tree of per-block sub-manifests under one root; with --grow, an IVF index that grows
+at --tiles rows (bench/ivf_grow.py: train, cold, +1 % incremental vs full, warm mmap'd query
+latency); prints JSON. Synthetic clustered unit vectors."""
 from __future__ import annotations
 
 import argparse
@@ -119,7 +120,25 @@ def main() -> None:
     parser.add_argument("--factories", default="HNSW32,Flat;HNSW32,SQ8;IVF1024,PQ32;IVF1024,PQ64")
     parser.add_argument("--manifest", type=int, default=100_000)
     parser.add_argument("--skip-index", action="store_true")
+    parser.add_argument("--grow", action="store_true",
+                        help="only the growing IVF index figures (bench/ivf_grow.py)")
+    parser.add_argument("--tiles", type=int, default=1_000_000, help="rows for --grow")
+    parser.add_argument("--grow-factories", default="IVF1024,SQ8", help="';'-separated")
+    parser.add_argument("--train-sample", type=int, default=65536)
+    parser.add_argument("--nprobes", default="4,8,16,32")
+    parser.add_argument("--block", type=int, default=16)
+    parser.add_argument("--queries", type=int, default=1000)
     args = parser.parse_args()
+    if args.grow:
+        from ivf_grow import grow_figures
+
+        nprobes = [int(v) for v in args.nprobes.split(",")]
+        figures = [grow_figures(args.tiles, args.dim, f, args.train_sample, nprobes, args.block,
+                                clustered, n_queries=args.queries)
+                   for f in args.grow_factories.split(";")]
+        print(json.dumps({"bench": "scale-grow", "cpus": os.cpu_count(), "grow": figures,
+                          "loadavg": [round(v, 2) for v in os.getloadavg()]}, indent=2))
+        return
     result = {"bench": "scale", "cpus": os.cpu_count(), "python": sys.version.split()[0],
               "manifest": manifest_figures(args.manifest, 16)}
     if not args.skip_index:

@@ -102,6 +102,23 @@ class Index:
     metric: str = "ip"
     ef_construction: int = 40
     ef_search: int = 64
+    # IVF factories only (IVF_KEYS; docs/scale.md): lists probed per query (saved in the index),
+    # rows the quantizer is trained on, a number to bump to retrain, and the drift (mean coarse
+    # error of the indexed rows over the training sample's) past which a build retrains (0: never)
+    nprobe: int = 16
+    train_sample: int = 65536
+    train_generation: int = 1
+    retrain_drift: float = 1.25
+
+    @property
+    def grows(self) -> bool:
+        """An IVF factory: trained once, its lists updated per shard (c10.features.ivf)."""
+        return _GROWING.match(self.factory) is not None
+
+
+IVF_KEYS = ("nprobe", "train_sample", "train_generation", "retrain_drift")
+# An IndexIVF itself (no pre-transform, one encoding): its standalone codes add list by list.
+_GROWING = re.compile(r"^IVF\d+(?:_[A-Za-z0-9]+)?,[^,]+$")
 
 
 @dataclass(frozen=True)
@@ -141,6 +158,9 @@ class Config:
         request = _plain(dataclasses.asdict(self) | {"root": None, "executor": None})
         if self.shards.stride == 1:  # tiles only: the request (and Manifest) of a c10 without it
             del request["shards"]["stride"]
+        if not self.index.grows:  # settings only an IVF index reads: other requests as before
+            for key in IVF_KEYS:
+                del request["index"][key]
         for model in request["models"].values():  # settings only an INT8 model reads
             if model["precision"] != "int8":
                 for key in INT8_KEYS:
@@ -204,7 +224,7 @@ def parse_config(data: dict, root: Path, where: str = CONFIG_NAME) -> Config:
         models={name: _model(name, spec, root, where) for name, spec in models.items()},
         engines=_section(Engines, data.get("engines", {}), where, "engines"),
         shards=_shards(data.get("shards", {}), where),
-        index=_section(Index, data.get("index", {}), where, "index"),
+        index=_index(data.get("index", {}), where),
         signing=_signing(data.get("signing", {}), root, where, area.sector_class),
         executor=_executor(data.get("executor", {}), where),
     )
@@ -251,6 +271,14 @@ def _validate(obj: Any, where: str, name: str) -> None:
         value = getattr(obj, f.name)
         if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
             raise ConfigError(f"{where}: `{name}.{f.name}` must be positive, got {value}")
+
+
+def _index(table: dict, where: str) -> Index:
+    index = _section(Index, table, where, "index")
+    if not 0 <= index.retrain_drift:
+        raise ConfigError(f"{where}: `index.retrain_drift` = {index.retrain_drift!r} must be >= 0 "
+                          "(0: retrain only when `index.train_generation` changes)")
+    return index
 
 
 def _shards(table: dict, where: str) -> Shards:

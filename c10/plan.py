@@ -12,7 +12,14 @@ from c10.features import engines
 from c10.features.window_grid import WindowBlock, window_blocks
 from c10.store.hashcache import HashCache
 from c10.store.host import cache_secret
-from c10.store.layout import ENGINES_DIR, SCAN_MEMO, index_relpaths, shard_relpath, window_relpath
+from c10.store.layout import (
+    ENGINES_DIR,
+    SCAN_MEMO,
+    index_relpaths,
+    shard_relpath,
+    trained_relpaths,
+    window_relpath,
+)
 from c10.store.tiles import Scan, Scope, Tile, group_blocks, read_memo, scan_tiles
 
 SHARD_ROLES = ("global", "local")  # a matcher has no per-tile output
@@ -33,6 +40,8 @@ class ModelPlan:
     shards: dict[str, list[Tile]] = field(default_factory=dict)  # shard relpath -> its tiles
     # global models with shards.stride < 1: window shard relpath -> the tiles its windows cover
     windows: dict[str, WindowBlock] = field(default_factory=dict)
+    # an IVF index's trained quantizer and its meta (c10.features.ivf), shipped as index files
+    trained: tuple[str, ...] = ()
 
     @property
     def index_rels(self) -> tuple[str, ...]:
@@ -100,7 +109,7 @@ class Plan:
         """Logical paths of every shard and index file (each a ref in .c10/refs/)."""
         out = []
         for plan in self.plans.values():
-            out += [*plan.shards, *plan.windows, *plan.index_rels]
+            out += [*plan.shards, *plan.windows, *plan.index_rels, *plan.trained]
         return out
 
     def shipped_inputs(self) -> list[str]:
@@ -133,6 +142,8 @@ def load_plan(root: Path, hashes: HashCache, memo: bool = True) -> Plan:
             plan.shards = {shard_relpath(plan.model.name, b): ts for b, ts in blocks.items()}
         if plan.model.role == "global":
             plan.windows = {window_relpath(plan.model.name, b): ws for b, ws in windows.items()}
+            if config.index.grows and plan.shards:
+                plan.trained = trained_relpaths(plan.model.name)
     return Plan(root, config, tiles, out, scan.strays, plans, scan)
 
 

@@ -237,7 +237,7 @@ def _owned_files(plan: Plan) -> list[tuple[str, str]]:
     out = []
     for model_plan in plan.plans.values():
         out += [(rel, "shard") for rel in [*model_plan.shards, *model_plan.windows]]
-        out += [(rel, "index") for rel in model_plan.index_rels]
+        out += [(rel, "index") for rel in [*model_plan.index_rels, *model_plan.trained]]
     return out
 
 

@@ -47,3 +47,16 @@ def test_the_manifest_tree_benchmark_reports_flat_and_tree():
     tiles = size["verify_flat"]["entries"] - 2
     assert tiles >= 5000 and size["verify_tree"]["entries"] == tiles + blocks + 2
     assert all(size[s]["peak_rss_mb"] > 0 for s in ("write_flat", "write_tree", "verify_tree"))
+
+
+def test_the_growing_index_benchmark_reports_an_update_equal_to_a_full_build():
+    """bench/scale.py --grow at a tiny size: +1 % re-encodes only the new rows, the incremental
+    index equals the full one, and the mmap'd index is searched at each nprobe."""
+    out = run_bench("scale.py", "--grow", "--tiles", "4000", "--dim", "32", "--grow-factories",
+                    "IVF16,SQ8", "--nprobes", "2,4", "--queries", "50")
+    (grow,) = out["grow"]
+    assert grow["incremental_equals_full"] is True
+    assert grow["rows_encoded_incremental"] == grow["tiles_added"] == 40
+    assert grow["rows_encoded_cold"] == 4000 - 40
+    assert grow["latency"][0]["mapped"] == "OnDiskInvertedLists"
+    assert [r["nprobe"] for r in grow["latency"][1:]] == [2, 4]

@@ -29,6 +29,8 @@ class FlightCache:
     runtime: RuntimeSpec
     entries: dict[str, dict] = field(repr=False)
     _opened: dict = field(default_factory=dict, repr=False)
+    # the index is mapped (IO_FLAG_MMAP, c10.query.mapped), not read into memory: False reads it
+    mmap_index: bool = True
 
     @classmethod
     def open(cls, root: str | Path, trusted_keys: Iterable | dict, *, now: datetime | None = None,
@@ -116,7 +118,13 @@ class FlightCache:
         import faiss
         import numpy as np
 
-        index = faiss.deserialize_index(np.frombuffer(self.read(spec.index.index), np.uint8))
+        from c10.query.mapped import open_index
+
+        entry = self.entries.get(spec.index.index)
+        if entry is None:
+            raise VerifyError("missing-file", f"{spec.index.index} is not listed in "
+                              f"{MANIFEST_NAME}", spec.index.index)
+        index = open_index(self.root, entry, self.mmap_index)
         hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
         if hnsw is not None:
             hnsw.efSearch = spec.index.ef_search

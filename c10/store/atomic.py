@@ -147,6 +147,18 @@ def _write_all(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def write_unsynced(target: str | os.PathLike, data: bytes) -> None:
+    """Write `data` over `target` in place, no temp file, no fsync: only for caches whose reader
+    checks every file against a hash recorded elsewhere (a torn one is then just recomputed)."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise storage_error(target, exc) from None
+
+
 def write_text(target: str | os.PathLike, text: str, mode: int = 0o644,
                staging: str | os.PathLike | None = None) -> None:
     """Atomically replace `target` with UTF-8 `text`."""

@@ -83,6 +83,11 @@ def index_relpaths(model: str) -> tuple[str, str]:
     return f"{INDEX_DIR}/{model}.faiss", f"{INDEX_DIR}/{model}.ids.npy"
 
 
+def trained_relpaths(model: str) -> tuple[str, str]:
+    """(trained empty IVF index, what it was trained on) of a model with an IVF index."""
+    return f"{INDEX_DIR}/{model}.trained.faiss", f"{INDEX_DIR}/{model}.trained.json"
+
+
 # Shards and index files are named by their content (TUF's consistent snapshots): a build writes
 # new names beside the committed ones, so a kill never touches a file the last Manifest lists.
 # The build finds its current files through refs, small control files named by the logical path.
@@ -116,6 +121,18 @@ def is_control(relpath: str) -> bool:
     return relpath in CONTROL_FILES or relpath.startswith(CONTROL_DIR + "/")
 
 
+# Per-shard encodings of an IVF index (c10.features.ivf), a cache keyed by shard and quantizer,
+# trusted only through the host's ledger: .c10/ivf/{model}/{quantizer tag}/{z}_{bx}-{by}[.windows]
+# .{64-hex key}.rows
+IVF_CACHE_DIR = f"{CONTROL_DIR}/ivf"
+
+
+def ivf_encoding_relpath(model: str, quantizer: str, logical: str, key: str) -> str:
+    """The encoding of shard `logical` with the quantizer of blake3 `quantizer`."""
+    slug = logical.removeprefix(f"{SHARDS_DIR}/{model}/").removesuffix(".npy").replace("/", "_")
+    return f"{IVF_CACHE_DIR}/{model}/{quantizer[:TAG_LEN]}/{slug}.{key}.rows"
+
+
 # --- what .c10/ may hold: the ground verifier walks it and refuses any other name ---------------
 # Paths relative to .c10/. Every one is a file c10 (or sqlite, for doit's DB) writes there.
 DEP_SIDE_SUFFIXES = ("-journal", "-wal", "-shm")  # sqlite's own side files of the doit DB
@@ -139,6 +156,9 @@ _PART = r"(?!\.\.?(?:/|$))[^/\x00-\x1f\\]+"
 # refs/{logical}.json of a shard or index file (the build's doit targets)
 _REF_FILE = re.compile(rf"{_REFS}/(?:{SHARDS_DIR}|{INDEX_DIR})(?:/{_PART})+\.json")
 _REF_DIR = re.compile(rf"{_REFS}(?:/(?:{SHARDS_DIR}|{INDEX_DIR})(?:/{_PART})*)?")
+_IVF = IVF_CACHE_DIR.removeprefix(CONTROL_DIR + "/")
+_IVF_DIR = re.compile(rf"{_IVF}(?:/{_PART}(?:/[0-9a-f]{{{TAG_LEN}}})?)?")
+_IVF_FILE = re.compile(rf"{_IVF}/{_PART}/[0-9a-f]{{{TAG_LEN}}}/{_PART}\.[0-9a-f]{{64}}\.rows")
 # .c10/tmp/: staged temp files of any writer, and an engine compiled there before it is moved in
 _STAGING_DIR_RE = re.compile(rf"{_STAGING}(?:/{_PART})*")
 
@@ -155,6 +175,8 @@ def is_control_dir_file(rel: str) -> bool:
             or _CORRUPT_DEP.fullmatch(rel) is not None
     if rel.startswith(_REFS + "/"):
         return _REF_FILE.fullmatch(rel) is not None
+    if rel.startswith(_IVF + "/"):
+        return _IVF_FILE.fullmatch(rel) is not None
     if rel.startswith(_STAGING + "/"):
         parent, _, name = rel.rpartition("/")
         if _STAGING_DIR_RE.fullmatch(parent) is None:
@@ -171,5 +193,5 @@ def _is_engine_file(name: str) -> bool:
 
 def is_control_dir_dir(rel: str) -> bool:
     """True for a directory (relative to .c10/) c10 makes there: refs/ and its tree of shard and
-    index refs, tmp/ and its subdirectories."""
-    return _REF_DIR.fullmatch(rel) is not None or _STAGING_DIR_RE.fullmatch(rel) is not None
+    index refs, tmp/ and its subdirectories, ivf/ and its model directories."""
+    return any(p.fullmatch(rel) is not None for p in (_REF_DIR, _STAGING_DIR_RE, _IVF_DIR))
