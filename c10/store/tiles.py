@@ -7,6 +7,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
@@ -52,6 +53,8 @@ class Scan:
     # column dir -> {"block:by": content digest}: segments the memo vouches for (column unchanged)
     segments: dict = field(default_factory=dict)
 
+
+_new_tuple = tuple.__new__
 
 # A column whose dir changed this recently is not memoized: a second change within the file
 # system's timestamp granularity would leave its mtime as it was (git's "racy" entries).
@@ -152,10 +155,15 @@ def _memo_columns(columns: dict) -> dict:
         for ext, spans in runs.items():
             if ext.lower() not in TILE_EXTS:
                 raise ValueError(ext)
+            name = f"{prefix}/{{}}.{ext}".format
             for y0, y1 in spans:
                 if type(y0) is not int or type(y1) is not int or not 0 <= y0 <= y1:
                     raise ValueError(prefix)
-                rows += [Tile(z, x, y, f"{prefix}/{y}.{ext}") for y in range(y0, y1 + 1)]
+                ys = range(y0, y1 + 1)
+                # Tile(...) is a Python-level __new__: 10^6 of them per no-op load, so the tuples
+                # are made by tuple.__new__ from C iterators instead
+                rows += map(_new_tuple, repeat(Tile),
+                            zip(repeat(z), repeat(x), ys, map(name, ys)))
         if len(runs) > 1:
             rows.sort()
         out[prefix] = (tuple(key), rows, list(strays), {str(k): str(v)
