@@ -62,7 +62,8 @@ def test_an_in_place_rewrite_is_missed_by_default_and_caught_by_the_full_mode(
     assert set(_stale(cache)) == {"coverage"}
     # `c10 verify` hashes every listed file: it refuses the cache until a full build
     assert _verify(cache, pub, tmp_path) != 0
-    capsys.readouterr()
+    said = capsys.readouterr()
+    assert "C10_FULL_STAT=1 doit build_cache" in said.out + said.err  # the fix it names
     assert _stale(cache, full=True)[_block(victim)] == [CALLABLES["tiles_current"]]
     assert c10_main(["status", str(cache), "--full"]) == 1 and _block(victim) in \
         capsys.readouterr().out
