@@ -1,6 +1,6 @@
-"""No-op `doit build_cache` wall time at 1k/10k/100k tiles beside bare doit and ninja on the same
-files; prints JSON. Run as `env -u PYTHONDONTWRITEBYTECODE python bench/noop.py` (bytecode is
-cached)."""
+"""No-op `doit build_cache` wall time at 10^3..10^6 tiles beside bare doit and ninja on the same
+files, interleaved round by round (medians); prints JSON. Run as
+`env -u PYTHONDONTWRITEBYTECODE python bench/noop.py --sizes 100000,1000000` (bytecode cached)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -96,33 +97,72 @@ def make_c10(root: Path, n: int, key: Path, block: int) -> None:
 
 
 def make_bare(root: Path, src: Path, group: int) -> None:
-    """The same tile files (copied) under a bare dodo.py with `group` files per task (md5
-    checker)."""
-    shutil.copytree(src / "tiles", root / "tiles")
+    """The same tile files (hard links: no copy of 10^6 files) under a bare dodo.py with `group`
+    files per task (md5 checker)."""
+    shutil.copytree(src / "tiles", root / "tiles", copy_function=os.link)
     (root / "dodo.py").write_text(BARE_DODO % group)
 
 
-def make_ninja(root: Path, tiles: Path, group: int) -> None:
-    """build.ninja over the c10 cache's own tiles: one stamp edge per `group` files."""
-    files = sorted(p.relative_to(root).as_posix() for p in tiles.rglob("*.jpg"))
-    lines = ["rule stamp", "  command = touch $out", ""]
+def make_ninja(root: Path, tiles: Path, group: int) -> Path:
+    """build-{group}.ninja in `root` (beside the c10 cache: c10's coverage gate would refuse
+    ninja's files inside it) over the cache's own tiles: one stamp edge per `group` files. The
+    stamps are made here, newer than every tile, and the rule is a generator (no build-log entry
+    needed): a first build would spawn one `touch` per edge (10^6 processes at 10^6 tiles), and a
+    no-op is the same stat of every input and output either way (only the log lookup is spared)."""
+    files = sorted(os.path.relpath(p, root) for p in tiles.rglob("*.jpg"))
+    lines = ["rule stamp", "  command = touch $out", "  generator = 1", ""]
+    stamps = root / f"stamps-{group}"
+    stamps.mkdir(parents=True, exist_ok=True)
     for i in range(0, len(files), group):
-        lines.append(f"build .ninja-stamps/{i}: stamp {' '.join(files[i:i + group])}")
-    (root / f"build-{group}.ninja").write_text("\n".join(lines) + "\n")
+        lines.append(f"build {stamps.name}/{i}: stamp {' '.join(files[i:i + group])}")
+        (stamps / str(i)).touch()
+    build_file = root / f"build-{group}.ninja"
+    build_file.write_text("\n".join(lines) + "\n")
+    return build_file
 
 
-def run(cmd: list[str], cwd: Path) -> tuple[float, str]:
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[float, str, int]:
+    """(wall seconds, output, peak RSS in KB) of one command; a failure stops the bench."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = proc.communicate()[0]
     elapsed = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} in {cwd} failed:\n{proc.stdout}\n{proc.stderr}")
-    return elapsed, proc.stdout + proc.stderr
+        raise SystemExit(f"{' '.join(cmd)} in {cwd} failed:\n{out}")
+    return elapsed, out, rss
 
 
-def noop(cmd: list[str], cwd: Path, runs: int) -> dict:
-    times = [run(cmd, cwd)[0] for _ in range(runs)]
-    return {"median_s": round(statistics.median(times), 3), "min_s": round(min(times), 3)}
+def interleaved(commands: dict[str, tuple[list[str], Path]], runs: int) -> dict:
+    """Each command once per round, round after round (a noisy shared host drifts: every
+    command sees the same drift); median and best wall time per command."""
+    times: dict[str, list[float]] = {label: [] for label in commands}
+    for _ in range(runs):
+        for label, (cmd, cwd) in commands.items():
+            times[label].append(run(cmd, cwd)[0])
+    return {label: {"median_s": round(statistics.median(t), 3), "min_s": round(min(t), 3)}
+            for label, t in times.items()}
+
+
+def peak_rss_kb(cmd: list[str], cwd: Path) -> int:
+    """Peak RSS of one run of `cmd`, from a fresh interpreter (RUSAGE_CHILDREN keeps the max)."""
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
+            "stdout=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN)"
+            ".ru_maxrss)")
+    return int(run([sys.executable, "-c", code, *cmd], cwd)[1].split()[-1])
+
+
+def free_space_check(work: Path, sizes: list[int]) -> None:
+    """Refuse before writing anything when the largest size does not fit: each tile is a file
+    (a 4 KiB block) in the c10 cache, hard-linked (no copy) for bare doit, plus the hash cache,
+    the scan memo and doit's DB (~300 bytes a tile)."""
+    need = max(sizes) * (4096 + 300) * 1.2
+    free = shutil.disk_usage(work).free
+    if free < need:
+        raise SystemExit(f"{work}: {free / 2**30:.1f} GiB free, the bench at {max(sizes)} tiles "
+                         f"needs ~{need / 2**30:.1f} GiB; free space or pass --workdir on a "
+                         "larger disk")
 
 
 def doit_cmd(*args: str) -> list[str]:
@@ -131,41 +171,48 @@ def doit_cmd(*args: str) -> list[str]:
 
 def heavy_imports(cwd: Path) -> list[str]:
     """Heavy top-level modules a no-op imports (from `python -X importtime`)."""
-    _, err = run([sys.executable, "-X", "importtime", DOIT, "build_cache"], cwd)
+    _, err, _ = run([sys.executable, "-X", "importtime", DOIT, "build_cache"], cwd)
     names = {m.group(1).split(".")[0] for m in re.finditer(r"\|\s+(\S+)\s*$", err, re.M)}
     return sorted(names & set(HEAVY))
 
 
 def bench_size(work: Path, n: int, key: Path, args) -> dict:
     cache = work / f"c10-{n}"
+    start = time.perf_counter()
     make_c10(cache, n, key, args.block)
-    cold, _ = run(doit_cmd("build_cache"), cache)
-    _, out = run(doit_cmd("build_cache"), cache)
+    made = time.perf_counter() - start
+    cold, _, _ = run(doit_cmd("build_cache"), cache)
+    out = run(doit_cmd("build_cache"), cache)[1]
     ran = re.findall(r"^\.  (\S+)", out, re.M)
     tasks = len(run(doit_cmd("list", "--all", "-q"), cache)[1].split())
-    result = {"tiles": n, "block": args.block, "tasks": tasks, "cold_build_s": round(cold, 1),
-              "noop_ran": ran, "c10_noop": noop(doit_cmd("build_cache"), cache, args.runs),
-              "heavy_modules_imported": heavy_imports(cache)}
+    result = {"tiles": n, "block": args.block, "tasks": tasks, "write_tiles_s": round(made, 1),
+              "cold_build_s": round(cold, 1), "noop_ran": ran,
+              "heavy_modules_imported": heavy_imports(cache),
+              "c10_noop_peak_rss_mb": round(peak_rss_kb(doit_cmd("build_cache"), cache) / 1024)}
     shard_tiles = args.block ** 2  # the same coarse grouping as c10's shards
+    commands = {"c10_noop": (doit_cmd("build_cache"), cache)}
+    bare_dirs = []
     for label, group in (("bare_doit_per_file", 1),
                          (f"bare_doit_coarse_{shard_tiles}_per_task", shard_tiles)):
         if group == 1 and n > args.max_fine:
-            result[label] = "skipped (--max-fine)"
+            result[label] = f"skipped (n > --max-fine {args.max_fine})"
             continue
         bare = work / f"bare-{n}-{group}"
         make_bare(bare, cache, group)
         run(doit_cmd(), bare)
-        result[label] = noop(doit_cmd(), bare, args.runs)
-        shutil.rmtree(bare)
+        commands[label] = (doit_cmd(), bare)
+        bare_dirs.append(bare)
+    ninja_dir = work / f"ninja-{n}"
     if shutil.which("ninja"):
         for group in (1, shard_tiles):
-            make_ninja(cache, cache / "tiles", group)
-            ninja = ["ninja", "-f", f"build-{group}.ninja"]
-            run(ninja, cache)
-            result[f"ninja_{group}_per_edge"] = noop(ninja, cache, args.runs)
-            for leftover in (f"build-{group}.ninja", ".ninja_log", ".ninja_deps", ".ninja-stamps"):
-                p = cache / leftover
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            ninja = ["ninja", "-f", make_ninja(ninja_dir, cache / "tiles", group).name]
+            if "no work to do" not in run(ninja, ninja_dir)[1]:
+                raise SystemExit(f"ninja had work to do in {ninja_dir}: its stamps are not current")
+            commands[f"ninja_{group}_per_edge"] = (ninja, ninja_dir)
+    result.update(interleaved(commands, args.runs))
+    shutil.rmtree(ninja_dir, ignore_errors=True)
+    for bare in bare_dirs:
+        shutil.rmtree(bare)
     shutil.rmtree(cache)
     return result
 
@@ -178,14 +225,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--max-fine", type=int, default=100000,
                         help="largest n for one doit task per file")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
+                        help="where the caches are made (and removed afterwards)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="c10-bench-noop-") as tmp:
+    sizes = [int(n) for n in args.sizes.split(",")]
+    free_space_check(args.workdir, sizes)
+    with tempfile.TemporaryDirectory(prefix="c10-bench-noop-", dir=args.workdir) as tmp:
         work = Path(tmp)
         key = work / "key.pem"
         generate_key(key)
-        results = [bench_size(work, int(n), key, args) for n in args.sizes.split(",")]
-    print(json.dumps({"bench": "noop", "cpus": os.cpu_count(),
-                      "loadavg": [round(v, 2) for v in os.getloadavg()],
+        results = [bench_size(work, n, key, args) for n in sizes]
+    print(json.dumps({"bench": "noop", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      "cpus": os.cpu_count(), "loadavg": [round(v, 2) for v in os.getloadavg()],
                       "results": results}, indent=2))
 
 

@@ -10,6 +10,7 @@ from c10.config import Config, Model, load_config
 from c10.errors import CalibrationCacheError, EngineBuildError, ModelError
 from c10.features import engines
 from c10.features.window_grid import WindowBlock, window_blocks
+from c10.store.blockstate import BlockState, full_stat
 from c10.store.hashcache import HashCache
 from c10.store.host import cache_secret
 from c10.store.layout import (
@@ -20,7 +21,7 @@ from c10.store.layout import (
     trained_relpaths,
     window_relpath,
 )
-from c10.store.tiles import Scan, Scope, Tile, group_blocks, read_memo, scan_tiles
+from c10.store.tiles import Scan, Scope, Tile, read_memo, scan_tiles, split_blocks
 
 SHARD_ROLES = ("global", "local")  # a matcher has no per-tile output
 # Bump when what goes into an embedding identity changes: every shard is re-embedded once.
@@ -38,6 +39,7 @@ class ModelPlan:
     engine_rel: str
     sidecar_rel: str
     shards: dict[str, list[Tile]] = field(default_factory=dict)  # shard relpath -> its tiles
+    blocks: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # shard relpath -> block
     # global models with shards.stride < 1: window shard relpath -> the tiles its windows cover
     windows: dict[str, WindowBlock] = field(default_factory=dict)
     # an IVF index's trained quantizer and its meta (c10.features.ivf), shipped as index files
@@ -83,6 +85,20 @@ class Plan:
     strays: list[str]
     plans: dict[str, ModelPlan]
     scan: Scan | None = None   # this load's tile scan (its memo is saved by the coverage gate)
+    state: BlockState | None = None  # each block's content key, from the scan
+
+    def block_key(self, block: tuple[int, int, int], reach: int = 0) -> str:
+        """Content key of a block's tiles in scope (reach 1: and of the next column and row, which
+        its windows cover): what decides whether its shard is stale (c10.store.blockstate)."""
+        z, bx, by = block
+        size = self.config.shards.block
+        x0, x1, y0, y1 = self._ranges[z]
+        return self.state.rect_key(z, max(bx * size, x0), min(bx * size + size - 1 + reach, x1),
+                                   max(by * size, y0), min(by * size + size - 1 + reach, y1))
+
+    @cached_property
+    def _ranges(self) -> dict[int, tuple[int, int, int, int]]:
+        return Scope(self.config.area.bbox, self.config.area.zooms).ranges
 
     def embedding_plans(self) -> list[ModelPlan]:
         return [p for p in self.plans.values() if p.model.role == "global"]
@@ -124,27 +140,31 @@ class Plan:
             return None
 
 
-def load_plan(root: Path, hashes: HashCache, memo: bool = True) -> Plan:
+def load_plan(root: Path, hashes: HashCache, memo: bool = True, full: bool | None = None) -> Plan:
     """The plan of the cache at `root`; C10Error (ConfigError, ModelError...) for a bad request.
 
-    memo: list only the tile columns whose directory changed since the last saved scan."""
+    memo: list only the tile columns whose directory changed since the last saved scan. full
+    (default: C10_FULL_STAT): list every column and check every tile's stat and content."""
     root = Path(root).resolve()
     config = load_config(root)
     scope = Scope(config.area.bbox, config.area.zooms)
-    scan = scan_tiles(root, read_memo(root / SCAN_MEMO, cache_secret(root)) if memo else None)
-    tiles, out = scope.split(scan.tiles)
+    full = full_stat() if full is None else full
+    known = {} if full else read_memo(root / SCAN_MEMO, cache_secret(root))
+    scan = scan_tiles(root, known if memo else None)
+    tiles, out, blocks = split_blocks(scan.columns, scope, config.shards.block)
     plans = {name: _model_plan(root, config, model, hashes, tiles)
              for name, model in config.models.items()}
-    blocks = group_blocks(tiles, config.shards.block)
     windows = window_blocks(tiles, config.shards.block, config.shards.div)
     for plan in plans.values():
         if plan.model.role in SHARD_ROLES:
             plan.shards = {shard_relpath(plan.model.name, b): ts for b, ts in blocks.items()}
+            plan.blocks = {shard_relpath(plan.model.name, b): b for b in blocks}
         if plan.model.role == "global":
             plan.windows = {window_relpath(plan.model.name, b): ws for b, ws in windows.items()}
             if config.index.grows and plan.shards:
                 plan.trained = trained_relpaths(plan.model.name)
-    return Plan(root, config, tiles, out, scan.strays, plans, scan)
+    return Plan(root, config, tiles, out, scan.strays, plans, scan,
+                BlockState(scan, hashes, config.shards.block, full))
 
 
 def _model_plan(root: Path, config: Config, model: Model, hashes: HashCache,

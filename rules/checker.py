@@ -1,6 +1,7 @@
-"""doit's file check by blake3 content hash, through the stat fast path of c10's hash cache."""
+"""doit's file check by blake3 content hash (hash cache stat fast path); tiles by block key."""
 from __future__ import annotations
 
+import inspect
 import os
 
 from doit.dependency import FileChangedChecker
@@ -46,3 +47,35 @@ class Blake3Checker(FileChangedChecker):
                 and tuple(current_state[:4]) == stat_key(st):
             return None
         return [*stat_key(st), session.current().hashes.hash(dep, st)[0]]
+
+
+class TileState:
+    """doit uptodate of a shard or window task: the content key of the tiles it reads
+    (c10.store.blockstate), decided from the load-time scan instead of one file_dep per tile.
+    Computed once, when doit asks (before the action runs: a tile changed meanwhile makes the
+    next key differ), and saved with the task's values after a success."""
+
+    NAME = "tiles"
+
+    def __init__(self, compute):
+        self._compute, self._key = compute, None
+        self.__name__ = "tiles_current"  # what `c10 status` calls it
+        self.__signature__ = _SIGNATURE  # doit inspects every uptodate callable on every run
+
+    def configure_task(self, task) -> None:
+        task.value_savers.append(lambda: {self.NAME: self.key()})
+
+    def key(self) -> str:
+        if self._key is None:
+            self._key = self._compute()
+        return self._key
+
+    def __call__(self, task, values) -> bool:
+        return values.get(self.NAME) == self.key()
+
+
+def _signature(task, values):  # the parameters doit passes to an uptodate callable
+    pass
+
+
+_SIGNATURE = inspect.signature(_signature)

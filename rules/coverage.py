@@ -59,7 +59,7 @@ def check_coverage() -> None:
         print(f"removed dead {rel}")
     # hashes the checker computed this run (a mass `touch`): saved once, never computed again; the
     # entries of files the cache no longer has are dropped
-    build.hashes.retain(_hashed_files(plan))
+    build.hashes.retain(lambda: _hashed_files(plan))
     build.hashes.save()
     build.save_provenance(prune=True)  # (a no-op build has none: it never loads the key)
     build.save_scan_memo()

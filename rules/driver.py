@@ -132,13 +132,15 @@ def run_build(root: Path, doit_args: Sequence[str] = ("build_cache",)) -> int:
             session.end()
 
 
-def build_status(root: Path) -> dict:
-    """What `doit build_cache` in `root` would run and why, without the lock and without writing."""
+def build_status(root: Path, full: bool = False) -> dict:
+    """What `doit build_cache` in `root` would run and why, without the lock and without writing
+    (full: every tile's stat and content, as C10_FULL_STAT=1 makes a build check them)."""
     from c10.rules import staleness
     from c10.rules.dodo import DOIT_CONFIG, namespace
 
     root = require_cache_root(root)
     build = session.begin(root)
+    build.full = full or None
     try:
         with _in_dir(root):
             plan = build.plan()  # an invalid request is the answer: raise it

@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 
-from doit.globals import Globals
 from doit.reporter import ConsoleReporter
 
 from c10.errors import C10Error
@@ -25,11 +24,8 @@ class C10Reporter(ConsoleReporter):
         self._report_run = False
         self._started: dict[str, float] = {}
         self._stages = {s: {"ran": 0, "up_to_date": 0, "failed": 0, "seconds": 0.0} for s in STAGES}
-        # (task, its values, file_dep doit saw changed)
-        self._values: list[tuple[str, dict, list]] = []
+        self._values: list[tuple[str, dict]] = []  # (task, its values)
         self._fail_msg: str | None = None
-        # shard task -> tiles changed or added since its last run
-        self._changed: dict[str, list[str]] = {}
 
     def initialize(self, tasks, selected_tasks):
         self._report_run = "build_cache" in (selected_tasks or ())
@@ -38,8 +34,6 @@ class C10Reporter(ConsoleReporter):
     def execute_task(self, task):
         super().execute_task(task)
         self._started[task.name] = time.perf_counter()
-        if _stage(task.name) == "shards":
-            self._changed[task.name] = _changed_deps(task)
 
     def skip_uptodate(self, task):
         super().skip_uptodate(task)
@@ -49,8 +43,7 @@ class C10Reporter(ConsoleReporter):
     def add_success(self, task):
         super().add_success(task)
         if self._count(task, "ran"):
-            self._values.append((task.name, dict(task.values or {}),
-                                 self._changed.pop(task.name, [])))
+            self._values.append((task.name, dict(task.values or {})))
 
     def add_failure(self, task, fail):
         super().add_failure(task, fail)
@@ -117,28 +110,15 @@ class C10Reporter(ConsoleReporter):
             finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 
-def _nothing_new(values: list[tuple[str, dict, list]]) -> bool:
+def _nothing_new(values: list[tuple[str, dict]]) -> bool:
     """Tasks ran (a lost doit DB, a moved cache: doit re-decides) but decided by content that the
     cache is what its Manifest signs: no engine compiled, no tile embedded or extracted, and the
     manifest task left the committed Manifest untouched (CP-INV-1)."""
-    stages = {_stage(name): vals for name, vals, _ in values}
+    stages = {_stage(name): vals for name, vals in values}
     if not stages.get("manifest", {}).get("unchanged"):
         return False
     return not any(vals.get("built") or vals.get("embedded") or vals.get("extracted")
-                   for name, vals, _ in values if _stage(name) in ("engines", "shards"))
-
-
-def _changed_deps(task) -> list[str]:
-    """file_dep changed or added since the task's last success, asked before it runs.
-
-    The runner's own check stops at the first reason (a shard's key holds its tile list), so
-    task.dep_changed is often empty; doit's full check (get_log=True) lists every changed file.
-    """
-    dep = Globals.dep_manager
-    if dep is None:
-        return []
-    reasons = dep.get_status(task, {}, get_log=True).reasons
-    return sorted(set(reasons.get("changed_file_dep", ())) | set(reasons.get("added_file_dep", ())))
+                   for name, vals in values if _stage(name) in ("engines", "shards"))
 
 
 def _stage(task_name: str) -> str:
@@ -150,10 +130,10 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-def _sum_values(values: list[tuple[str, dict, list]]):
+def _sum_values(values: list[tuple[str, dict]]):
     totals = {"engines_built": 0, "engines_reused": 0, "embedded": 0, "reused": 0,
               "extracted": 0, "local_reused": 0}
-    for name, vals, _ in values:
+    for name, vals in values:
         if _stage(name) == "engines" and "built" in vals:
             totals["engines_built" if vals["built"] else "engines_reused"] += 1
         elif _stage(name) == "shards" and "extracted" in vals:  # a local-feature shard
@@ -172,21 +152,21 @@ def _tile_counts(plan) -> dict:
             "require_complete": plan.config.area.require_complete}
 
 
-def _rebuilt(plan, values: list[tuple[str, dict, list]]) -> set[tuple[int, int, int]]:
+def _rebuilt(plan, values: list[tuple[str, dict]]) -> set[tuple[int, int, int]]:
     """(z, x, y) of every tile embedded in this run.
 
     A shard embeds all its tiles, or (same embedding identity) exactly the tiles it lacks with
-    their bytes: those doit saw as changed or added file_dep.
+    their bytes, which it names (its values' "fresh").
     """
     out: set[tuple[int, int, int]] = set()
-    for name, vals, changed in values:
+    for name, vals in values:
         embedded = int(vals.get("embedded", 0)) if _stage(name) == "shards" else 0
         if not embedded:
             continue
         rel = f"shards/{name.split(':', 1)[1]}.npy"
         tiles = [t for mp in plan.embedding_plans() for t in mp.shards.get(rel, ())]
-        if embedded < len(tiles):
-            fresh = set(changed)
+        if "fresh" in vals:
+            fresh = set(vals["fresh"])
             tiles = [t for t in tiles if t.path in fresh]
         out.update((t.z, t.x, t.y) for t in tiles)
     return out

@@ -35,6 +35,7 @@ class Build:
         self._mutex = threading.Lock()
         self._trust_lock = threading.Lock()
         self._gc_paused = False
+        self.full: bool | None = None  # full-stat mode (None: C10_FULL_STAT decides)
 
     # --- the plan, decided once -------------------------------------------------------------
 
@@ -43,7 +44,7 @@ class Build:
         if self._plan is None:
             self._pause_gc()
             try:
-                self._plan = load_plan(self.root, self.hashes)
+                self._plan = load_plan(self.root, self.hashes, full=self.full)
             except C10Error as exc:
                 self._plan = exc
             except BaseException:
@@ -141,7 +142,8 @@ class Build:
         writes nothing: `doit list`, `c10 status` work on a read-only cache)."""
         plan = self._plan
         if isinstance(plan, Plan) and plan.scan is not None:
-            write_memo(self.root / SCAN_MEMO, plan.scan, cache_secret(self.root, create=True))
+            write_memo(self.root / SCAN_MEMO, plan.scan, cache_secret(self.root, create=True),
+                       changed=plan.state.changed)
             plan.scan = None
 
     def elapsed(self) -> float:

@@ -1,13 +1,14 @@
 """shards:{model}/{z}/{bx}-{by}: each block of tiles into a descriptor or local-feature shard."""
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import weakref
+from pathlib import Path
 
 from c10.rules import session
 from c10.rules.adapters import action, changed, plan_or_none, presigned
+from c10.rules.checker import TileState
 from c10.store.layout import ref_relpath
 
 
@@ -21,25 +22,24 @@ def task_shards():
         for rel, tiles in model_plan.shards.items():
             yield {
                 "name": rel.removeprefix("shards/").removesuffix(".npy"),
-                "doc": f"{len(tiles)} tiles of {rel}",
-                "file_dep": [t.path for t in tiles],
+                "doc": f"{len(tiles)} tiles of {rel}, from {tiles[0].path} to {tiles[-1].path}",
                 # the target is the ref naming the shard's content-named file (c10.store.refs)
                 "targets": [ref_relpath(rel)],
                 "task_dep": [f"engines:{model_plan.model.name}"],
-                # the tile list is in the key: a removed tile must rebuild its shard
-                "uptodate": [changed(shard_key(model_plan.ident, tiles)), refs_current],
+                # the tiles are no file_dep: their content key, decided from the column
+                # directories the scan stats (one doit file state per tile would cost more than
+                # a whole no-op should); the identity is the same for every shard of the model
+                "uptodate": [changed(model_plan.ident), block_state(plan, model_plan.blocks[rel]),
+                             refs_current],
                 "actions": [(action(build_shard), [model_plan.model.name, rel])],
             }
     if plan is not None:  # the global models' retrieval windows (shards.stride < 1)
         yield from window_tasks(plan)
 
 
-def shard_key(ident: str, tiles) -> str:
-    """Embedding identity + the block's tile list, as one digest (a removed tile changes it);
-    a string, so config_changed stores it as is instead of json-dumping 100k paths per load."""
-    key = hashlib.sha256(ident.encode())
-    key.update("\n".join([t.path for t in tiles]).encode())
-    return key.hexdigest()
+def block_state(plan, block: tuple[int, int, int], reach: int = 0) -> TileState:
+    """The uptodate of a task reading the block's tiles (reach 1: and the next column and row)."""
+    return TileState(lambda: plan.block_key(block, reach))
 
 
 def build_shard(name: str, rel: str) -> dict:
@@ -59,7 +59,13 @@ def build_shard(name: str, rel: str) -> dict:
     # rows are reused by tile bytes + identity from trusted shards only (never from what a ref
     # names: refs are hints)
     store = descriptor_store(build)
-    stats = build_shard(build.root, rel, records, compute, model_plan.ident, codec,
+    fresh: list[str] = []  # the tiles computed (not reused): the BuildReport's rebuilt tiles
+
+    def counted(paths):
+        fresh.extend(Path(p).relative_to(build.root).as_posix() for p in paths)
+        return compute(paths)
+
+    stats = build_shard(build.root, rel, records, counted, model_plan.ident, codec,
                         store.reuser(model_plan.ident, codec.columns, rel))
     # rewriting every tile's hash after each small shard costs more than it saves
     build.hashes.save(min_interval=30.0)
@@ -67,7 +73,7 @@ def build_shard(name: str, rel: str) -> dict:
     store.add(_source(build.root, build.provenance, stats.entry["path"], (stats.entry["blake3"],)),
               [r.blake3 for r in records], model_plan.ident)
     return {"extracted" if local else "embedded": stats.embedded, "reused": stats.reused,
-            "refs": refs}
+            "refs": refs, **({"fresh": fresh} if 0 < len(fresh) < len(records) else {})}
 
 
 # One descriptor store per build's trust (its Provenance), shared by the shard threads.

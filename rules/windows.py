@@ -10,11 +10,11 @@ from c10.store.layout import ref_relpath
 
 
 def window_tasks(plan):
-    """One task per block with windows (c10.features.windows), in the shards stage: its file_dep
-    are the tiles its windows cover (the block's and the next column's and row's), so doit re-runs
-    exactly the window shards that hold a changed tile."""
-    from c10.features.window_grid import windows_key
-    from c10.rules.shards import refs_current
+    """One task per block with windows (c10.features.windows), in the shards stage: its tiles'
+    key covers the block and the next column and row (the tiles its windows cover), so doit
+    re-runs exactly the window shards that hold a changed tile."""
+    from c10.features.window_grid import WINDOW_CODE
+    from c10.rules.shards import block_state, refs_current
 
     div = plan.config.shards.div
     for model_plan in plan.embedding_plans():
@@ -23,12 +23,11 @@ def window_tasks(plan):
             yield {
                 "name": rel.removeprefix("shards/").removesuffix(".npy"),
                 "doc": f"windows at stride 1/{div} over {len(covered.tiles)} tiles of {rel}",
-                "file_dep": [t.path for t in covered.tiles],
                 "targets": [ref_relpath(rel)],
                 "task_dep": [f"engines:{name}"],
-                # the covered tiles are in the key: a window that goes rebuilds the shard
-                "uptodate": [changed(windows_key(model_plan.ident, div, covered.tiles)),
-                             refs_current],
+                # which windows exist follows from the covered tiles, which the tiles' key holds
+                "uptodate": [changed(f"{model_plan.ident} {div} {WINDOW_CODE}"),
+                             block_state(plan, covered.block, reach=1), refs_current],
                 "actions": [(action(build_windows), [name, rel])],
             }
 

@@ -68,6 +68,10 @@ def _operator_commands(sub) -> None:
                          help="what `doit build_cache` would redo in DIR and why (writes nothing)")
     cmd.add_argument("dir", type=Path)
     cmd.add_argument("--json", action="store_true", help="the raw status as JSON for tools")
+    cmd.add_argument("--full", action="store_true",
+                     help="stat and check every tile, not only the columns whose directory "
+                          "changed: sees a tile rewritten in place (as C10_FULL_STAT=1 makes a "
+                          "build do)")
     cmd.set_defaults(func=cmd_status)
     cmd = sub.add_parser("map",
                          help="draw the requested area per zoom: tiles present, missing, rebuilt")
@@ -91,7 +95,7 @@ def cmd_status(args) -> int:
     from c10.rules.driver import build_status
     from c10.tools.status import render, would_change
 
-    status = build_status(args.dir)
+    status = build_status(args.dir, full=args.full)
     print(json.dumps(status, indent=1) if args.json else render(status))
     return 1 if would_change(status) else 0
 

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from c10.store import atomic
 from c10.store.digest import blake3_file
@@ -68,11 +69,15 @@ class HashCache:
         path."""
         return self.hash(str(Path(path).resolve()))[0]
 
-    def retain(self, keep: set[str]) -> None:
-        """Drop the loaded entries of every path not in `keep` (files the build no longer has), so
-        the cache does not grow forever; nothing is stat'ed, and an unloaded bucket stays as
-        it is."""
+    def retain(self, keep: Callable[[], set[str]]) -> None:
+        """Drop the loaded entries of every path not in `keep()` (files the build no longer has),
+        so the cache does not grow forever; nothing is stat'ed, and an unloaded bucket stays as
+        it is. keep() is not even called when nothing was added since the load (a no-op: the
+        last retain already dropped what it could)."""
         with self._lock:
+            if not self._dirty:
+                return
+            keep = keep()
             for name, bucket in self._buckets.items():
                 gone = [path for path in bucket if path not in keep]
                 for path in gone:

@@ -14,6 +14,9 @@ SETTINGS = {
 CALLABLES = {"manifest_fresh": ("the Manifest expires soon (within a tenth of "
                                "signing.validity_days, at most a day) or Manifest.json is not the "
                                "payload its envelope signs: it is re-signed"),
+             "tiles_current": ("its tiles changed: one added, removed, renamed or replaced in a "
+                               "column whose directory changed (a tile rewritten in place is seen "
+                               "only by `c10 status --full` or C10_FULL_STAT=1)"),
              "refs_current": ("its file is missing or damaged, or a stopped build left another "
                               "one current")}
 SHOWN = 3

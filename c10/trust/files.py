@@ -15,7 +15,9 @@ from c10.store.layout import ENVELOPE_NAME, MANIFEST_NAME
 CONTROL_MAX = 1 << 30  # a Manifest of a million files is a fraction of this; refuse anything larger
 # Never follow a planted symlink; never block on a FIFO planted in a file's place.
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-REBUILD = "rebuild on the build host with `doit build_cache` and copy the cache again"
+# C10_FULL_STAT: a tile rewritten in place (no rename) is seen only by a full-stat build
+REBUILD = ("rebuild on the build host with `C10_FULL_STAT=1 doit build_cache` (every tile "
+           "checked) and copy the cache again")
 
 
 def read_control(root: Path, name: str) -> bytes:

@@ -93,17 +93,21 @@ def test_scan_memo_round_trips_and_a_torn_one_is_ignored(tmp_path, monkeypatch):
 
     secret = b"s" * 32
     monkeypatch.setattr(tiles_mod, "RACY_NS", 0)
-    _touch(tmp_path, "tiles/15/3/2.jpg")
+    for rel in ["tiles/15/3/2.jpg", "tiles/15/3/3.jpg", "tiles/15/3/4.png", "tiles/15/3/7.jpg",
+                "tiles/15/4/1.webp"]:
+        _touch(tmp_path, rel)
     path = tmp_path / ".c10" / "memo"
-    tiles_mod.write_memo(path, scan_tiles(tmp_path, {}), secret)
-    assert not path.exists()  # one column re-read: not worth rewriting the memo
-    for x in range(4, 4 + tiles_mod.MEMO_MIN_REREAD):
-        _touch(tmp_path, f"tiles/15/{x}/2.jpg")
     scan = scan_tiles(tmp_path, {})
+    scan.memo["tiles/15/3"][3]["4:0"] = "ab" * 32  # a segment digest rides along
     tiles_mod.write_memo(path, scan, secret)
-    assert (tiles_mod.read_memo(path, secret) == scan.memo
-            and len(scan.memo) == 1 + tiles_mod.MEMO_MIN_REREAD)
+    again = scan_tiles(tmp_path, tiles_mod.read_memo(path, secret))
+    assert tiles_mod.read_memo(path, secret) == scan.memo and again.reread == 0
+    assert again.tiles == scan.tiles and again.segments["tiles/15/3"] == {"4:0": "ab" * 32}
+    path.unlink()
+    tiles_mod.write_memo(path, again, secret)
+    assert not path.exists()  # nothing re-read, no new digest: the saved memo is this one
     assert tiles_mod.read_memo(path, b"t" * 32) == {}  # another host's (or no) secret
+    tiles_mod.write_memo(path, scan, secret)
     path.write_bytes(path.read_bytes()[:20])
     assert tiles_mod.read_memo(path, secret) == {}
 
@@ -119,14 +123,14 @@ def test_a_forged_scan_memo_is_ignored(tmp_path, monkeypatch):
 
     secret = b"s" * 32
     monkeypatch.setattr(tiles_mod, "RACY_NS", 0)
-    for x in range(3, 4 + tiles_mod.MEMO_MIN_REREAD):
+    for x in range(3, 6):
         _touch(tmp_path, f"tiles/15/{x}/2.jpg")
     path = tmp_path / ".c10" / "memo"
     tiles_mod.write_memo(path, scan_tiles(tmp_path, {}), secret)
     _touch(tmp_path, "tiles/15/3/evil.sh")
     mac, _, body = path.read_bytes().partition(b"\n")
     data = json.loads(body)
-    data["columns"]["tiles/15/3"][1].append("9.jpg")  # a tile that is not there
+    data["columns"]["tiles/15/3"][1]["jpg"].append([9, 9])  # a tile that is not there
     forged = json.dumps(data).encode()
     for mac in (mac, blake3.blake3(forged).hexdigest().encode()):  # the old MAC, an unkeyed one
         path.write_bytes(mac + b"\n" + forged)
@@ -134,3 +138,23 @@ def test_a_forged_scan_memo_is_ignored(tmp_path, monkeypatch):
         assert memo == {}
         scan = scan_tiles(tmp_path, memo)
         assert "tiles/15/3/evil.sh" in scan.strays and (15, 3, 9) not in _ids(scan)
+
+
+def test_split_blocks_is_scope_split_then_group_blocks(tmp_path):
+    """The load's one pass per column gives what a pass per tile gives: scope, order, blocks."""
+    import random
+
+    from c10.store.tiles import Scope, group_blocks, split_blocks
+
+    rng = random.Random(0)
+    scope = Scope((50.43, 30.49, 50.47, 30.56), (14, 15))
+    x0, x1, y0, y1 = scope.ranges[15]
+    for _ in range(300):
+        z = rng.choice((14, 15, 16))
+        x, y = rng.randint(x0 - 5, x1 + 5) >> (15 - z if z < 15 else 0), rng.randint(y0 - 5, y1 + 5)
+        _touch(tmp_path, f"tiles/{z}/{x}/{y}.{rng.choice(('jpg', 'png'))}")
+    scan = scan_tiles(tmp_path)
+    inside, outside, blocks = split_blocks(scan.columns, scope, 4)
+    assert (inside, outside) == scope.split(scan.tiles) and inside and outside
+    assert blocks == group_blocks(inside, 4) and list(blocks) == sorted(blocks)
+    assert scan.tiles == sorted(scan.tiles)
