@@ -88,24 +88,23 @@ def build(root: Path) -> dict:
 
 
 def baselines(work: Path, root: Path, block: int, runs: int) -> dict:
-    """No-op of bare doit (one task per block's worth of files) and ninja (one edge per tile, and
-    per block) over the cache's own tile files."""
-    out = {}
-    bare = work / "bare"
-    noop.make_bare(bare, root, block * block)
+    """No-ops interleaved round by round (bench/noop.py): c10's, bare doit's (one task per block's
+    worth of files, hard links to the cache's tiles) and ninja's (one edge per tile, and per
+    block) over the same tile files."""
+    group = block * block
+    bare, ninja_dir = work / "bare", work / "ninja"
+    noop.make_bare(bare, root, group)
     noop.run(noop.doit_cmd(), bare)
-    out[f"bare_doit_{block * block}_per_task"] = noop.noop(noop.doit_cmd(), bare, runs)
-    shutil.rmtree(bare)
+    commands = {"c10": (noop.doit_cmd("build_cache"), root),
+                f"bare_doit_{group}_per_task": (noop.doit_cmd(), bare)}
     if shutil.which("ninja"):
-        for group in (1, block * block):
-            noop.make_ninja(root, root / "tiles", group)
-            cmd = ["ninja", "-f", f"build-{group}.ninja"]
-            noop.run(cmd, root)
-            out[f"ninja_{group}_per_edge"] = noop.noop(cmd, root, runs)
-            for leftover in (f"build-{group}.ninja", ".ninja_log", ".ninja_deps",
-                             ".ninja-stamps"):
-                p = root / leftover
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        for edge in (1, group):
+            cmd = ["ninja", "-f", noop.make_ninja(ninja_dir, root / "tiles", edge).name]
+            noop.run(cmd, ninja_dir)
+            commands[f"ninja_{edge}_per_edge"] = (cmd, ninja_dir)
+    out = noop.interleaved(commands, runs)
+    shutil.rmtree(bare)
+    shutil.rmtree(ninja_dir, ignore_errors=True)
     return out
 
 
@@ -132,7 +131,6 @@ def run_region(work: Path, args) -> dict:
     configure(root, work / "key.pem", args, bbox)
     stages = {"cold": build(root)}
     stages["noop"] = build(root)
-    stages["noop_runs_s"] = [build(root)["wall_s"] for _ in range(args.runs)]
     write_tiles(root, holes, pool, 1)
     stages["add_1pct_holes"] = build(root)
     write_tiles(root, strip, pool, 2)
@@ -151,7 +149,7 @@ def run_region(work: Path, args) -> dict:
                       "model_input": args.input, "dim": args.dim, "block": args.block,
                       "factory": args.factory, "backend": args.backend,
                       "write_tiles_s": round(setup_s, 1)},
-            "stages": stages, "disk": disk, "baselines_noop": base, "ratios": _ratios(stages)}
+            "stages": stages, "disk": disk, "noop_interleaved": base, "ratios": _ratios(stages)}
 
 
 def configure(root: Path, key: Path, args, bbox: tuple) -> None:
