@@ -125,20 +125,22 @@ class Grown:
     stats: dict = field(default_factory=dict)
 
 
-def grow_index(sources: Sequence[Source], params: Index, trained, store: EncodingStore,
-               retrain: str | None = None) -> Grown:
+def grow_index(sources: Sequence[Source], params: Index, trained,
+               store: EncodingStore) -> Grown:
     """An IVF index from per-shard encodings: each shard not yet encoded with this quantizer is
     encoded and stored, then all are assembled in (z, x, y) order, so the bytes equal a clean
     build's with the same quantizer. `trained` (an ivf.Trained or None) is reused unless its
-    parameters changed, `retrain` says why not, or the drift passes index.retrain_drift."""
-    reason = retrain or ("no trained quantizer" if trained is None
-                         else trained.stale(params, trained.index.d))
+    parameters or the descriptor size changed, or the drift passes index.retrain_drift."""
+    reason = "no trained quantizer" if trained is None else trained.stale(params, trained.index.d)
     for _ in range(3):  # a retrain for another descriptor size or for drift passes again
         if reason:
             trained = _train(sources, params)
         try:
             encodings, encoded = _encodings(sources, trained, store)
         except _OtherSize as exc:
+            if reason:  # just trained on these shards: they disagree among themselves
+                raise IndexBuildError(f"the model's shards hold descriptors of different sizes "
+                                      f"({exc})", then="run `doit build_cache` again") from None
             reason = str(exc)
             continue
         index, ids, error = trained.assemble(encodings, params.nprobe)

@@ -84,11 +84,17 @@ block = 16
 # stride = 0.5
 
 [index]
-# Any faiss.index_factory string: "Flat" is exact (fine below ~50k tiles), "HNSW32,Flat" scales.
+# Any faiss.index_factory string: "Flat" is exact (fine below ~50k tiles), "HNSW32,Flat" scales
+# to ~1e5; "IVF1024,SQ8" at ~1e6 grows: trained once, updated per changed shard (docs/scale.md).
 factory = "Flat"
 metric = "ip"
 ef_construction = 40
 ef_search = 64
+# IVF factories only: lists probed per query; rows trained on; bump to retrain; drift to retrain at
+# nprobe = 16
+# train_sample = 65536
+# train_generation = 1
+# retrain_drift = 1.25
 
 [signing]
 # The operator's Ed25519 key, OUTSIDE this directory (`c10 keygen PATH` makes one).
