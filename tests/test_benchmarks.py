@@ -33,3 +33,15 @@ def test_cold_build_and_warm_rerun_benchmarks_report_their_work():  # CP-TC-12, 
     assert out["wall"]["cold_s"] > 0 and out["noop_wall_s"] > 0
     assert out["stages"]["shards"]["tasks_ran"][0] > 0
     assert out["then_block"]["embedded"] == 0 and out["then_block"]["reused"] == 60 + added
+
+
+def test_noop_benchmark_compares_c10_bare_doit_and_ninja_on_the_same_files():
+    """bench/noop.py: after a cold build the no-op runs only the coverage gate, and every
+    comparison is timed in the same rounds (no timing is asserted)."""
+    out = run_bench("noop.py", "--sizes", "40", "--runs", "1", "--block", "4")
+    (row,) = out["results"]
+    assert row["tiles"] == 40 and row["noop_ran"] == ["coverage"]
+    assert row["heavy_modules_imported"] == []
+    timed = [k for k, v in row.items() if isinstance(v, dict)]
+    assert {"c10_noop", "bare_doit_per_file", "bare_doit_coarse_16_per_task"} <= set(timed)
+    assert all(row[k]["median_s"] > 0 for k in timed)
