@@ -60,3 +60,15 @@ def test_the_growing_index_benchmark_reports_an_update_equal_to_a_full_build():
     assert grow["rows_encoded_cold"] == 4000 - 40
     assert grow["latency"][0]["mapped"] == "OnDiskInvertedLists"
     assert [r["nprobe"] for r in grow["latency"][1:]] == [2, 4]
+
+
+def test_noop_benchmark_compares_c10_bare_doit_and_ninja_on_the_same_files():
+    """bench/noop.py: after a cold build the no-op runs only the coverage gate, and every
+    comparison is timed in the same rounds (no timing is asserted)."""
+    out = run_bench("noop.py", "--sizes", "40", "--runs", "1", "--block", "4")
+    (row,) = out["results"]
+    assert row["tiles"] == 40 and row["noop_ran"] == ["coverage"]
+    assert row["heavy_modules_imported"] == []
+    timed = [k for k, v in row.items() if isinstance(v, dict)]
+    assert {"c10_noop", "bare_doit_per_file", "bare_doit_coarse_16_per_task"} <= set(timed)
+    assert all(row[k]["median_s"] > 0 for k in timed)
