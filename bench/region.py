@@ -192,8 +192,10 @@ def main() -> None:
     check_disk(parent, args.tiles)
     with tempfile.TemporaryDirectory(prefix="c10-bench-region-", dir=parent) as tmp:
         result = run_region(Path(tmp), args)
-    print(json.dumps({"bench": "region", "cpus": os.cpu_count(),
-                      "loadavg": [round(v, 2) for v in os.getloadavg()], **result}, indent=2))
+        # printed before 10⁶ files are removed, which takes minutes
+        print(json.dumps({"bench": "region", "cpus": os.cpu_count(),
+                          "loadavg": [round(v, 2) for v in os.getloadavg()], **result}, indent=2),
+              flush=True)
 
 
 if __name__ == "__main__":
