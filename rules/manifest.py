@@ -76,12 +76,12 @@ def write_manifest() -> dict:
     """Assemble every shipped file's entry, sign, and commit (envelope, then Manifest.json)."""
     from c10.trust import manifest as mf
     from c10.trust.keys import keyid, ssh_fingerprint
-    from c10.trust.tilelists import tree_tiles_hash
+    from c10.trust.tilelists import tree_tiles_hash, write_lists_memo
 
     build = session.current()
     plan = build.begin_writing()
     key = build.operator_key()
-    files = _file_entries(build, plan)
+    files, lists_memo = _file_entries(build, plan)
     request = plan.config.signed_request()
     request["signing"] |= {"keyid": keyid(key), "fingerprint": ssh_fingerprint(key)}
     tiles_hash = tree_tiles_hash(files)
@@ -100,11 +100,14 @@ def write_manifest() -> dict:
                               issued + resign_margin(plan.config.signing.validity_days))
     if committed is not None:  # the doit DB was lost, the cache moved: nothing to sign (CP-INV-1)
         build.drop_key()
+        write_lists_memo(plan.root, lists_memo)
         _collect_garbage(plan, {f.path for f in files})
         return {"version": committed["version"], "files": len(files),
                 "expires": committed["expires"], "unchanged": True}
     data = mf.dumps_manifest(body)
     build.hashes.save()  # before the commit: after it, only the leftovers' removal may still fail
+    # a hint naming lists the next root may not sign: then they are only rebuilt, never trusted
+    write_lists_memo(plan.root, lists_memo)
     try:
         mf.write_signed_manifest(plan.root, data, key)
     finally:
@@ -156,60 +159,111 @@ def _collect_garbage(plan: Plan, listed: set[str]) -> None:
               f"removed ({exc}); the next `doit build_cache` removes them", file=sys.stderr)
 
 
-def _file_entries(build, plan: Plan) -> list:
-    """Every entry of the root: shards, index files, models, engines, and one tile list per block.
-    Derived files are listed only with bytes this build wrote or the last signed Manifest lists
-    (c10.trust.provenance): refs, the hash cache and doit's DB decide what is rebuilt, never what
-    is signed."""
+def _file_entries(build, plan: Plan) -> tuple[list, dict[str, list[str]]]:
+    """Every entry of the root: shards, index files, models, engines, and one tile list per block;
+    and the tile-list memo to keep once committed. Derived files are listed only with bytes this
+    build wrote or the last signed Manifest lists (c10.trust.provenance): refs, the hash cache and
+    doit's DB decide what is rebuilt, never what is signed."""
     from c10.trust.manifest import FileEntry
 
     entries, by_block = {}, _tile_shards(plan)
-    in_blocks = {logical for logicals in by_block.values() for logical in logicals}
+    in_blocks = {logical for shards in by_block.values() for logical, _ in shards}
     for logical, kind in _owned_files(plan):
         if logical not in in_blocks:
             entry, _ = build.provenance.current(logical)
             entries[entry["path"]] = FileEntry(entry["path"], entry["size"], entry["blake3"], kind)
-    for entry in _tile_lists(build, plan, by_block, entries):
+    memo: dict[str, list[str]] = {}
+    for entry in _tile_lists(build, plan, by_block, entries, memo):
         entries[entry.path] = entry
     for rel, kind in _derived_files(plan):
         entries[rel] = _hashed_entry(build, plan, rel, kind)
-    return list(entries.values())
+    return list(entries.values()), memo
 
 
-def _tile_shards(plan: Plan) -> dict[tuple[int, int, int], list[str]]:
-    """Block -> the logical paths of its shards, whose rows carry the block's tiles' sizes and
+def _tile_shards(plan: Plan) -> dict[tuple[int, int, int], list[tuple[str, list]]]:
+    """Block -> (logical path, tiles) of its shards, whose rows carry the block's tiles' sizes and
     hashes."""
     from c10.store.layout import shard_block
 
-    out: dict[tuple[int, int, int], list[str]] = {}
+    out: dict[tuple[int, int, int], list[tuple[str, list]]] = {}
     for model_plan in plan.embedding_plans():
-        for logical in model_plan.shards:
-            out.setdefault(shard_block(logical), []).append(logical)
+        for logical, tiles in model_plan.shards.items():
+            out.setdefault(shard_block(logical), []).append((logical, tiles))
     return dict(sorted(out.items()))
 
 
-def _tile_lists(build, plan: Plan, by_block: dict, entries: dict):
-    """Each block's tile list from its shards' tile rows, one block in memory at a time; the
-    block's shard entries go into `entries`. Each list is written before the commit (the root
-    never names a list that is not there), and only when no file holds its bytes yet
+def _tile_lists(build, plan: Plan, by_block: dict, entries: dict, memo: dict):
+    """Each block's tile list, its shard entries going into `entries` and its memo row into
+    `memo`: the last Manifest's list when the block is unchanged (_reused_list), else built from
+    its shards' tile rows, one block in memory at a time, written before the commit (the root
+    never names a list that is not there) and only when no file holds its bytes yet
     (c10.trust.tilelists.write_tile_list)."""
     import io
 
     from c10.features.shards import tile_facts
     from c10.trust.manifest import FileEntry
-    from c10.trust.tilelists import LIST_KIND, write_tile_list
+    from c10.trust.tilelists import LIST_KIND, block_name, read_lists_memo, write_tile_list
 
-    paths = {t.id: t.path for t in plan.tiles}
-    for block, logicals in by_block.items():
+    previous = _previous_root(build)
+    known = read_lists_memo(plan.root) if previous else {}
+    for block, shards in by_block.items():
+        name, key = block_name(block), plan.block_key(block)
+        listed = _reused_list(build, plan, previous, known.get(name), key, block, shards)
+        if listed is not None:
+            entries.update((e.path, e) for e in listed[1:])
+            memo[name] = [key, listed[0].path]
+            yield listed[0]
+            continue
         facts: dict = {}
-        for logical in logicals:
+        for logical, _ in shards:
             entry, data = build.provenance.current(logical)
             entries[entry["path"]] = FileEntry(entry["path"], entry["size"], entry["blake3"],
                                                "shard")
             facts.update(tile_facts(io.BytesIO(data)))
+        paths = {t.id: t.path for t in shards[0][1]}
         rel, size, digest = write_tile_list(plan.root, block, (
             (paths[tid], size, digest) for tid, (size, digest) in facts.items()))
+        memo[name] = [key, rel]
         yield FileEntry(rel, size, digest, LIST_KIND)
+
+
+def _previous_root(build) -> dict[str, dict]:
+    """path -> entry of the last verified Manifest's root (its tile lists unread), {} if none."""
+    manifest = build.provenance.verified
+    return {f["path"]: f for f in manifest["files"]} if manifest else {}
+
+
+def _reused_list(build, plan: Plan, previous: dict, known: list[str] | None, key: str,
+                 block: tuple[int, int, int], shards: list) -> list | None:
+    """[list entry, shard entries...] of the last Manifest for a block whose tiles' content key is
+    the one the memo recorded with that list, whose shards are the signed ones (hash cache) and
+    whose list file still holds its signed bytes; None: rebuild the list."""
+    from c10.errors import VerifyError
+    from c10.store.refs import read_ref
+    from c10.trust.files import read_listed
+    from c10.trust.manifest import FileEntry
+    from c10.trust.tilelists import LIST_KIND, list_block
+
+    listed = previous.get(known[1]) if known and known[0] == key else None
+    if listed is None or listed["kind"] != LIST_KIND or list_block(listed["path"]) != block:
+        return None
+    out = [FileEntry(listed["path"], listed["size"], listed["blake3"], LIST_KIND)]
+    for logical, _ in shards:
+        ref = read_ref(plan.root, logical)
+        signed = previous.get(ref["path"]) if ref else None
+        if signed is None or signed["kind"] != "shard" or signed["blake3"] != ref["blake3"]:
+            return None
+        try:
+            if build.hashes.hash(signed["path"])[0] != signed["blake3"]:
+                return None
+        except OSError:
+            return None
+        out.append(FileEntry(signed["path"], signed["size"], signed["blake3"], "shard"))
+    try:  # its bytes, read once and hashed: content decides, never the memo
+        read_listed(plan.root, listed)
+    except VerifyError:
+        return None
+    return out
 
 
 def _hashed_entry(build, plan: Plan, rel: str, kind: str):

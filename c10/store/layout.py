@@ -22,6 +22,9 @@ REPORT_PATH = f"{CONTROL_DIR}/report.json"
 SCAN_MEMO = f"{CONTROL_DIR}/tiles-scan.json"
 # the Manifest pair's stat when a build last found it intact (c10.trust.manifest.committed_intact)
 COMMIT_MEMO = f"{CONTROL_DIR}/commit-stat.json"
+# block -> (its tiles' content key, its tile list) when the last Manifest was written: a hint that
+# lets the next one reuse an unchanged block's signed list instead of rebuilding it
+LISTS_MEMO = f"{CONTROL_DIR}/tilelists-memo.json"
 # Two hash caches: the big one of tiles is loaded only when a tile's stat changed; the small one
 # (models, engines, shards...) is read on every graph load to key engines.
 HASH_CACHES = {"tiles": f"{CONTROL_DIR}/hashes-tiles.json", "other": f"{CONTROL_DIR}/hashes.json"}
@@ -139,7 +142,7 @@ DEP_SIDE_SUFFIXES = ("-journal", "-wal", "-shm")  # sqlite's own side files of t
 _DEP_NAME = DEP_FILE.removeprefix(CONTROL_DIR + "/")
 # Written atomically beside themselves: a kill may leave `.{name}.XXXXXXXX.tmp` (atomic_path).
 CONTROL_DIR_WRITTEN = frozenset(p.removeprefix(CONTROL_DIR + "/") for p in (
-    LOCK_HOLDER, REPORT_PATH, SCAN_MEMO, COMMIT_MEMO, *HASH_CACHES.values()))
+    LOCK_HOLDER, REPORT_PATH, SCAN_MEMO, COMMIT_MEMO, LISTS_MEMO, *HASH_CACHES.values()))
 # Names earlier releases wrote there, which an upgraded cache may still hold.
 _LEGACY = frozenset({"tiles-scan.marshal"})
 CONTROL_DIR_FILES = CONTROL_DIR_WRITTEN | _LEGACY | {_DEP_NAME + s

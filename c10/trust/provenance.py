@@ -95,22 +95,23 @@ class Provenance:
         ({} if none verifies; a tile list that is not its signed bytes lists nothing)."""
         if self._signed is None:
             from c10.trust.tilelists import iter_files
-            from c10.trust.verify import verify_signed_manifest
 
-            try:
-                manifest = verify_signed_manifest(self.root, trusted=self._keys, now=None)
-                self._signed = {f["path"]: f["blake3"]
-                                for f in iter_files(self.root, manifest, skip_bad=True)}
-                self._manifest = manifest
-            except VerifyError as exc:
-                self._signed, self.unsigned_reason = {}, exc.reason
+            manifest = self.verified
+            self._signed = {} if manifest is None else {
+                f["path"]: f["blake3"] for f in iter_files(self.root, manifest, skip_bad=True)}
         return self._signed
 
     @property
     def verified(self) -> dict | None:
         """The last Manifest, parsed, if it verifies (signature, payload == Manifest.json) against
-        these keys; None otherwise."""
-        _ = self.signed  # verified once, on first use
+        these keys; None otherwise. Its tile lists are not read (`signed` expands them)."""
+        if self._manifest is None and self.unsigned_reason is None:
+            from c10.trust.verify import verify_signed_manifest
+
+            try:
+                self._manifest = verify_signed_manifest(self.root, trusted=self._keys, now=None)
+            except VerifyError as exc:
+                self.unsigned_reason = exc.reason
         return self._manifest
 
     def record(self, rel: str, digest: str) -> None:

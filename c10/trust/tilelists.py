@@ -12,6 +12,7 @@ from c10.errors import VerifyError
 from c10.store import atomic
 from c10.store.layout import (
     LISTS_DIR,
+    LISTS_MEMO,
     MANIFEST_NAME,
     STAGING_DIR,
     TILE_EXTS,
@@ -66,6 +67,30 @@ def tree_tiles_hash(list_entries: Iterable) -> str:
     name their tiles' bytes (a flat Manifest hashes the tiles' own pairs)."""
     pairs = sorted((e.path, e.blake3) for e in list_entries if e.kind == LIST_KIND)
     return blake3.blake3(canonical_json(pairs)).hexdigest()
+
+
+def read_lists_memo(root: Path) -> dict[str, list[str]]:
+    """"z/bx/by" -> [block content key, tile list path] of the last Manifest write (LISTS_MEMO),
+    {} when missing or malformed. A hint: a list it names is reused only if the last verified
+    Manifest lists it and its bytes are the signed ones."""
+    try:
+        body = strict_loads((Path(root) / LISTS_MEMO).read_bytes(), max_depth=3)
+    except (OSError, StrictJSONError):
+        return {}
+    blocks = body.get("blocks") if type(body) is dict else None
+    if type(blocks) is not dict:
+        return {}
+    return {k: v for k, v in blocks.items() if type(v) is list and len(v) == 2
+            and all(type(x) is str for x in v)}
+
+
+def write_lists_memo(root: Path, blocks: dict[str, list[str]]) -> None:
+    """Replace LISTS_MEMO atomically (a kill leaves the old one: at worst lists are rebuilt)."""
+    atomic.write_bytes(Path(root) / LISTS_MEMO, canonical_json({"blocks": blocks}))
+
+
+def block_name(block: tuple[int, int, int]) -> str:
+    return "/".join(map(str, block))
 
 
 # ---------------------------------------------------------------- root checks
