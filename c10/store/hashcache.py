@@ -26,7 +26,7 @@ class HashCache:
         self._root = str(self.root)
         self._buckets: dict[str, dict[str, list]] = {}
         self._dirty: set[str] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # remember() and save() load buckets under it
         self._saved = time.monotonic()
         self._migrated = False
         self._legacy: Path | None = None  # hashes-tiles.json, removed once its columns are saved
@@ -34,10 +34,11 @@ class HashCache:
     def _bucket(self, rel: str) -> tuple[str, dict[str, list]]:
         name = _bucket_name(rel)
         if name not in self._buckets:
-            if name != "other" and not self._migrated:
-                self._migrate()
-            if name not in self._buckets:
-                self._buckets[name] = _read(self.root / _bucket_path(name))
+            with self._lock:  # `doit -n N` threads: one load (and migration) per bucket
+                if name != "other" and not self._migrated:
+                    self._migrate()
+                if name not in self._buckets:
+                    self._buckets[name] = _read(self.root / _bucket_path(name))
         return name, self._buckets[name]
 
     def _migrate(self) -> None:

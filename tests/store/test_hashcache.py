@@ -68,3 +68,14 @@ def test_the_ground_verifier_accepts_the_column_files_and_nothing_else_there():
                 "tilehashes/17/../42.json"):
         assert not is_control_dir_file(rel), rel
     assert not is_control_dir_dir("tilehashes/17/42")
+
+
+def test_threads_hashing_one_column_keep_every_entry(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rels = [tile(tmp_path, 1, y, bytes([y])) for y in range(64)]
+    hashes = HashCache(tmp_path)  # `doit -n N`: shard threads share the build's cache
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(hashes.hash, rels))
+    hashes.save()
+    assert set(json.loads((tmp_path / tile_hashes_relpath("17", "1")).read_bytes())) == set(rels)
