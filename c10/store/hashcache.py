@@ -29,10 +29,15 @@ class HashCache:
         self._lock = threading.RLock()  # remember() and save() load buckets under it
         self._saved = time.monotonic()
         self._migrated = False
+        self._names: dict[str, str] = {}  # directory of a path -> its bucket
         self._legacy: Path | None = None  # hashes-tiles.json, removed once its columns are saved
 
     def _bucket(self, rel: str) -> tuple[str, dict[str, list]]:
-        name = _bucket_name(rel)
+        # one split per directory, not per lookup (a shard task looks up each of its tiles)
+        head = rel[:rel.rfind("/") + 1]
+        name = self._names.get(head)
+        if name is None:
+            name = self._names[head] = _bucket_name(head + "t")
         if name not in self._buckets:
             with self._lock:  # `doit -n N` threads: one load (and migration) per bucket
                 if name != "other" and not self._migrated:
