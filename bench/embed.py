@@ -76,7 +76,7 @@ def shard_rate(root: Path, name: str) -> tuple[float, float, int]:
     from c10.rules import session
     from c10.rules.shards import build_shard
     from c10.store.hashcache import HashCache
-    from c10.store.layout import HASH_CACHES, ref_relpath
+    from c10.store.layout import TILE_HASHES_DIR, ref_relpath
 
     build = session.begin(root)  # this thread's running build: its plan, engines and lock
     plan = build.plan()
@@ -86,7 +86,7 @@ def shard_rate(root: Path, name: str) -> tuple[float, float, int]:
     # without the shard files no row is reused (c10.features.descriptor_store finds rows in every
     # shard the build trusts, the ones an earlier round wrote included)
     shutil.rmtree(root / "shards", ignore_errors=True)
-    (root / HASH_CACHES["tiles"]).unlink(missing_ok=True)
+    shutil.rmtree(root / TILE_HASHES_DIR, ignore_errors=True)
     build.hashes = HashCache(build.root)  # forget the hashes in memory too: every tile is re-hashed
     start, cpu = time.perf_counter(), time.process_time()
     embedded = sum(build_shard(name, rel)["embedded"] for rel in shards)

@@ -72,3 +72,10 @@ def test_noop_benchmark_compares_c10_bare_doit_and_ninja_on_the_same_files():
     timed = [k for k, v in row.items() if isinstance(v, dict)]
     assert {"c10_noop", "bare_doit_per_file", "bare_doit_coarse_16_per_task"} <= set(timed)
     assert all(row[k]["median_s"] > 0 for k in timed)
+
+
+def test_the_hash_cache_benchmark_times_one_file_and_per_column_on_the_same_entries():
+    """bench/hashcache.py: a 1 % strip touches 1 of 20 columns; both layouts timed per round."""
+    out = run_bench("hashcache.py", "--tiles", "400", "--runs", "1", "--percent", "5")
+    assert out["tiles"] == 400 and out["columns_touched"] == 1 and out["one_file_mb"] > 0
+    assert len(out["one_file_s"]) == len(out["per_column_s"]) == 1

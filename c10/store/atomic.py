@@ -147,6 +147,31 @@ def _write_all(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def replace_unsynced(target: str | os.PathLike, data: bytes,
+                     staging: str | os.PathLike | None = None) -> None:
+    """Replace `target` by a rename like write_bytes, but without an fsync: a kill leaves the old
+    or the new bytes, a power cut may leave neither. Only for files whose reader compares them
+    with a record kept elsewhere (a ref, against doit's saved value): a lost one is rebuilt."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if staging is not None:
+            os.makedirs(staging, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                   dir=staging or target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise storage_error(target, exc) from None
+    try:
+        _write_all(Path(tmp), data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise storage_error(target, exc) from None
+
+
 def write_unsynced(target: str | os.PathLike, data: bytes) -> None:
     """Write `data` over `target` in place, no temp file, no fsync: only for caches whose reader
     checks every file against a hash recorded elsewhere (a torn one is then just recomputed)."""

@@ -10,7 +10,7 @@ from typing import Callable
 
 from c10.store import atomic
 from c10.store.digest import blake3_file
-from c10.store.layout import HASH_CACHES
+from c10.store.layout import HASH_CACHES, tile_hashes_relpath
 
 
 def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -26,18 +26,40 @@ class HashCache:
         self._root = str(self.root)
         self._buckets: dict[str, dict[str, list]] = {}
         self._dirty: set[str] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # remember() and save() load buckets under it
         self._saved = time.monotonic()
+        self._migrated = False
+        self._names: dict[str, str] = {}  # directory of a path -> its bucket
+        self._legacy: Path | None = None  # hashes-tiles.json, removed once its columns are saved
 
     def _bucket(self, rel: str) -> tuple[str, dict[str, list]]:
-        name = "tiles" if rel.startswith("tiles/") else "other"
+        # one split per directory, not per lookup (a shard task looks up each of its tiles)
+        head = rel[:rel.rfind("/") + 1]
+        name = self._names.get(head)
+        if name is None:
+            name = self._names[head] = _bucket_name(head + "t")
         if name not in self._buckets:
-            try:
-                self._buckets[name] = json.loads((self.root / HASH_CACHES[name]).read_bytes())
-            except (FileNotFoundError, ValueError):
-                # A torn or missing cache only costs re-hashing; it is never trusted partially.
-                self._buckets[name] = {}
+            with self._lock:  # `doit -n N` threads: one load (and migration) per bucket
+                if name != "other" and not self._migrated:
+                    self._migrate()
+                if name not in self._buckets:
+                    self._buckets[name] = _read(self.root / _bucket_path(name))
         return name, self._buckets[name]
+
+    def _migrate(self) -> None:
+        """Split an older cache's one hashes-tiles.json into column files (written at the next
+        save, which then removes it): an upgrade re-hashes nothing."""
+        self._migrated = True
+        legacy = self.root / HASH_CACHES["tiles"]
+        if not legacy.exists():
+            return
+        for rel, entry in _read(legacy).items():
+            name = _bucket_name(rel)
+            if name == "other" or (self.root / _bucket_path(name)).exists():
+                continue  # a column file is newer than the legacy file
+            self._buckets.setdefault(name, {})[rel] = entry
+            self._dirty.add(name)
+        self._legacy = legacy
 
     def lookup(self, rel: str, st: os.stat_result) -> str | None:
         """The cached hash of `rel` if its stat key still matches."""
@@ -93,6 +115,37 @@ class HashCache:
             for name in sorted(self._dirty):
                 data = json.dumps(self._buckets[name], separators=(",", ":"),
                                   sort_keys=True).encode()
-                atomic.write_bytes(self.root / HASH_CACHES[name], data)
+                if name == "other":
+                    atomic.write_bytes(self.root / HASH_CACHES[name], data)
+                else:  # no fsync per column: a torn file does not parse, and is re-hashed
+                    atomic.write_unsynced(self.root / _bucket_path(name), data)
             self._dirty.clear()
+            if self._legacy is not None:
+                self._legacy.unlink(missing_ok=True)
+                self._legacy = None
             self._saved = time.monotonic()
+
+
+def _bucket_name(rel: str) -> str:
+    """The column tiles/{z}/{x} of a tile's path; "other" for every other file."""
+    parts = rel.split("/")
+    if len(parts) == 4 and parts[0] == "tiles" and _number(parts[1]) and _number(parts[2]):
+        return f"{parts[1]}/{parts[2]}"
+    return "other"
+
+
+def _number(part: str) -> bool:
+    return part.isascii() and part.isdigit()
+
+
+def _bucket_path(name: str) -> str:
+    return HASH_CACHES["other"] if name == "other" else tile_hashes_relpath(*name.split("/"))
+
+
+def _read(path: Path) -> dict[str, list]:
+    try:
+        found = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        # A torn or missing cache only costs re-hashing; it is never trusted partially.
+        return {}
+    return found if isinstance(found, dict) else {}

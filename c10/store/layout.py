@@ -28,6 +28,15 @@ LISTS_MEMO = f"{CONTROL_DIR}/tilelists-memo.json"
 # Two hash caches: the big one of tiles is loaded only when a tile's stat changed; the small one
 # (models, engines, shards...) is read on every graph load to key engines.
 HASH_CACHES = {"tiles": f"{CONTROL_DIR}/hashes-tiles.json", "other": f"{CONTROL_DIR}/hashes.json"}
+# The tiles' hash cache, one file per column directory tiles/{z}/{x}: a build loads and rewrites
+# only the columns whose tiles it hashed (hashes-tiles.json, one file for all, is read once to
+# migrate an older cache, then removed).
+TILE_HASHES_DIR = f"{CONTROL_DIR}/tilehashes"
+
+
+def tile_hashes_relpath(z: str, x: str) -> str:
+    """.c10/tilehashes/{z}/{x}.json: the hash cache of the tiles of column tiles/{z}/{x}"""
+    return f"{TILE_HASHES_DIR}/{z}/{x}.json"
 
 # --- inputs and derived files ------------------------------------------------------------------
 TILES_DIR = "tiles"
@@ -161,6 +170,9 @@ _REF_FILE = re.compile(rf"{_REFS}/(?:{SHARDS_DIR}|{INDEX_DIR})(?:/{_PART})+\.jso
 _REF_DIR = re.compile(rf"{_REFS}(?:/(?:{SHARDS_DIR}|{INDEX_DIR})(?:/{_PART})*)?")
 _IVF = IVF_CACHE_DIR.removeprefix(CONTROL_DIR + "/")
 _IVF_DIR = re.compile(rf"{_IVF}(?:/{_PART}(?:/[0-9a-f]{{{TAG_LEN}}})?)?")
+_TILE_HASHES = TILE_HASHES_DIR.removeprefix(CONTROL_DIR + "/")
+_TILE_HASHES_DIR = re.compile(rf"{_TILE_HASHES}(?:/{_PART})?")
+_TILE_HASHES_FILE = re.compile(rf"{_TILE_HASHES}/{_PART}/{_PART}\.json")
 _IVF_FILE = re.compile(rf"{_IVF}/{_PART}/[0-9a-f]{{{TAG_LEN}}}/{_PART}\.[0-9a-f]{{64}}\.rows")
 # .c10/tmp/: staged temp files of any writer, and an engine compiled there before it is moved in
 _STAGING_DIR_RE = re.compile(rf"{_STAGING}(?:/{_PART})*")
@@ -168,8 +180,9 @@ _STAGING_DIR_RE = re.compile(rf"{_STAGING}(?:/{_PART})*")
 
 def is_control_dir_file(rel: str) -> bool:
     """True for a path relative to .c10/ that names a file c10 keeps there: the doit DB and its
-    side files (and a corrupt one moved aside), the hash caches, the report, the lock holder, the
-    tile scan memo, a temp file of one of those, a ref, or a staged file in tmp/."""
+    side files (and a corrupt one moved aside), the hash caches (tilehashes/ too), the report,
+    the lock holder, the tile scan memo, a temp file of one of those, a ref, or a staged file in
+    tmp/."""
     if rel in CONTROL_DIR_FILES:
         return True
     if "/" not in rel:
@@ -180,6 +193,8 @@ def is_control_dir_file(rel: str) -> bool:
         return _REF_FILE.fullmatch(rel) is not None
     if rel.startswith(_IVF + "/"):
         return _IVF_FILE.fullmatch(rel) is not None
+    if rel.startswith(_TILE_HASHES + "/"):
+        return _TILE_HASHES_FILE.fullmatch(rel) is not None
     if rel.startswith(_STAGING + "/"):
         parent, _, name = rel.rpartition("/")
         if _STAGING_DIR_RE.fullmatch(parent) is None:
@@ -196,5 +211,7 @@ def _is_engine_file(name: str) -> bool:
 
 def is_control_dir_dir(rel: str) -> bool:
     """True for a directory (relative to .c10/) c10 makes there: refs/ and its tree of shard and
-    index refs, tmp/ and its subdirectories, ivf/ and its model directories."""
-    return any(p.fullmatch(rel) is not None for p in (_REF_DIR, _STAGING_DIR_RE, _IVF_DIR))
+    index refs, tmp/ and its subdirectories, ivf/ and its model directories, tilehashes/ and its
+    zoom directories."""
+    return any(p.fullmatch(rel) is not None for p in (_REF_DIR, _STAGING_DIR_RE, _IVF_DIR,
+                                                      _TILE_HASHES_DIR))

@@ -46,7 +46,8 @@ class Tile(NamedTuple):
 class Scan:
     tiles: list[Tile]      # valid tiles in canonical (z, x, y) order
     strays: list[str]      # files under tiles/ that are not z/x/y.ext (relative paths)
-    memo: dict | None = None   # column dir -> (its stat key, rows, strays, segments), for the next
+    # column dir -> (its stat key, rows, strays, segments[, y runs as read]), for the next
+    memo: dict | None = None
     reread: int = 0            # columns listed from disk (not taken from the memo)
     # column dir -> its tiles by y, every column of this scan (c10.store.blockstate reads them)
     columns: dict = field(default_factory=dict)
@@ -166,8 +167,9 @@ def _memo_columns(columns: dict) -> dict:
                             zip(repeat(z), repeat(x), ys, map(name, ys)))
         if len(runs) > 1:
             rows.sort()
+        # the runs as read: written back unchanged while the column is (no pass over its tiles)
         out[prefix] = (tuple(key), rows, list(strays), {str(k): str(v)
-                                                        for k, v in segments.items()})
+                                                        for k, v in segments.items()}, runs)
     return out
 
 
@@ -176,8 +178,8 @@ def write_memo(path: Path, scan: Scan, secret: bytes, changed: bool = False) -> 
     saved one is this one. JSON of y runs per column, authenticated by `secret`."""
     if scan.memo is None or not (scan.reread or changed):
         return
-    columns = {prefix: [list(key), _runs(rows), strays, segments]
-               for prefix, (key, rows, strays, segments) in scan.memo.items()}
+    columns = {prefix: [list(entry[0]), entry[4] if len(entry) > 4 else _runs(entry[1]),
+                        entry[2], entry[3]] for prefix, entry in scan.memo.items()}
     body = json.dumps({"format": MEMO_FORMAT, "columns": columns}, separators=(",", ":")).encode()
     write_authenticated(path, body, secret)
 
@@ -208,16 +210,18 @@ def _column(z: int, x_entry: os.DirEntry, prefix: str, columns: dict, strays: li
     key = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_size)
     hit = memo.get(prefix)
     if hit is not None and hit[0] == key:
-        rows, column_strays, known, read = hit[1], hit[2], hit[3], 0
-        segments[prefix] = known
-    else:
-        column_strays, known, read = [], {}, 1
-        _scan_column(z, x_entry, prefix, rows, column_strays)
+        segments[prefix] = hit[3]
+        columns[prefix] = hit[1]
+        strays.extend(hit[2])
+        fresh[prefix] = hit  # unchanged since it was memoized, so not racy; its runs kept
+        return 0
+    column_strays: list[str] = []
+    _scan_column(z, x_entry, prefix, rows, column_strays)
     columns[prefix] = rows
     strays.extend(column_strays)
     if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS:
-        fresh[prefix] = (key, rows, column_strays, known)
-    return read
+        fresh[prefix] = (key, rows, column_strays, {})
+    return 1
 
 
 def _scan_column(z: int, x_entry: os.DirEntry, prefix: str, tiles: list, strays: list) -> None:

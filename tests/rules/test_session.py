@@ -32,10 +32,13 @@ def test_a_run_ends_with_the_collector_on_and_no_build_left(cache, capsys):
 
 def test_the_hash_cache_forgets_tiles_that_are_gone(cache, capsys):
     built(cache, capsys)
-    hashes = cache / ".c10" / "hashes-tiles.json"
-    before = json.loads(hashes.read_bytes())
-    gone = sorted(before)[0]
+    columns = cache / ".c10" / "tilehashes"
+    before = {f: json.loads(f.read_bytes()) for f in columns.glob("*/*.json")}
+    assert before and not (cache / ".c10" / "hashes-tiles.json").exists()
+    gone = sorted(next(iter(before.values())))[0]
     (cache / gone).unlink()
     built(cache, capsys)
-    after = json.loads(hashes.read_bytes())
-    assert gone not in after and set(after) == set(before) - {gone}
+    after = {f: json.loads(f.read_bytes()) for f in columns.glob("*/*.json")}
+    assert after.keys() == before.keys()
+    assert {rel for v in after.values() for rel in v} == {rel for v in before.values()
+                                                          for rel in v} - {gone}

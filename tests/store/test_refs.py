@@ -44,6 +44,29 @@ def test_publish_writes_the_file_then_its_ref(tmp_path):
     assert not list((tmp_path / ".c10/tmp").iterdir())  # staged temp files all renamed
 
 
+def test_a_ref_write_that_fails_leaves_the_old_ref_and_no_temp_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from c10.errors import StorageError
+
+    logical = "shards/g/15/1-2.npy"
+    old = refs.publish(tmp_path, logical, b"old")
+    fsyncs = []
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd))
+    refs.write_ref(tmp_path, logical, {**old, "size": 4})
+    assert not fsyncs  # a ref is a hint doit's saved value checks: never worth an fsync
+
+    def enospc(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", enospc)
+    with pytest.raises(StorageError, match="disk is full|cannot write"):
+        refs.write_ref(tmp_path, logical, old)
+    assert json.loads((tmp_path / ref_relpath(logical)).read_text())["size"] == 4
+    assert not list((tmp_path / ".c10/tmp").iterdir())
+
+
 def _verify(cache, operator_key, **kw):
     now = dt.datetime.now(dt.timezone.utc)
     return verify_cache(cache, trusted=load_trusted_keys([operator_key[1]]), now=now,
