@@ -47,6 +47,20 @@ def storage_error(target: Path, exc: OSError) -> StorageError:
     return err
 
 
+def _new_temp(target: Path, staging: str | os.PathLike | None) -> Path:
+    """An empty temp file beside `target` (or in `staging`); an OSError becomes a StorageError."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if staging is not None:
+            os.makedirs(staging, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
+                                   dir=staging or target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise storage_error(target, exc) from None
+    return Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, mode: int = 0o644,
                 staging: str | os.PathLike | None = None, rename: bool = True) -> Iterator[Path]:
@@ -61,18 +75,7 @@ def atomic_path(target: str | os.PathLike, mode: int = 0o644,
     rename=False: only create the temp file (and remove it if it is still there at the end).
     """
     target = Path(target)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if staging is not None:
-            os.makedirs(staging, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                   dir=staging or target.parent)
-        os.close(fd)
-    except StorageError:
-        raise
-    except OSError as exc:
-        raise storage_error(target, exc) from None
-    tmp_path = Path(tmp)
+    tmp_path = _new_temp(target, staging)
     if not rename:
         try:
             os.chmod(tmp_path, mode)
@@ -153,17 +156,9 @@ def replace_unsynced(target: str | os.PathLike, data: bytes,
     or the new bytes, a power cut may leave neither. Only for files whose reader compares them
     with a record kept elsewhere (a ref, against doit's saved value): a lost one is rebuilt."""
     target = Path(target)
+    tmp = _new_temp(target, staging)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if staging is not None:
-            os.makedirs(staging, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp",
-                                   dir=staging or target.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise storage_error(target, exc) from None
-    try:
-        _write_all(Path(tmp), data)
+        _write_all(tmp, data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except OSError as exc:
