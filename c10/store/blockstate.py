@@ -34,12 +34,21 @@ class BlockState:
     def __init__(self, scan: Scan, hashes: HashCache, block: int, full: bool = False):
         self._scan, self._hashes, self._block, self.full = scan, hashes, block, full
         self._computed: dict[tuple[str, int], str] = {}
+        self._rects: dict[tuple[int, int, int, int, int], str] = {}  # the shard and manifest tasks
         self._lock = threading.Lock()
         self.changed = False  # a segment digest the memo did not hold was added to it
 
     def rect_key(self, z: int, x0: int, x1: int, y0: int, y1: int) -> str:
         """Digest of the tiles in [x0, x1] x [y0, y1] at zoom z (inclusive) and of the rectangle
-        itself: whole segments, so a tile of the same segment outside it also changes the key."""
+        itself: whole segments, so a tile of the same segment outside it also changes the key.
+        Once per rectangle and load: the shard task and the manifest task both ask."""
+        rect = (z, x0, x1, y0, y1)
+        found = self._rects.get(rect)
+        if found is None:
+            found = self._rects[rect] = self._rect_key(*rect)
+        return found
+
+    def _rect_key(self, z: int, x0: int, x1: int, y0: int, y1: int) -> str:
         key = blake3.blake3(f"{z}/{x0}-{x1}/{y0}-{y1}\n".encode())
         rows = range(y0 // self._block, y1 // self._block + 1)
         for x in range(x0, x1 + 1):
