@@ -93,16 +93,8 @@ def descriptor_store(build):
         if store is None:  # (what the store keeps refers to its key weakly: it goes with it)
             trust = weakref.ref(provenance)
             store = _stores[provenance] = DescriptorStore(lambda: trusted_shards(root, trust()),
-                                                          lambda: signed_tiles(trust()))
+                                                          lambda: trust().signed_tile_keys())
         return store
-
-
-def signed_tiles(provenance) -> set[str]:
-    """The blake3 of every tile the last verified Manifest lists: its shards hold rows of these
-    only (a tile whose bytes it does not list needs no look into the committed shards)."""
-    from c10.store.layout import TILES_DIR
-
-    return {digest for rel, digest in provenance.signed.items() if rel.startswith(TILES_DIR + "/")}
 
 
 def trusted_shards(root, provenance, windows: bool = False) -> list:

@@ -23,17 +23,20 @@ from c10.store.layout import (
 def write_artifact(root: Path, logical: str, data: bytes) -> dict:
     """Write `data` under its content name beside `logical`; its Manifest-style entry.
 
-    A new name never replaces a file the committed Manifest lists (same bytes, same name)."""
+    A new name never replaces a file the committed Manifest lists (same bytes, same name). No
+    fsync: the commit makes the build's writes durable at once (atomic.sync_filesystem) before
+    it signs; a file a power cut lost before then no longer has the hash its ref records and is
+    rebuilt."""
     digest = blake3.blake3(data).hexdigest()
     rel = tagged_relpath(logical, digest)
     if not _holds(Path(root) / rel, len(data), digest):  # an unchanged id map, a reverted tile
-        atomic.write_bytes(Path(root) / rel, data, staging=Path(root) / STAGING_DIR)
+        atomic.replace_unsynced(Path(root) / rel, data, staging=Path(root) / STAGING_DIR)
     return {"path": rel, "size": len(data), "blake3": digest}
 
 
 def _holds(path: Path, size: int, digest: str) -> bool:
-    """A regular file with exactly these bytes is already there (hashing is cheaper than an
-    fsync)."""
+    """A regular file with exactly these bytes is already there (hashing is cheaper than a
+    write)."""
     try:
         st = os.lstat(path)
         return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_size == size \

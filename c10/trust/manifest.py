@@ -260,7 +260,9 @@ def write_signed_manifest(cache_root: Path, manifest_bytes: bytes, key: Ed25519P
     the old envelope: also rejected, but the newest version would then be unsigned.)
     The next build completes such a cut commit first thing under its lock (roll_forward).
     Both files are written and fsynced before the first rename: the cut can only fall between
-    two back-to-back renames.
+    two back-to-back renames. Before either, the file system is synced: the shards, lists and
+    tiles the payload names are durable before a signature names them (a build writes them
+    without an fsync each).
     """
     try:  # never sign bytes the verifier would refuse to parse
         loads_manifest(manifest_bytes)
@@ -272,6 +274,7 @@ def write_signed_manifest(cache_root: Path, manifest_bytes: bytes, key: Ed25519P
 
     envelope = sign_envelope(manifest_bytes, PAYLOAD_TYPE, key)
     root = Path(cache_root)
+    atomic.sync_filesystem(root)
     try:
         atomic.write_together([(root / ENVELOPE_NAME, canonical_json(envelope) + b"\n"),
                                (root / MANIFEST_NAME, manifest_bytes)], staging=root / STAGING_DIR)

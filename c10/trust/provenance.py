@@ -91,20 +91,26 @@ class Provenance:
 
     @property
     def signed(self) -> dict[str, str]:
-        """path -> blake3 of every file the last verified Manifest lists, its tile lists expanded
-        ({} if none verifies; a tile list that is not its signed bytes lists nothing)."""
+        """path -> blake3 of every file the root of the last verified Manifest lists: the derived
+        files, and in a tree the tile lists, not the tiles they list ({} if none verifies)."""
         if self._signed is None:
-            from c10.trust.tilelists import iter_files
-
             manifest = self.verified
             self._signed = {} if manifest is None else {
-                f["path"]: f["blake3"] for f in iter_files(self.root, manifest, skip_bad=True)}
+                f["path"]: f["blake3"] for f in manifest["files"]}
         return self._signed
+
+    def signed_tile_keys(self) -> set[bytes]:
+        """The first 8 bytes of the blake3 of every tile the last verified Manifest lists (a hint
+        for the descriptor store: tilelists.listed_tile_keys)."""
+        from c10.trust.tilelists import listed_tile_keys
+
+        manifest = self.verified
+        return set() if manifest is None else listed_tile_keys(self.root, manifest)
 
     @property
     def verified(self) -> dict | None:
         """The last Manifest, parsed, if it verifies (signature, payload == Manifest.json) against
-        these keys; None otherwise. Its tile lists are not read (`signed` expands them)."""
+        these keys; None otherwise. Its tile lists are not read."""
         if self._manifest is None and self.unsigned_reason is None:
             from c10.trust.verify import verify_signed_manifest
 

@@ -158,11 +158,15 @@ time.sleep(120)
 
 def test_a_forked_child_never_keeps_the_lock(built):
     proc = subprocess.Popen([sys.executable, "-c", FORKED, str(built)], stdout=subprocess.PIPE,
-                            text=True, env=_env())
+                            stderr=subprocess.PIPE, text=True, env=_env())
     child = None
     try:
         lines = {proc.stdout.readline().strip(), proc.stdout.readline().strip()}
-        child = int(next(line for line in lines if line.isdigit()))
+        pids = [line for line in lines if line.isdigit()]
+        if not pids:  # the script failed before its fork: say how
+            proc.kill()
+            pytest.fail(f"the forking script printed {lines}: {proc.communicate(timeout=30)[1]}")
+        child = int(pids[0])
         assert "child" in lines, lines
         assert not lock_is_free(built)  # the child's release left the parent's lock alone
         proc.kill()

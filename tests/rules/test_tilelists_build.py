@@ -100,14 +100,14 @@ def test_a_list_write_that_fails_signs_nothing(built_cache, capsys, pub, monkeyp
 
     committed = (built_cache / MANIFEST_NAME).read_bytes()
     rel, old = edit_one_tile(built_cache)
-    real = atomic.write_bytes
+    real = atomic.replace_unsynced
 
     def full_disk(target, data, *args, **kw):
         if Path(target).parent.parent.name == LISTS_DIR:
             raise atomic.storage_error(Path(target), OSError(28, os.strerror(28)))
         return real(target, data, *args, **kw)
 
-    monkeypatch.setattr(atomic, "write_bytes", full_disk)
+    monkeypatch.setattr(atomic, "replace_unsynced", full_disk)
     code, out = build(built_cache, capsys)
     assert code != 0 and "No space left" in out
     assert (built_cache / MANIFEST_NAME).read_bytes() == committed

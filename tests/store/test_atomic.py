@@ -115,3 +115,27 @@ def test_every_writer_goes_through_the_helper():
                     and "devnull" not in code):
                 offenders.append(f"{rel}:{n}: {line.strip()}")
     assert offenders == []
+
+
+def test_a_failed_batch_sync_is_a_storage_error(tmp_path, monkeypatch):
+    """syncfs reports a writeback error (EIO) of what was written unsynced: a StorageError
+    naming the directory and saying what to check."""
+    import ctypes
+
+    def eio(fd):
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(atomic, "_syncfs", eio)
+    with pytest.raises(StorageError, match="I/O error") as info:
+        atomic.sync_filesystem(tmp_path)
+    assert str(tmp_path) in str(info.value) and "dmesg" in info.value.fix
+
+
+def test_the_batch_sync_reaches_the_kernel(tmp_path, monkeypatch):
+    calls = []
+    real = atomic._syncfs
+    monkeypatch.setattr(atomic, "_syncfs", lambda fd: calls.append(fd) or real(fd))
+    atomic.replace_unsynced(tmp_path / "shard.npy", b"rows")
+    atomic.sync_filesystem(tmp_path)
+    assert len(calls) == 1 and (tmp_path / "shard.npy").read_bytes() == b"rows"

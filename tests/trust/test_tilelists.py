@@ -14,7 +14,15 @@ from c10.errors import ManifestWriteError, VerifyError
 from c10.store.layout import LISTS_DIR, MANIFEST_NAME, list_relpath, tagged_relpath
 from c10.trust import manifest as mf
 from c10.trust.keys import load_signing_key, load_trusted_keys
-from c10.trust.tilelists import LIST_KIND, LIST_MAX, expand_files, list_block, parse_tile_list
+from c10.trust.tilelists import (
+    LIST_KIND,
+    LIST_MAX,
+    block_size,
+    expand_files,
+    list_block,
+    listed_tile_keys,
+    parse_tile_list,
+)
 from c10.trust.verify import EXIT_CODES, verify_cache
 
 
@@ -100,6 +108,44 @@ def test_a_built_cache_signs_a_root_of_tile_lists(built_cache, pub):
     assert sorted(p.relative_to(built_cache).as_posix()
                   for p in (built_cache / LISTS_DIR).rglob("*.json")) == sorted(
         f["path"] for f in lists)
+
+
+def test_the_build_hint_of_signed_tiles_is_every_listed_tile(built_cache):
+    """listed_tile_keys takes the digests by pattern, not by parse: the same tiles, and a list
+    that fails its root entry lists nothing (a hint: a missing key costs a computation)."""
+    root = root_of(built_cache)
+    tiles = [f for f in expand_files(built_cache, root) if f["kind"] == "tile"]
+    assert listed_tile_keys(built_cache, root) == {bytes.fromhex(f["blake3"])[:8] for f in tiles}
+    first = lists_of(built_cache)[0]
+    gone = {bytes.fromhex(f["blake3"])[:8] for f in parse_tile_list(
+        (built_cache / first["path"]).read_bytes(), first["path"], block_size(root))}
+    (built_cache / first["path"]).write_bytes(b"{}")
+    assert listed_tile_keys(built_cache, root) == {bytes.fromhex(f["blake3"])[:8]
+                                                   for f in tiles} - gone != set()
+
+
+def test_nothing_is_signed_until_the_unsynced_writes_are_durable(built_cache, operator_key,
+                                                              monkeypatch):
+    """Shards and lists are written without an fsync each; the commit syncs the file system
+    first, and a writeback error there leaves the committed pair as it was."""
+    import ctypes
+    import errno
+
+    from c10.errors import StorageError
+    from c10.store import atomic
+    from c10.store.layout import ENVELOPE_NAME
+
+    before = [(built_cache / n).read_bytes() for n in (MANIFEST_NAME, ENVELOPE_NAME)]
+    body = root_of(built_cache) | {"version": root_of(built_cache)["version"] + 1}
+
+    def eio(fd):
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(atomic, "_syncfs", eio)
+    with pytest.raises(StorageError):
+        resign(built_cache, operator_key, body)
+    assert [(built_cache / n).read_bytes() for n in (MANIFEST_NAME, ENVELOPE_NAME)] == before
 
 
 def test_flat_schemas_are_read_as_they_are(tmp_path):
