@@ -50,7 +50,7 @@ def build_shard(name: str, rel: str) -> dict:
     build = session.current()
     plan = build.begin_writing()
     model_plan = plan.plans[name]
-    records = [TileRecord(t, *_size_hash(build.hashes, t.path)) for t in model_plan.shards[rel]]
+    records = [TileRecord(t, *build.hashes.size_hash(t.path)) for t in model_plan.shards[rel]]
     prep = Preprocessing.from_model(model_plan.model)
     local = model_plan.model.role == "local"
     compute = _local(build, model_plan, prep) if local else _global(build, plan, model_plan, rel,
@@ -192,7 +192,3 @@ def _digest(hashes, rel: str) -> str | None:
     except OSError:
         return None
 
-
-def _size_hash(hashes, rel: str) -> tuple[int, str]:
-    digest, st = hashes.hash(rel)
-    return st.st_size, digest

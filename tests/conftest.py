@@ -156,3 +156,12 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under root with its size and mtime: proves a call wrote nothing."""
     return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in root.rglob("*") if p.is_file()}
+
+
+def rewrite(path: Path, data: bytes) -> None:
+    """Give a tile new bytes as a copy tool does: a new file renamed over it. (An in-place
+    rewrite changes no directory stat, so only a full-stat build sees it: tests of that mode
+    write in place on purpose.)"""
+    tmp = Path(path).with_name(Path(path).name + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

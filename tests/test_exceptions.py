@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import api_request, snapshot
+from conftest import api_request, rewrite, snapshot
 from PIL import Image
 
 from c10 import errors
@@ -247,7 +247,7 @@ def test_api_inference_failure_is_a_descriptor_batch_error(cache, operator_key,
 
     monkeypatch.setattr(OrtRunner, "run_stream", oom)
     tile = sorted((cache / "tiles/15").rglob("*.jpg"))[0]
-    tile.write_bytes(tile.read_bytes() + b"\0")  # its shard is re-embedded
+    rewrite(tile, tile.read_bytes() + b"\0")  # its shard is re-embedded
     with pytest.raises(DescriptorBatchError, match="RuntimeException: Failed to allocate"):
         impl.build_cache_artifacts(api_request(cache, operator_key))
     assert (cache / "Manifest.json").read_bytes() == before

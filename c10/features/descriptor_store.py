@@ -24,7 +24,7 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Container, Iterable, Sequence
+from typing import BinaryIO, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -62,15 +62,15 @@ class DescriptorStore:
     """Trusted rows by (tile blake3, identity), for one build: the trusted sources (taken once,
     when first needed), then the shards the build writes (`add`). Thread-safe.
 
-    `listed()`: the first 8 bytes of the tile digests the `listed` sources may hold (the tiles a
-    signed Manifest lists hold the rows of its shards): they are indexed only once a missing
-    tile's digest is among them, so a new tile costs no scan of the committed shards. A wrong
-    listing may cost a computation, never a wrong row."""
+    `listed()`: the first 8 bytes of the tile digests the `listed` sources may hold, concatenated
+    (the tiles a signed Manifest lists hold the rows of its shards): they are indexed only once
+    a missing tile's digest is among them, so a new tile costs no scan of the committed shards.
+    A wrong listing may cost a computation, never a wrong row."""
 
     def __init__(self, sources: Iterable[Source] | Callable[[], Iterable[Source]],
-                 listed: Callable[[], Container[bytes]] | None = None):
+                 listed: Callable[[], bytes] | None = None):
         self._given, self._listed = sources, listed
-        self._listed_digests: Container[bytes] | None = None
+        self._listed_keys: np.ndarray | None = None  # sorted
         self._sources: list[Source] = []
         self._by_path: dict[str, int] = {}
         self._near: dict[str, list[int]] = {}
@@ -142,9 +142,14 @@ class DescriptorStore:
         if self._listed is None:
             return True
         with self._scan_lock:
-            if self._listed_digests is None:
-                self._listed_digests = self._listed()
-        return any(digest[:8] in self._listed_digests for digest in pending)
+            if self._listed_keys is None:
+                self._listed_keys = np.sort(np.frombuffer(self._listed(), "<u8"))
+        listed = self._listed_keys
+        if not len(listed):
+            return False
+        keys = np.frombuffer(b"".join(digest[:8] for digest in pending), "<u8")
+        at = np.minimum(np.searchsorted(listed, keys), len(listed) - 1)
+        return bool((listed[at] == keys).any())
 
     def _scan(self, listed: bool) -> None:
         """Index the unlisted (or the listed) sources by their key columns, once (sources the

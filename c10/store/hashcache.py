@@ -31,6 +31,7 @@ class HashCache:
         self._migrated = False
         self._names: dict[str, str] = {}  # directory of a path -> its bucket
         self._legacy: Path | None = None  # hashes-tiles.json, removed once its columns are saved
+        self._checked: set[str] = set()  # paths this build stat'ed and hashed (size_hash)
 
     def _bucket(self, rel: str) -> tuple[str, dict[str, list]]:
         # one split per directory, not per lookup (a shard task looks up each of its tiles)
@@ -78,7 +79,20 @@ class HashCache:
         if digest is None:
             digest = blake3_file(full, st.st_size)
             self.remember(rel, st, digest)
+        self._checked.add(rel)
         return digest, st
+
+    def size_hash(self, rel: str) -> tuple[int, str]:
+        """(size, blake3) of `rel` as this build already stat'ed and hashed it, else hash()'s. The
+        graph load's block keys stat every tile of a changed column; the shard task that follows
+        needs no second stat. A tile rewritten in between keeps the load's blake3 in its shard row
+        and its Manifest entry: `c10 verify` refuses that, and the next build re-embeds it."""
+        if rel in self._checked:
+            entry = self._bucket(rel)[1].get(rel)
+            if entry is not None:
+                return entry[0], entry[4]
+        digest, st = self.hash(rel)
+        return st.st_size, digest
 
     def remember(self, rel: str, st: os.stat_result, digest: str) -> None:
         with self._lock:

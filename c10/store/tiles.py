@@ -58,8 +58,11 @@ class Scan:
 _new_tuple = tuple.__new__
 
 # A column whose dir changed this recently is not memoized: a second change within the file
-# system's timestamp granularity would leave its mtime as it was (git's "racy" entries).
+# system's timestamp granularity would leave its mtime as it was (git's "racy" entries). Whole
+# seconds (FAT, HFS+, ext3: a timestamp without a sub-second part) need RACY_NS; a file system
+# with sub-second timestamps stamps from the kernel's coarse clock, one tick (1-10 ms) behind.
 RACY_NS = 2_000_000_000
+RACY_FINE_NS = 100_000_000
 MEMO_FORMAT = 3  # 3: y runs per extension and segment digests under a MAC (2: names, 1: marshal)
 
 
@@ -219,9 +222,16 @@ def _column(z: int, x_entry: os.DirEntry, prefix: str, columns: dict, strays: li
     _scan_column(z, x_entry, prefix, rows, column_strays)
     columns[prefix] = rows
     strays.extend(column_strays)
-    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS:
+    if not racy(st):
         fresh[prefix] = (key, rows, column_strays, {})
     return 1
+
+
+def racy(st: os.stat_result) -> bool:
+    """The directory changed too recently for its stat to prove that nothing changed since."""
+    fine = st.st_mtime_ns % 1_000_000_000 or st.st_ctime_ns % 1_000_000_000
+    window = min(RACY_NS, RACY_FINE_NS) if fine else RACY_NS
+    return time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) <= window
 
 
 def _scan_column(z: int, x_entry: os.DirEntry, prefix: str, tiles: list, strays: list) -> None:

@@ -99,13 +99,13 @@ class Provenance:
                 f["path"]: f["blake3"] for f in manifest["files"]}
         return self._signed
 
-    def signed_tile_keys(self) -> set[bytes]:
-        """The first 8 bytes of the blake3 of every tile the last verified Manifest lists (a hint
-        for the descriptor store: tilelists.listed_tile_keys)."""
+    def signed_tile_keys(self) -> bytes:
+        """The first 8 bytes of the blake3 of every tile the last verified Manifest lists,
+        concatenated (a hint for the descriptor store: tilelists.listed_tile_keys)."""
         from c10.trust.tilelists import listed_tile_keys
 
         manifest = self.verified
-        return set() if manifest is None else listed_tile_keys(self.root, manifest)
+        return b"" if manifest is None else listed_tile_keys(self.root, manifest)
 
     @property
     def verified(self) -> dict | None:

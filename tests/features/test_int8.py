@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
+from conftest import rewrite
 from onnx import TensorProto, helper, numpy_helper
 from tiny_models import IR_VERSION, file_hash, spec_for, tiny_cnn
 
@@ -97,7 +98,7 @@ def test_plan_sample_is_deterministic_and_keyed_by_tile_bytes(tmp_path, tiles):
     assert len(first["calibration_tiles"]) == len(first["holdout_tiles"]) == 4
     assert not set(first["calibration_tiles"]) & set(first["holdout_tiles"])
     sampled = next(t for t in all_tiles if str(root / t.path) == first["calibration_tiles"][0])
-    (root / sampled.path).write_bytes(open(tiles[-1], "rb").read())
+    rewrite((root / sampled.path), open(tiles[-1], "rb").read())
     assert int8.plan_sample(root, model, all_tiles, None)["calibration_hash"] \
         != first["calibration_hash"]
     # a calibration file: its hash is the sample, no tile is calibrated on

@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import current, make_cache
+from conftest import current, make_cache, rewrite
 from PIL import Image
 
 from c10.cli import main as c10_main
@@ -79,7 +79,7 @@ def tiles_of(root) -> list:
 ], ids=["empty", "truncated", "not-an-image"])
 def test_broken_tile_names_itself_and_loses_nothing(built, capsys, damage):  # also CP-TC-9
     tile = tiles_of(built)[7]
-    tile.write_bytes(damage(tile.read_bytes()))
+    rewrite(tile, damage(tile.read_bytes()))
     before = snapshot(built)
     out = fails(built, capsys, "DescriptorBatchError", str(tile), "re-download or delete this tile",
                 "doit build_cache")
@@ -99,7 +99,7 @@ def test_a_tile_of_another_pixel_size_is_resized_like_every_tile(built, capsys):
     with Image.open(tile) as img:  # a 2x "retina" tile of the same ground, among 128-px tiles
         buf = io.BytesIO()
         img.resize((img.width * 2, img.height * 2), Image.BICUBIC).save(buf, "JPEG", quality=90)
-    tile.write_bytes(buf.getvalue())
+    rewrite(tile, buf.getvalue())
     succeeds(built, capsys)
     after = _descriptor(read_shard(current(built, shard)), x, y)
     assert float(before @ after) > 0.95  # the same footprint: nearly the same descriptor
@@ -232,7 +232,7 @@ def test_key_wrong_passphrase(built, capsys, tmp_path):
     (built / "c10.toml").write_text(re.sub(r"allowed_keyids = \[.*?\]", "allowed_keyids = []",
                                            text))
     _set_key(built, tmp_path / "locked.pem", tmp_path / "pass")
-    tiles_of(built)[3].write_bytes(tiles_of(built)[0].read_bytes())  # work to do: the key is needed
+    rewrite(tiles_of(built)[3], tiles_of(built)[0].read_bytes())  # work to do: the key is needed
     before = snapshot(built)
     fails(built, capsys, "SigningKeyError", str(tmp_path / "locked.pem"), "passphrase")
     assert snapshot(built) == before
@@ -247,7 +247,7 @@ def test_key_wrong_passphrase(built, capsys, tmp_path):
 
 def test_disk_full_while_writing_a_shard(built, capsys, monkeypatch):
     tile = tiles_of(built)[7]
-    tile.write_bytes(tiles_of(built)[0].read_bytes())
+    rewrite(tile, tiles_of(built)[0].read_bytes())
     before = snapshot(built)
     real_write = os.write
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_cache, plan_of
+from conftest import make_cache, plan_of, rewrite
 
 from c10.errors import BuildLockHeldError
 from c10.rules import session
@@ -81,7 +81,7 @@ def test_an_ignored_shard_fails_the_build_naming_doit_forget(cache, operator_key
     name, tiles = _shard_task(cache)
     manifest = (cache / "Manifest.json").read_bytes()
     assert f"ignoring {name}" in doit(cache, "ignore", name).stdout
-    tiles[0].write_bytes(tiles[-1].read_bytes())  # an edited tile of the ignored shard
+    rewrite(tiles[0], tiles[-1].read_bytes())  # an edited tile of the ignored shard
 
     run = doit(cache, "build_cache")
     out = run.stdout + run.stderr

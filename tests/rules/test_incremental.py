@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import build, built, current, current_files, executed
+from conftest import build, built, current, current_files, executed, rewrite
 
 from c10.features.shards import read_shard
 from c10.tools import netgen
@@ -131,7 +131,7 @@ def test_a_bad_tile_fails_its_shard_and_keeps_the_previous_cache(cache, capsys, 
     manifest = (cache / "Manifest.json").read_bytes(), (cache / "Manifest.json.dsse").read_bytes()
     tile = sorted((cache / "tiles/15").rglob("*.jpg"))[7]
     data = tile.read_bytes()
-    tile.write_bytes({"truncate": data[:len(data) // 3], "html": b"<html>503</html>",
+    rewrite(tile, {"truncate": data[:len(data) // 3], "html": b"<html>503</html>",
                       "empty": b""}[damage])
     code, out = build(cache, capsys)
     assert code != 0

@@ -9,7 +9,7 @@ import sqlite3
 
 import blake3
 import numpy as np
-from conftest import built, current
+from conftest import built, current, rewrite
 
 from c10.features.shards import read_shard
 from c10.rules.driver import run_build
@@ -47,7 +47,7 @@ def touch_other_block(root, logical: str) -> None:
     block = logical.split("/")[-1].removesuffix(".npy")
     tiles = sorted((root / "tiles/15").rglob("*.jpg"))
     other = next(t for t in tiles if f"{int(t.parent.name) // 4}-{int(t.stem) // 4}" != block)
-    other.write_bytes(tiles[0].read_bytes() if other != tiles[0] else tiles[1].read_bytes())
+    rewrite(other, tiles[0].read_bytes() if other != tiles[0] else tiles[1].read_bytes())
 
 
 def shard_logicals(root) -> list[str]:
@@ -93,7 +93,7 @@ def test_rows_are_carried_forward_only_from_the_signed_shard(cache, capsys, oper
     block_tiles = [t for t in sorted((cache / "tiles/15").rglob("*.jpg"))
                    if f"{int(t.parent.name) // 4}-{int(t.stem) // 4}"
                    == logical.split("/")[-1].removesuffix(".npy")]
-    block_tiles[0].write_bytes(block_tiles[-1].read_bytes())
+    rewrite(block_tiles[0], block_tiles[-1].read_bytes())
     built(cache, capsys)
     rebuilt = read_shard(current(cache, logical))
     np.testing.assert_allclose(rebuilt["desc"][1:], original["desc"][1:], atol=1e-6)

@@ -79,3 +79,19 @@ def test_threads_hashing_one_column_keep_every_entry(tmp_path):
         list(pool.map(hashes.hash, rels))
     hashes.save()
     assert set(json.loads((tmp_path / tile_hashes_relpath("17", "1")).read_bytes())) == set(rels)
+
+
+def test_size_hash_stats_a_tile_once_per_build(tmp_path, monkeypatch):
+    """The shard task's (size, blake3) is the one the graph load's stat found: no second stat;
+    a tile this build never hashed is stat'ed and hashed, and the next build sees a rewrite."""
+    a = tile(tmp_path, 1, 1, b"first")
+    hashes = HashCache(tmp_path)
+    first = hashes.hash(a)[0]
+    (tmp_path / a).write_bytes(b"rewritten")
+    b = tile(tmp_path, 1, 2, b"other")
+    stats = []
+    real = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *args, **kw: stats.append(p) or real(p, *args, **kw))
+    assert hashes.size_hash(a) == (5, first) and not stats
+    assert hashes.size_hash(b) == (5, blake3_file(tmp_path / b)) and len(stats) == 1
+    assert HashCache(tmp_path).size_hash(a) == (9, blake3_file(tmp_path / a))

@@ -163,3 +163,21 @@ def test_split_blocks_is_scope_split_then_group_blocks(tmp_path):
     assert (inside, outside) == scope.split(scan.tiles) and inside and outside
     assert blocks == group_blocks(inside, 4) and list(blocks) == sorted(blocks)
     assert scan.tiles == sorted(scan.tiles)
+
+
+def test_a_directory_is_racy_for_its_file_systems_timestamp_granularity():
+    """Whole-second timestamps leave a column untrusted for 2 s; sub-second ones for a few of
+    the kernel's clock ticks, so a build right after a copy still memoizes the copied columns."""
+    import time
+    from types import SimpleNamespace
+
+    from c10.store.tiles import racy
+
+    def aged(seconds: float, whole: bool) -> SimpleNamespace:
+        ns = time.time_ns() - int(seconds * 1e9)
+        ns -= ns % 1_000_000_000 if whole else 0
+        ns += 0 if whole or ns % 1_000_000_000 else 1
+        return SimpleNamespace(st_mtime_ns=ns, st_ctime_ns=ns)
+
+    assert racy(aged(0.01, whole=False)) and not racy(aged(0.5, whole=False))
+    assert racy(aged(1.0, whole=True)) and not racy(aged(3.5, whole=True))
