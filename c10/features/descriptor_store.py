@@ -62,13 +62,13 @@ class DescriptorStore:
     """Trusted rows by (tile blake3, identity), for one build: the trusted sources (taken once,
     when first needed), then the shards the build writes (`add`). Thread-safe.
 
-    `listed()`: the first 8 bytes of the tile digests the `listed` sources may hold, concatenated
-    (the tiles a signed Manifest lists hold the rows of its shards): they are indexed only once
-    a missing tile's digest is among them, so a new tile costs no scan of the committed shards.
-    A wrong listing may cost a computation, never a wrong row."""
+    `listed()`: the first 8 bytes of the tile digests the `listed` sources may hold, as sorted
+    uint64 (the tiles a signed Manifest lists hold the rows of its shards): they are indexed
+    only once a missing tile's digest is among them, so a new tile costs no scan of the
+    committed shards. A wrong listing may cost a computation, never a wrong row."""
 
     def __init__(self, sources: Iterable[Source] | Callable[[], Iterable[Source]],
-                 listed: Callable[[], bytes] | None = None):
+                 listed: Callable[[], np.ndarray] | None = None):
         self._given, self._listed = sources, listed
         self._listed_keys: np.ndarray | None = None  # sorted
         self._sources: list[Source] = []
@@ -143,7 +143,7 @@ class DescriptorStore:
             return True
         with self._scan_lock:
             if self._listed_keys is None:
-                self._listed_keys = np.sort(np.frombuffer(self._listed(), "<u8"))
+                self._listed_keys = self._listed()
         listed = self._listed_keys
         if not len(listed):
             return False

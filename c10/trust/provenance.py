@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 
@@ -16,6 +17,9 @@ from c10.store.layout import ENGINE_NAME, ENGINES_DIR, REFS_DIR, ref_relpath, sp
 from c10.store.refs import read_ref
 from c10.trust.files import read_regular
 from c10.trust.strictjson import StrictJSONError, strict_loads
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Ledger:
@@ -71,6 +75,22 @@ class Ledger:
             self._files, self._dirty, self._saved = kept, False, time.monotonic()
 
 
+_HEX = bytes.maketrans(b"0123456789abcdef", bytes(range(16)))
+
+
+def _row_digest_keys(data: bytes) -> "np.ndarray":
+    """The first 8 bytes of each row's blake3 in a tile list's bytes: the 16 hex digits 65 bytes
+    before each `"]` (tilelists.signed_lists), taken vectorised (a regex over 10⁶ rows is ~5x
+    slower)."""
+    import numpy as np
+
+    raw = np.frombuffer(data, np.uint8)
+    ends = np.flatnonzero(raw[65:] == ord("]")) + 65
+    ends = ends[raw[ends - 1] == ord('"')]
+    nibbles = np.frombuffer(data.translate(_HEX), np.uint8)[(ends - 65)[:, None] + np.arange(16)]
+    return np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).view("<u8").ravel()
+
+
 class Provenance:
     """The trust of one build in the derived files under its cache.
 
@@ -99,13 +119,22 @@ class Provenance:
                 f["path"]: f["blake3"] for f in manifest["files"]}
         return self._signed
 
-    def signed_tile_keys(self) -> bytes:
-        """The first 8 bytes of the blake3 of every tile the last verified Manifest lists,
-        concatenated (a hint for the descriptor store: tilelists.listed_tile_keys)."""
-        from c10.trust.tilelists import listed_tile_keys
+    def signed_tile_keys(self) -> "np.ndarray":
+        """The first 8 bytes of the blake3 of every tile the last verified Manifest lists, as
+        sorted little-endian uint64: the descriptor store's hint of which rows the committed
+        shards may hold, never a trust decision (a wrong key costs a computation or a scan)."""
+        import numpy as np
+
+        from c10.trust.tilelists import signed_lists
 
         manifest = self.verified
-        return b"" if manifest is None else listed_tile_keys(self.root, manifest)
+        if manifest is None:
+            return np.zeros(0, "<u8")
+        flat = bytes.fromhex("".join(f["blake3"][:16] for f in manifest["files"]
+                                     if f["kind"] == "tile"))
+        parts = [np.frombuffer(flat, "<u8")]
+        parts += [_row_digest_keys(data) for data in signed_lists(self.root, manifest)]
+        return np.sort(np.concatenate(parts))
 
     @property
     def verified(self) -> dict | None:

@@ -32,8 +32,6 @@ _INDEX = r"(0|[1-9]\d*)"  # a canonical decimal, as the build's tile scan reads 
 _LIST_NAME = re.compile(rf"{LISTS_DIR}/{_INDEX}/{_INDEX}-{_INDEX}\.[0-9a-f]{{16}}\.json")
 _TILE_PATH = re.compile(rf"{TILES_DIR}/{_INDEX}/{_INDEX}/{_INDEX}\.(?i:{'|'.join(TILE_EXTS)})")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-# the start of a list row's blake3 as canonical JSON writes it: after the size, `,"`
-_ROW_DIGEST = re.compile(rb'[0-9],"([0-9a-f]{16})')
 
 
 # ---------------------------------------------------------------- build
@@ -169,24 +167,19 @@ def iter_files(root: Path, manifest: dict, skip_bad: bool = False) -> Iterator[d
             yield from tiles
 
 
-def listed_tile_keys(root: Path, manifest: dict) -> bytes:
-    """The first 8 bytes of the blake3 of every tile a verified Manifest lists, concatenated: a
-    build's hint of which rows its committed shards may hold, never a trust decision (a wrong
-    key costs a computation or a scan). Each list is read and checked against its root entry as
-    iter_files does, but its digests are taken by pattern, not parsed and validated row by row:
-    a tree of 10⁶ tiles is read in a fraction of the parse's time. A list that fails lists
-    nothing."""
+def signed_lists(root: Path, manifest: dict) -> Iterator[bytes]:
+    """The bytes of each tile list of a verified tree, read and checked against its root entry as
+    iter_files does but not parsed (a build's hint of what its committed shards hold: a list that
+    fails lists nothing). Each row ends `[path, size, "blake3"]`, canonical JSON: the 64 hex
+    before each `"]`."""
     if manifest["schema_version"] < TREE_SCHEMA:
-        return bytes.fromhex("".join(f["blake3"][:16] for f in manifest["files"]
-                                     if f["kind"] == "tile"))
-    found = []
+        return
     for entry in manifest["files"]:
         if entry["kind"] == LIST_KIND:
             try:
-                found += _ROW_DIGEST.findall(read_listed(root, entry))
+                yield read_listed(root, entry)
             except VerifyError:
                 continue
-    return bytes.fromhex(b"".join(found).decode())
 
 
 def expand_files(root: Path, manifest: dict) -> list[dict]:
