@@ -99,7 +99,7 @@ def key_material(spec: EngineSpec, backend: Backend) -> dict:
         "input_shape": list(spec.input_shape) if spec.input_shape is not None else None,
         "batch": list(spec.batch),
     }
-    quantizer = backend.quantizer(spec.role) if int8 else None
+    quantizer = backend.quantizer() if int8 else None
     if quantizer is not None:  # only in INT8 keys: every other engine keeps its key
         material["quantizer"] = quantizer
     return material

@@ -28,18 +28,10 @@ QUANTIZER = {
     "method": "MinMax", "per_channel": True, "reduce_range": False,
     "activations": "QUInt8", "weights": "QInt8", "op_types": ["Conv", "Gemm", "MatMul", "Relu"],
 }
-# A local model's settings over QUANTIZER: onnxruntime's symbolic shape inference fails on
-# ALIKED's keypoint head (an Expand of an unknown shape), so its pre-processing skips it.
-LOCAL_QUANTIZER = {"symbolic_shape": False}
 CALIBRATION_BATCH = 8
 GATE_BATCH = 32
 NPY_MAGIC = b"\x93NUMPY"
 SAMPLE_SCHEMA = 1  # bump when the sample's choice or identity changes
-
-
-def quantizer(role: str) -> dict:
-    """QUANTIZER, with a local model's own settings."""
-    return {**QUANTIZER, **LOCAL_QUANTIZER} if role == "local" else dict(QUANTIZER)
 
 
 def rank_tiles(tiles: list, count: int) -> list:
@@ -144,12 +136,11 @@ def compile_int8(spec: EngineSpec, data: bytes | None, out: Path,
         QuantType,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from c10.features.backends.onnxruntime import import_onnxruntime
 
     import_onnxruntime()  # its telemetry off before any onnxruntime module runs
-    q = quantizer(spec.role)
+    q = QUANTIZER
     calib = calibration_tensors(spec, data)
     name = _input_name(spec.onnx_path)
 
@@ -165,9 +156,7 @@ def compile_int8(spec: EngineSpec, data: bytes | None, out: Path,
     # the system's temp dir, not the cache's: nothing of a killed quantization is left in it
     with tempfile.TemporaryDirectory(prefix="c10-int8-") as tmp:
         pre, qdq = Path(tmp) / "pre.onnx", Path(tmp) / "qdq.onnx"
-        if q["pre_process"]:  # shape inference and folding first, as onnxruntime advises
-            quant_pre_process(str(spec.onnx_path), str(pre),
-                              skip_symbolic_shape=not q.get("symbolic_shape", True))
+        symbolic = q["pre_process"] and _pre_process(spec.onnx_path, pre)
         quantize_static(str(pre if q["pre_process"] else spec.onnx_path), str(qdq), Reader(),
                         quant_format=QuantFormat[q["format"]],
                         calibrate_method=CalibrationMethod[q["method"]],
@@ -177,8 +166,9 @@ def compile_int8(spec: EngineSpec, data: bytes | None, out: Path,
         seconds = time.perf_counter() - start
         optimize(qdq, out)
     figures = gate(spec, outputs(session(out), spec), calib, out)
-    return {"quantizer": q, "quantizer_version": version,
+    return {"quantizer": QUANTIZER, "quantizer_version": version,
             "calibration_samples": len(calib), "calibration_s": round(seconds, 3),
+            "symbolic_shape_inference": symbolic,
             "int8_gate": figures}
 
 
@@ -247,6 +237,21 @@ def check_gate(spec: EngineSpec, figures: dict) -> None:
             f"recall@1 drop {figures['recall_at_1_drop']:.4f} "
             f"({m}.int8_max_recall_drop = {spec.int8_max_recall_drop})",
             f"set {m}.precision = \"fp32\" in c10.toml (or relax those thresholds)")
+
+
+def _pre_process(src: Path, dst: Path) -> bool:
+    """onnxruntime's pre-processing (shape inference and folding first, as it advises): whether
+    its symbolic shape inference ran. On the real ALIKED exports that inference fails (an Expand
+    of a shape it cannot infer), so they are pre-processed without it; which one a model gets
+    depends on its bytes alone (in the key), and is recorded in the sidecar."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst))
+        return True
+    except Exception:  # the inference's own failure, any type: retry without it
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        return False
 
 
 def _input_name(path: Path) -> str:

@@ -136,12 +136,11 @@ def test_without_a_matcher_the_gate_pairs_mutual_nearest_descriptors(tmp_path, m
         build_engine(bad, OnnxRuntimeBackend(), tmp_path / "engines")
 
 
-def test_a_local_models_quantizer_is_its_own_in_the_key(models, tiles):
+def test_the_gates_threshold_and_matcher_are_not_in_the_engine_key(models, tiles):
+    # they decide the gate, not the engine's bytes (the task's key holds the threshold)
     backend = OnnxRuntimeBackend()
     spec = local_spec(models["local"], tiles, models["matcher"])
-    assert backend.quantizer("local")["symbolic_shape"] is False
-    assert "symbolic_shape" not in backend.quantizer("global")  # global INT8 keys unchanged
-    assert engine_key(spec, backend) != engine_key(replace(spec, role="global"), backend)
-    # the gate's threshold and matcher decide the gate, not the engine's bytes
     assert engine_key(replace(spec, int8_min_match_retention=0.5, gate_matcher=None),
                       backend) == engine_key(spec, backend)
+    assert engine_key(replace(spec, calibration_hash="tiles:b"), backend) \
+        != engine_key(spec, backend)

@@ -121,10 +121,9 @@ class Backend:
     def _fingerprint(self) -> dict:
         raise NotImplementedError
 
-    def quantizer(self, role: str = "global") -> dict | None:
-        """How this backend quantizes an INT8 engine of a model of `role` itself (tool, version,
-        settings), for the engine key; None when INT8 comes from a calibration cache alone
-        (TensorRT)."""
+    def quantizer(self) -> dict | None:
+        """How this backend quantizes an INT8 engine itself (tool, version, settings), for the
+        engine key; None when INT8 comes from a calibration cache alone (TensorRT)."""
         return None
 
     def host_metadata(self) -> dict:

@@ -47,10 +47,10 @@ class OnnxRuntimeBackend(Backend):
         return {"package": _build_info().get("package_name", "onnxruntime"),
                 "version": self.version(), "os_arch": os_arch(), "provider": "CPUExecutionProvider"}
 
-    def quantizer(self, role: str = "global") -> dict:
-        from c10.features.int8 import quantizer
+    def quantizer(self) -> dict:
+        from c10.features.int8 import QUANTIZER
 
-        return {**quantizer(role), "version": self.version()}
+        return {**QUANTIZER, "version": self.version()}
 
     def _compile(self, spec: EngineSpec, model: ModelInfo, calibration: bytes | None,
                  out: Path) -> dict:

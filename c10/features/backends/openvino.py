@@ -94,7 +94,7 @@ class OpenVinoBackend(Backend):
         return {"device": "CPU", "cpu_model": cpu["model"], "isa": isa,
                 "openvino": self.version(), "os_arch": os_arch()}
 
-    def quantizer(self, role: str = "global") -> dict:
+    def quantizer(self) -> dict:
         return {**QUANTIZER, "version": package_version("nncf") or "not installed"}
 
     def core(self):
