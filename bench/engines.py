@@ -1,5 +1,6 @@
 """Engine benchmark: compile/load time, images/s at batch 1/8/32, agreement with fp32 ORT; prints
-JSON."""
+JSON. `--real-models [--keypoints K] [--rounds N]`: the real ALIKED exports instead
+(bench/engines_real.py; needs the export extra)."""
 from __future__ import annotations
 
 import json
@@ -172,4 +173,9 @@ def _ratio(results: dict, a: str, b: str, stat: str) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    if "--real-models" in sys.argv:
+        from engines_real import main as real_main
+
+        real_main(sys.argv[1:])
+    else:
+        main()

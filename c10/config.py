@@ -30,6 +30,7 @@ TILE_TRANSPORTS = ("bytes", "shared")
 MAX_ZOOM = 24
 # Model settings only precision = "int8" reads: left out of the request of any other model
 INT8_KEYS = ("calibration_tiles", "holdout_tiles", "int8_min_cosine", "int8_max_recall_drop")
+LOCAL_INT8_KEYS = ("int8_min_match_retention",)  # and only an INT8 local-feature model
 MAX_DIV = 4  # shards.stride down to 1/4 tile: 16 rows per tile already
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -62,6 +63,9 @@ class Model:
     holdout_tiles: int = 128
     int8_min_cosine: float = 0.99
     int8_max_recall_drop: float = 0.01
+    # a local model's gate: the share of its fp32 features' correct matches INT8 keeps
+    # (c10.features.int8_local; the default from the real ALIKED's measure, docs/figures.md)
+    int8_min_match_retention: float = 0.85
 
     def preprocessing(self) -> dict[str, Any]:
         """The settings that change a descriptor, and the version of the code that applies them
@@ -164,6 +168,9 @@ class Config:
         for model in request["models"].values():  # settings only an INT8 model reads
             if model["precision"] != "int8":
                 for key in INT8_KEYS:
+                    del model[key]
+            if model["precision"] != "int8" or model["role"] != "local":
+                for key in LOCAL_INT8_KEYS:
                     del model[key]
         return request
 
@@ -350,7 +357,7 @@ def _model(name: str, table: dict, root: Path, where: str) -> Model:
     for key in ("batch_size", "calibration_tiles", "holdout_tiles"):
         if not _is_int(getattr(model, key)) or getattr(model, key) <= 0:
             raise ConfigError(f"{where}: `{prefix}{key}` must be a positive integer")
-    for key in ("int8_min_cosine", "int8_max_recall_drop"):
+    for key in ("int8_min_cosine", "int8_max_recall_drop", "int8_min_match_retention"):
         if not _is_num(getattr(model, key)) or not 0 <= getattr(model, key) <= 1:
             raise ConfigError(f"{where}: `{prefix}{key}` must be a number from 0 to 1")
     return model

@@ -24,6 +24,7 @@ from c10.store.layout import (
 from c10.store.tiles import Scan, Scope, Tile, read_memo, scan_tiles, split_blocks
 
 SHARD_ROLES = ("global", "local")  # a matcher has no per-tile output
+INT8_ROLES = SHARD_ROLES  # what ONNX Runtime and OpenVINO quantize themselves, each gated
 # Bump when what goes into an embedding identity changes: every shard is re-embedded once.
 IDENT_SCHEMA = 2
 
@@ -184,12 +185,17 @@ def _model_plan(root: Path, config: Config, model: Model, hashes: HashCache,
                else (1, 1, 1)),
         calibration_path=calibration,
         calibration_hash=hashes.hash_abs(calibration) if calibration else None,
+        role=model.role,
     )
     if model.precision == "int8" and backend.quantizer() is not None:  # calibrated on tiles
         from c10.features.int8 import plan_sample
 
         spec = replace(spec, **plan_sample(root, model, tiles or [], spec.calibration_hash,
                                            lambda rel: hashes.hash(rel)[0]))
+        if model.role == "local":  # gated by the matches the sector's matcher keeps
+            matcher = next((m for m in config.models.values() if m.role == "matcher"), None)
+            spec = replace(spec, gate_matcher=str(matcher.path) if matcher else None,
+                           int8_min_match_retention=model.int8_min_match_retention)
     engine = engines.engine_path(root / ENGINES_DIR, spec, backend)
     return ModelPlan(model, backend, spec, engines.engine_key(spec, backend),
                      engine.relative_to(root).as_posix(),
@@ -199,11 +205,12 @@ def _model_plan(root: Path, config: Config, model: Model, hashes: HashCache,
 def check_calibration(model: Model, backend: engines.Backend) -> Path | None:
     """`models.NAME.calibration`, checked whenever it is given (a regular, readable, non-empty
     file) and required by an INT8 model on TensorRT (its calibration cache); ONNX Runtime
-    calibrates a global model on the cache's own tiles, or on that file as an .npy of
-    preprocessed tensors. Checked when the graph loads, before any engine is compiled."""
+    and OpenVINO calibrate a global or local model on the cache's own tiles, or on that file
+    as an .npy of preprocessed tensors. Checked when the graph loads, before any engine is
+    compiled."""
     name, path = model.name, model.calibration
     key = f"models.{name}.calibration"
-    own = backend.quantizer() is not None  # the backend quantizes itself (ONNX Runtime)
+    own = backend.quantizer() is not None  # it quantizes itself (ONNX Runtime, OpenVINO)
     if model.precision == "int8":
         if "int8" not in backend.precisions:
             raise EngineBuildError(
@@ -211,11 +218,12 @@ def check_calibration(model: Model, backend: engines.Backend) -> Path | None:
                 f"backends build INT8 engines and engines.backend is {backend.name!r} on this "
                 "host", f"set models.{name}.precision to one of {', '.join(backend.precisions)}, "
                 "or set engines.backend = \"onnxruntime\"")
-        if own and model.role != "global":
+        if own and model.role not in INT8_ROLES:
             raise EngineBuildError(
-                f"model {name!r} has precision int8, but ONNX Runtime builds INT8 engines only "
-                f"for global models (its accuracy gate is on global descriptors; {name!r} is "
-                f"{model.role!r})", f"set models.{name}.precision = \"fp32\"")
+                f"model {name!r} has precision int8, but {backend.name} builds INT8 engines "
+                f"only for global and local models (its accuracy gates are on descriptors and "
+                f"on matches; {name!r} is {model.role!r})",
+                f"set models.{name}.precision = \"fp32\"")
         if path is None and not own:
             raise CalibrationCacheError(
                 f"model {name!r} has precision int8 but no calibration cache",

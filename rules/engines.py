@@ -20,6 +20,10 @@ def task_engines():
         gate = ({"int8_min_cosine": spec.int8_min_cosine,
                  "int8_max_recall_drop": spec.int8_max_recall_drop}
                 if spec.precision == "int8" and model_plan.backend.quantizer() else {})
+        if gate and spec.role == "local":  # a local model's gate: matches, by the matcher
+            gate = {"int8_min_match_retention": spec.int8_min_match_retention}
+            if spec.gate_matcher:
+                deps.append(str(Path(spec.gate_matcher).resolve()))
         yield {
             "name": name,
             "doc": f"engine of model {name} ({model_plan.backend.name})",

@@ -44,14 +44,20 @@ class EngineSpec:
     batch: tuple[int, int, int] = (1, 32, 64)
     calibration_path: Path | None = None
     calibration_hash: str | None = None
-    # INT8 on ONNX Runtime (c10.features.int8): the sample tiles, the held-out tiles of the
-    # accuracy gate (absolute paths), their preprocessing (input_size, mean, std, channel_order,
-    # resize) and the gate's thresholds. Not key material: the sample is by calibration_hash.
+    # INT8 on ONNX Runtime and OpenVINO (c10.features.int8): the sample tiles, the held-out
+    # tiles of the accuracy gate (absolute paths), their preprocessing (input_size, mean, std,
+    # channel_order, resize) and the gate's thresholds. Not key material: the sample is by
+    # calibration_hash.
     calibration_tiles: tuple[str, ...] = ()
     holdout_tiles: tuple[str, ...] = ()
     preprocess: tuple | None = None
     int8_min_cosine: float = 0.99
     int8_max_recall_drop: float = 0.01
+    # a local model's gate (c10.features.int8_local): the sector's matcher ONNX (None: mutual
+    # nearest descriptors) and the share of fp32's correct matches INT8 must keep
+    role: str = "global"
+    gate_matcher: str | None = None
+    int8_min_match_retention: float = 0.85
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "onnx_path", Path(self.onnx_path))

@@ -136,7 +136,6 @@ def compile_int8(spec: EngineSpec, data: bytes | None, out: Path,
         QuantType,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from c10.features.backends.onnxruntime import import_onnxruntime
 
@@ -147,8 +146,7 @@ def compile_int8(spec: EngineSpec, data: bytes | None, out: Path,
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(calib[i:i + CALIBRATION_BATCH]
-                                for i in range(0, len(calib), CALIBRATION_BATCH))
+            self.batches = iter(batches(spec, calib))
 
         def get_next(self):
             batch = next(self.batches, None)
@@ -158,8 +156,7 @@ def compile_int8(spec: EngineSpec, data: bytes | None, out: Path,
     # the system's temp dir, not the cache's: nothing of a killed quantization is left in it
     with tempfile.TemporaryDirectory(prefix="c10-int8-") as tmp:
         pre, qdq = Path(tmp) / "pre.onnx", Path(tmp) / "qdq.onnx"
-        if q["pre_process"]:  # shape inference and folding first, as onnxruntime advises
-            quant_pre_process(str(spec.onnx_path), str(pre))
+        symbolic = q["pre_process"] and _pre_process(spec.onnx_path, pre)
         quantize_static(str(pre if q["pre_process"] else spec.onnx_path), str(qdq), Reader(),
                         quant_format=QuantFormat[q["format"]],
                         calibrate_method=CalibrationMethod[q["method"]],
@@ -168,19 +165,28 @@ def compile_int8(spec: EngineSpec, data: bytes | None, out: Path,
                         weight_type=QuantType[q["weights"]], op_types_to_quantize=q["op_types"])
         seconds = time.perf_counter() - start
         optimize(qdq, out)
-    figures = gate(spec, lambda batch: _run(out, batch), calib, out)
+    figures = gate(spec, outputs(session(out), spec), calib, out)
     return {"quantizer": QUANTIZER, "quantizer_version": version,
             "calibration_samples": len(calib), "calibration_s": round(seconds, 3),
+            "symbolic_shape_inference": symbolic,
             "int8_gate": figures}
 
 
-def gate(spec: EngineSpec, run: Callable[[np.ndarray], np.ndarray], calib: np.ndarray,
+def gate(spec: EngineSpec, run: Callable[[np.ndarray], dict], calib: np.ndarray,
          out: Path) -> dict:
-    """The INT8 engine (`run`) against the fp32 ONNX on the held-out tiles (the calibration
-    tensors when there are none); EngineBuildError below a threshold, `out` removed first (a
-    refused engine is never left to be moved in)."""
+    """The INT8 engine (`run`: a batch -> its outputs by name) against the fp32 ONNX on the
+    held-out tiles (the calibration tensors when there are none): a global model by its
+    descriptors, a local one by the matches its features keep (c10.features.int8_local).
+    EngineBuildError below a threshold, `out` removed first (a refused engine is never left to
+    be moved in)."""
     held = _tile_tensors(spec, spec.holdout_tiles) if spec.holdout_tiles else calib
-    figures = accuracy(_run(spec.onnx_path, held), run(held))
+    fp32 = outputs(session(spec.onnx_path), spec)
+    if spec.role == "local":
+        from c10.features.int8_local import measure
+
+        figures = measure(spec, fp32, run, held)
+    else:
+        figures = accuracy(_first(fp32(held)), _first(run(held)))
     figures["holdout"] = "held-out tiles" if spec.holdout_tiles else "calibration tensors"
     try:
         check_gate(spec, figures)
@@ -188,6 +194,13 @@ def gate(spec: EngineSpec, run: Callable[[np.ndarray], np.ndarray], calib: np.nd
         out.unlink(missing_ok=True)
         raise
     return figures
+
+
+def batches(spec: EngineSpec, tensors: np.ndarray) -> list[np.ndarray]:
+    """`tensors` in calibration batches no larger than the engine's batch profile (a local
+    model takes one image)."""
+    size = min(CALIBRATION_BATCH, spec.batch[2])
+    return [tensors[i:i + size] for i in range(0, len(tensors), size)]
 
 
 def accuracy(ref: np.ndarray, got: np.ndarray) -> dict:
@@ -209,6 +222,10 @@ def accuracy(ref: np.ndarray, got: np.ndarray) -> dict:
 
 def check_gate(spec: EngineSpec, figures: dict) -> None:
     """EngineBuildError naming the figures and the setting that falls back, below a threshold."""
+    if "match_retention" in figures:  # a local model's gate
+        from c10.features.int8_local import check_retention
+
+        return check_retention(spec, figures)
     low_cos = figures["min_cosine"] < spec.int8_min_cosine
     drop = figures["recall_at_1_drop"] > spec.int8_max_recall_drop
     if low_cos or drop:
@@ -222,6 +239,21 @@ def check_gate(spec: EngineSpec, figures: dict) -> None:
             f"set {m}.precision = \"fp32\" in c10.toml (or relax those thresholds)")
 
 
+def _pre_process(src: Path, dst: Path) -> bool:
+    """onnxruntime's pre-processing (shape inference and folding first, as it advises): whether
+    its symbolic shape inference ran. On the real ALIKED exports that inference fails (an Expand
+    of a shape it cannot infer), so they are pre-processed without it; which one a model gets
+    depends on its bytes alone (in the key), and is recorded in the sidecar."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst))
+        return True
+    except Exception:  # the inference's own failure, any type: retry without it
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        return False
+
+
 def _input_name(path: Path) -> str:
     import onnx
 
@@ -230,13 +262,29 @@ def _input_name(path: Path) -> str:
     return next(vi.name for vi in proto.graph.input if vi.name not in weights)
 
 
-def _run(path: Path, batch: np.ndarray) -> np.ndarray:
-    import numpy as np
-
+def session(path: Path | str):
+    """A plain fp32 CPU session on an ONNX (the gate's reference, or an ORT INT8 engine)."""
     from c10.features.backends.onnxruntime import import_onnxruntime
 
     ort = import_onnxruntime()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: batch[i:i + GATE_BATCH]})[0]
-                           for i in range(0, len(batch), GATE_BATCH)])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def outputs(sess, spec: EngineSpec) -> Callable[[np.ndarray], dict]:
+    """run(batch) -> {output name: array} on `sess`, in calls no larger than GATE_BATCH or the
+    engine's batch profile."""
+    import numpy as np
+
+    name = sess.get_inputs()[0].name
+    names = [o.name for o in sess.get_outputs()]
+    size = min(GATE_BATCH, spec.batch[2])
+
+    def run(batch: np.ndarray) -> dict:
+        parts = [sess.run(None, {name: batch[i:i + size]}) for i in range(0, len(batch), size)]
+        return {n: np.concatenate(col) for n, col in zip(names, zip(*parts))}
+
+    return run
+
+
+def _first(named: dict):
+    return next(iter(named.values()))

@@ -252,3 +252,32 @@ def test_t16_exports_global_and_local_but_no_matcher(tmp_path):
         want = nets.GlobalNet(nets.load_aliked("t16", 32))(torch.from_numpy(images)).numpy()
     got = engine(paths["global"], "onnxruntime", tmp_path, batch=(1, 2, 2))(images)
     assert got.shape == (2, 64) and float(np.abs(got - want).max()) < TOL
+
+
+def test_int8_engines_of_the_real_exports_pass_their_gates(demo, exported, tmp_path):
+    """ONNX Runtime INT8 of the real ALIKED: pre-processed without the symbolic shape inference
+    that fails on it, gated by descriptors (global) and by LightGlue matches kept (local)."""
+    from dataclasses import replace
+
+    from c10.features.engines import sidecar_path
+
+    paths = sorted(str(p) for p in (demo / "tiles").rglob("*.jpg"))[:16]
+    prep = ((256, 256), (0.0,) * 3, (1.0,) * 3, "rgb", "bilinear")
+    for role, batch in (("global", (1, 8, 8)), ("local", (1, 1, 1))):
+        path = exported["native"] / f"{role}.onnx"
+        spec = EngineSpec(model=role, onnx_path=path, onnx_hash=f"real-{role}",
+                          input_shape=(3, 256, 256), precision="int8", batch=batch, role=role,
+                          calibration_hash="tiles:real", preprocess=prep,
+                          calibration_tiles=tuple(paths[:8]), holdout_tiles=tuple(paths[8:]))
+        if role == "local":
+            spec = replace(spec, gate_matcher=str(exported["native"] / "matcher.onnx"))
+        built, _ = build_engine(spec, get_backend("onnxruntime"), tmp_path / "engines")
+        info = json.loads(sidecar_path(built).read_text())["build"]
+        gate = info["int8_gate"]
+        print(f"{role} int8 gate: {gate}")
+        assert info["symbolic_shape_inference"] is False
+        if role == "global":
+            assert gate["min_cosine"] >= 0.99 and gate["recall_at_1_drop"] <= 0.01
+        else:
+            assert gate["pairing"] == "lightglue" and gate["correct_fp32"] > 8 * 50
+            assert gate["match_retention"] >= 0.85

@@ -123,7 +123,7 @@ class OpenVinoBackend(Backend):
         if extra:
             from c10.features.int8 import gate
 
-            extra["int8_gate"] = gate(spec, lambda batch: _infer_all(compiled, batch),
+            extra["int8_gate"] = gate(spec, lambda batch: _infer_all(compiled, batch, spec),
                                       extra.pop("calib"), out)
         blob = compiled.export_model()
         write_bytes(out, blob.getvalue() if hasattr(blob, "getvalue") else bytes(blob))
@@ -139,7 +139,7 @@ class OpenVinoBackend(Backend):
         import time
 
         from c10.errors import EngineBuildError
-        from c10.features.int8 import CALIBRATION_BATCH, calibration_tensors
+        from c10.features.int8 import batches, calibration_tensors
 
         calib = calibration_tensors(spec, calibration)
         try:
@@ -150,13 +150,13 @@ class OpenVinoBackend(Backend):
                 "pip install 'c10[openvino-int8]' (or: pip install nncf), or set "
                 f"models.{spec.model}.precision = \"fp32\"") from None
         start = time.perf_counter()
-        batches = [calib[i:i + CALIBRATION_BATCH] for i in range(0, len(calib), CALIBRATION_BATCH)]
+        parts = batches(spec, calib)
         # NNCF logs and draws progress bars on stdout: keep it for the build's own output
         nncf.set_log_level(logging.ERROR)
         with contextlib.redirect_stdout(sys.stderr):
             quantized = nncf.quantize(
-                network, nncf.Dataset(batches), preset=nncf.QuantizationPreset.PERFORMANCE,
-                subset_size=len(batches),  # NNCF counts the dataset's items: batches
+                network, nncf.Dataset(parts), preset=nncf.QuantizationPreset.PERFORMANCE,
+                subset_size=len(parts),  # NNCF counts the dataset's items: batches
                 ignored_scope=nncf.IgnoredScope(types=QUANTIZER["ignored_types"],
                                                 validate=False))
         return quantized, {"quantizer": QUANTIZER, "quantizer_version": nncf.__version__,
@@ -173,13 +173,14 @@ class OpenVinoBackend(Backend):
         return OvRunner(compiled, spec.batch[2] if spec.input_shape is not None else None)
 
 
-def _infer_all(compiled, batch: np.ndarray, size: int = 32) -> np.ndarray:
-    """The first output of a compiled model on `batch`, in calls of `size` (its profile's max
-    is at least that for a global model)."""
+def _infer_all(compiled, batch: np.ndarray, spec: EngineSpec) -> dict:
+    """{output name: array} of a compiled model on `batch`, in calls its batch profile takes."""
     import numpy as np
 
-    return np.concatenate([np.array(compiled(batch[i:i + size])[0])
-                           for i in range(0, len(batch), size)])
+    size = min(32, spec.batch[2])
+    parts = [compiled(batch[i:i + size]) for i in range(0, len(batch), size)]
+    return {o.get_any_name(): np.concatenate([np.array(p[o]) for p in parts])
+            for o in compiled.outputs}
 
 
 class OvRunner(Runner):
