@@ -22,7 +22,8 @@ SCALED = Preprocessing((224, 224), MEAN, STD, decode="scaled")
 
 def tile(tmp_path: Path, size: int, fmt: str = "jpg") -> Path:
     path = tmp_path / f"{size}.{fmt}"
-    path.write_bytes(synth.encode(synth.render_tile(16, 39000, 22000, size=size), fmt))
+    img = synth.render_tile(16, 39000, 22000, size=min(size, 512))  # larger: upscaled (faster)
+    path.write_bytes(synth.encode(img.resize((size, size), Image.BILINEAR), fmt))
     return path
 
 
@@ -86,3 +87,15 @@ def test_a_bad_mode_or_a_scaled_local_model_is_refused_naming_the_key(tmp_path):
         (tmp_path / "c10.toml").write_text(base.format(name=name, role=role, mode=mode))
         with pytest.raises(ConfigError, match=rf"models\.{name}\.decode.*{says}"):
             load_config(tmp_path)
+
+
+def test_the_request_names_the_mode_only_when_it_is_not_full(tmp_path):
+    from c10.config import load_config
+
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    base = ('[area]\nbbox = [50.43, 30.49, 50.47, 30.56]\nzooms = [15]\n'
+            '[models.global]\npath = "m.onnx"\n')
+    for extra, want in (("", None), ('decode = "full"\n', None), ('decode = "scaled"\n', "scaled")):
+        (tmp_path / "c10.toml").write_text(base + extra)
+        model = load_config(tmp_path).request()["models"]["global"]
+        assert model.get("decode") == want
