@@ -34,12 +34,12 @@ def block_bbox(blocks: int, block: int, z: int = 16) -> tuple[float, float, floa
 
 
 def make_cache(root: Path, tiles: int, backend: str, key: Path, input_size: int, block: int,
-               precision: str = "fp32") -> None:
-    """A cache of ~`tiles` demo-like 256 px JPEG tiles in full blocks at one zoom, the demo's
-    global model."""
+               precision: str = "fp32", tile_size: int = 256, decode: str = "full") -> None:
+    """A cache of ~`tiles` demo-like `tile_size` px JPEG tiles in full blocks at one zoom, the
+    demo's global model (models.global.decode = `decode`)."""
     root.mkdir(parents=True)
     bbox = block_bbox(max(1, round(tiles / block ** 2)), block)
-    synth.make_tiles(root / "tiles", bbox, (16,))
+    synth.make_tiles(root / "tiles", bbox, (16,), size=tile_size)
     netgen.write_global_model(root / "models" / "global.onnx", input_size=input_size)
     init_cache(root, bbox=str(list(bbox)), zooms="[16]", backend=backend, size=input_size,
                key=str(key))
@@ -47,7 +47,7 @@ def make_cache(root: Path, tiles: int, backend: str, key: Path, input_size: int,
     text = text.split("[models.local]")[0] + "[shards]" + text.split("[shards]")[1]
     if 'precision = "fp32"' not in text:
         raise SystemExit("bench/embed.py: c10 init's template no longer sets precision = \"fp32\"")
-    text = text.replace('precision = "fp32"', f'precision = "{precision}"', 1)
+    text = text.replace('precision = "fp32"', f'precision = "{precision}"\ndecode = "{decode}"', 1)
     (root / "c10.toml").write_text(text.replace("block = 16", f"block = {block}"))
 
 
@@ -120,7 +120,7 @@ def preprocess_cost(root: Path, prep, count: int = 64) -> tuple[float, float]:
         load_tensor(path, prep, out)
     mid = time.thread_time()
     for path in paths:
-        decode(path)
+        decode(path, prep)
     return (mid - start) / len(paths) * 1e3, (time.thread_time() - mid) / len(paths) * 1e3
 
 
@@ -150,7 +150,8 @@ def bench_backend(workdir: Path, backend: str, args) -> dict:
     root = workdir / f"cache-{backend}"
     # ONNX Runtime's engine is fp32 or int8 (calibrated on the cache's tiles)
     precision = args.precision if backend == "openvino" or args.precision == "int8" else "fp32"
-    make_cache(root, args.tiles, backend, workdir / "key.pem", args.input, args.block, precision)
+    make_cache(root, args.tiles, backend, workdir / "key.pem", args.input, args.block, precision,
+               args.tile_size, args.decode)
     os.environ["C10_NO_PROGRESS"] = "1"
     with contextlib.redirect_stdout(sys.stderr):  # doit's progress lines: keep stdout pure JSON
         built = run_build(root, ["engines"])
@@ -187,7 +188,8 @@ def bench_backend(workdir: Path, backend: str, args) -> dict:
     e_cpu, s_cpu = (statistics.median(r[1] for r in rs) for rs in (engine, shard))
     p, p_cpu = (statistics.median(r[i] for r in pipeline) for i in (0, 1))
     return {"backend": plan.backend.name, "precision": precision, "what_if": args.what_if,
-            "tiles": tiles, "batch": plan.model.batch_size,
+            "tiles": tiles, "tile_size": args.tile_size, "decode": prep.decode,
+            "batch": plan.model.batch_size,
             "input": args.input, "engine_load_s": round(load_s, 3), "streams": runner.streams,
             "engine_images_per_s": round(e, 1), "shard_tiles_per_s": round(s, 1),
             "ratio": round(s / e, 3),
@@ -215,6 +217,10 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=512)
     parser.add_argument("--input", type=int, default=224)
     parser.add_argument("--block", type=int, default=16)
+    parser.add_argument("--tile-size", type=int, default=256, help="tile side in pixels")
+    parser.add_argument("--decode", choices=("full", "scaled"), default="full",
+                        help="models.global.decode: scaled decodes JPEGs of >= 2x the input at "
+                             "1/2, 1/4 or 1/8 in libjpeg-turbo")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--backends", default="onnxruntime,openvino")
     parser.add_argument("--precision", default="fp32",

@@ -25,6 +25,7 @@ BACKENDS = ("auto", "tensorrt", "openvino", "onnxruntime")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 METRICS = ("ip", "l2")
 RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
+DECODE_MODES = ("full", "scaled")  # c10.features.preprocess.decode
 EXECUTORS = ("local", "dask")
 TILE_TRANSPORTS = ("bytes", "shared")
 MAX_ZOOM = 24
@@ -55,6 +56,9 @@ class Model:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     channel_order: str = "rgb"
     resize: str = "bilinear"
+    # "scaled": a global model's JPEG tiles (and query frames) of at least twice input_size decode
+    # at 1/2, 1/4 or 1/8 in libjpeg-turbo's IDCT before the resize (c10.features.preprocess)
+    decode: str = "full"
     batch_size: int = 32
     calibration: Path | None = None
     # INT8 on ONNX Runtime: tiles it calibrates on and tiles its accuracy gate holds out
@@ -70,9 +74,12 @@ class Model:
     def preprocessing(self) -> dict[str, Any]:
         """The settings that change a descriptor, and the version of the code that applies them
         (c10.preprocess): part of every shard's key."""
-        return {"input_size": self.input_size, "mean": self.mean, "std": self.std,
+        prep = {"input_size": self.input_size, "mean": self.mean, "std": self.std,
                 "channel_order": self.channel_order, "resize": self.resize,
                 "code": PREPROCESSING_CODE}
+        if self.decode != "full":  # full decode: the identity (and Manifest) of a c10 without it
+            prep["decode"] = self.decode
+        return prep
 
 
 # Bump when c10.preprocess computes a tensor differently for the same settings (2: bilinear and
@@ -172,6 +179,8 @@ class Config:
             if model["precision"] != "int8" or model["role"] != "local":
                 for key in LOCAL_INT8_KEYS:
                     del model[key]
+            if model["decode"] == "full":  # the request of a c10 without the key
+                del model["decode"]
         return request
 
     def signed_request(self) -> dict[str, Any]:
@@ -354,6 +363,11 @@ def _model(name: str, table: dict, root: Path, where: str) -> Model:
     _check_choice(model.precision, PRECISIONS, where, prefix + "precision")
     _check_choice(model.channel_order, ("rgb", "bgr"), where, prefix + "channel_order")
     _check_choice(model.resize, RESIZE_MODES, where, prefix + "resize")
+    _check_choice(model.decode, DECODE_MODES, where, prefix + "decode")
+    if model.decode != "full" and model.role != "global":
+        raise ConfigError(f"{where}: `{prefix}decode` = {model.decode!r} is for global models "
+                          "only (a local model's frames and tiles decode at full size); remove "
+                          "the key")
     for key in ("batch_size", "calibration_tiles", "holdout_tiles"):
         if not _is_int(getattr(model, key)) or getattr(model, key) <= 0:
             raise ConfigError(f"{where}: `{prefix}{key}` must be a positive integer")

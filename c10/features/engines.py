@@ -46,7 +46,7 @@ class EngineSpec:
     calibration_hash: str | None = None
     # INT8 on ONNX Runtime and OpenVINO (c10.features.int8): the sample tiles, the held-out
     # tiles of the accuracy gate (absolute paths), their preprocessing (input_size, mean, std,
-    # channel_order, resize) and the gate's thresholds. Not key material: the sample is by
+    # channel_order, resize, decode) and the gate's thresholds. Not key material: the sample is by
     # calibration_hash.
     calibration_tiles: tuple[str, ...] = ()
     holdout_tiles: tuple[str, ...] = ()

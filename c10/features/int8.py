@@ -73,7 +73,7 @@ def plan_sample(root: Path, model, tiles: list, calibration_hash: str | None,
             "calibration_tiles": tuple(str(Path(root) / t.path) for t in calibration),
             "holdout_tiles": tuple(str(Path(root) / t.path) for t in holdout),
             "preprocess": (tuple(model.input_size), tuple(model.mean), tuple(model.std),
-                           model.channel_order, model.resize),
+                           model.channel_order, model.resize, model.decode),
             "int8_min_cosine": model.int8_min_cosine,
             "int8_max_recall_drop": model.int8_max_recall_drop}
 
@@ -117,8 +117,8 @@ def _tile_tensors(spec: EngineSpec, paths: tuple[str, ...]) -> np.ndarray:
 
     from c10.features.preprocess import Preprocessing, load_tensor
 
-    size, mean, std, order, resize = spec.preprocess
-    prep = Preprocessing(tuple(size), tuple(mean), tuple(std), order, resize)
+    size, mean, std, order, resize, mode = spec.preprocess
+    prep = Preprocessing(tuple(size), tuple(mean), tuple(std), order, resize, mode)
     out = np.empty((len(paths), *prep.shape), np.float32)
     for row, path in zip(out, paths):
         load_tensor(path, prep, row)

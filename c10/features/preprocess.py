@@ -31,6 +31,7 @@ class Preprocessing:
     std: tuple[float, float, float]
     channel_order: str = "rgb"
     resize: str = "bilinear"
+    decode: str = "full"  # or "scaled": JPEGs >= 2x the input decode at 1/2, 1/4 or 1/8 (decode)
 
     @classmethod
     def from_model(cls, model) -> "Preprocessing":
@@ -39,7 +40,7 @@ class Preprocessing:
                               f"{model.role!r} model (the size its tiles are resized to), "
                               "e.g. input_size = [224, 224]")
         return cls(tuple(model.input_size), tuple(model.mean), tuple(model.std),
-                   model.channel_order, model.resize)
+                   model.channel_order, model.resize, model.decode)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -56,37 +57,57 @@ class Preprocessing:
         return src, scale[list(src)], offset[list(src)]
 
 
-def decode(path: str | Path | io.BytesIO) -> np.ndarray:
+def decode(path: str | Path | io.BytesIO, prep: Preprocessing | None = None) -> np.ndarray:
     """An image file's pixels as (H, W, 3) uint8 RGB, or DescriptorBatchError naming it and what to
     do. JPEG through libjpeg-turbo straight into numpy (simplejpeg: the same pixels as Pillow's
     decode, which bundles the same library, measured faster than Pillow's decode with its array
     copy, CPU the decode threads take from inference; figures in docs/figures.md); anything else,
     or a JPEG simplejpeg refuses (truncated, say), through Pillow, which decodes it or says why it
-    cannot."""
+    cannot. With prep.decode == "scaled" a JPEG at least twice prep's input size on both sides
+    comes out of libjpeg-turbo's scaled IDCT (scaled_size), smaller but never below the input."""
     try:
         data = path.getvalue() if isinstance(path, io.BytesIO) else Path(path).read_bytes()
     except FileNotFoundError:
         raise DescriptorBatchError(f"{path}: tile vanished during the build") from None
     except OSError as exc:
         raise DescriptorBatchError(f"{path}: cannot be read ({exc})", _FIX) from None
-    if data.startswith(_JPEG) and _plain_jpeg(data):
+    size = _plain_jpeg(data) if data.startswith(_JPEG) else None
+    if size is not None:
+        least = scaled_size(size, prep) if prep is not None and prep.decode == "scaled" else None
+        min_h, min_w = least or (0, 0)  # 0: full size
         with contextlib.suppress(ValueError):
-            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+            return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_h,
+                                          min_width=min_w)
     return np.asarray(_pillow_rgb(data, path))
 
 
 _JPEG = b"\xff\xd8\xff"
 
 
-def _plain_jpeg(data: bytes) -> bool:
-    """YCbCr or grey, within Pillow's decompression-bomb limit. Pillow takes the rest: it converts
-    CMYK its own way (simplejpeg's differs by a grey level) and refuses an oversized image."""
+def scaled_size(size: tuple[int, int], prep: Preprocessing) -> tuple[int, int] | None:
+    """The (H, W) a "scaled" decode of a JPEG of `size` asks libjpeg-turbo for: its largest 1/8,
+    1/4 or 1/2 reduction that keeps both sides at least prep's input size (None: full size).
+    Powers of two only: its other M/8 reductions run a non-SIMD IDCT, slower than a full decode
+    (7/8 of a 256 px tile). The smaller decode replaces most of a large tile's resize, CPU the
+    decode threads take from inference (figures in docs/figures.md)."""
+    (height, width), (h, w) = size, prep.input_size
+    for denom in (8, 4, 2):
+        if height >= denom * h and width >= denom * w:
+            return -(-height // denom), -(-width // denom)
+    return None
+
+
+def _plain_jpeg(data: bytes) -> tuple[int, int] | None:
+    """(H, W) of a YCbCr or grey JPEG within Pillow's decompression-bomb limit, else None. Pillow
+    takes the rest: it converts CMYK its own way (simplejpeg's differs by a grey level) and
+    refuses an oversized image."""
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
-        return False
-    return (colorspace in ("YCbCr", "Gray")
-            and height * width <= (Image.MAX_IMAGE_PIXELS or height * width))
+        return None
+    plain = (colorspace in ("YCbCr", "Gray")
+             and height * width <= (Image.MAX_IMAGE_PIXELS or height * width))
+    return (height, width) if plain else None
 
 
 def _pillow_rgb(data: bytes, path: str | Path) -> Image.Image:
@@ -101,9 +122,10 @@ def _pillow_rgb(data: bytes, path: str | Path) -> Image.Image:
                                    _FIX) from None
 
 
-def open_tile(path: str | Path) -> Image.Image:
-    """An image file decoded as tiles are (decode), as a PIL image to perturb or crop."""
-    return Image.fromarray(decode(path), "RGB")
+def open_tile(path: str | Path, prep: Preprocessing | None = None) -> Image.Image:
+    """An image file decoded as tiles are (decode, for `prep`'s model), as a PIL image to perturb
+    or crop."""
+    return Image.fromarray(decode(path, prep), "RGB")
 
 
 def to_tensor(img: Image.Image | np.ndarray, prep: Preprocessing,
@@ -130,7 +152,7 @@ def to_tensor(img: Image.Image | np.ndarray, prep: Preprocessing,
 
 def load_tensor(path: str | Path, prep: Preprocessing, out: np.ndarray | None = None) -> np.ndarray:
     """Decode and preprocess one image file: the one path both the build and queries take."""
-    return to_tensor(decode(path), prep, out)
+    return to_tensor(decode(path, prep), prep, out)
 
 
 # Bilinear and area resizes as two batched matmuls (BLAS, GIL released) instead of Pillow's

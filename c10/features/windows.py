@@ -44,13 +44,14 @@ class TilePixels:
     decoded once (the block's tiles and the next column and row, kept until the shard is
     written)."""
 
-    def __init__(self, root: Path):
-        self.root, self._cache, self._lock = Path(root), {}, threading.Lock()
+    def __init__(self, root: Path, prep: Preprocessing | None = None):
+        self.root, self.prep, self._cache, self._lock = Path(root), prep, {}, threading.Lock()
 
     def __call__(self, tile: Tile) -> np.ndarray:
         got = self._cache.get(tile.path)
         if got is None:
-            got = decode(self.root / tile.path)  # (a thread racing on the same tile decodes twice)
+            # (a thread racing on the same tile decodes twice)
+            got = decode(self.root / tile.path, self.prep)
             with self._lock:
                 self._cache[tile.path] = got
         return got
@@ -67,7 +68,7 @@ def build_window_shard(root: Path, logical: str, windows: Sequence[Window], div:
     records = [TileRecord(Tile(w.z, w.x, w.y, ""), 0,
                           window_key(w, div, [digests[t.path] for t in w.tiles])) for w in windows]
     by_id = {(w.x, w.y): w for w in windows}
-    pixels = TilePixels(root)
+    pixels = TilePixels(root, prep)
 
     def load(window: Window, prep: Preprocessing, out: np.ndarray) -> np.ndarray:
         return to_tensor(window_pixels(window, div, pixels), prep, out)

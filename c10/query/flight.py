@@ -169,13 +169,15 @@ class FlightCache:
 
 def preprocessing(spec: ModelSpec):
     """The signed preprocessing of a model, refused if this c10 computes it differently."""
-    from c10.config import PREPROCESSING_CODE
+    from c10.config import DECODE_MODES, PREPROCESSING_CODE
     from c10.features.preprocess import Preprocessing
 
     prep = spec.preprocessing
-    if prep["code"] != PREPROCESSING_CODE or not prep["input_size"]:
+    decode = prep.get("decode", "full")
+    if prep["code"] != PREPROCESSING_CODE or not prep["input_size"] or decode not in DECODE_MODES:
         raise VerifyError("schema-version", f"model {spec.name} was embedded by preprocessing "
-                          f"code {prep['code']}, this c10 computes {PREPROCESSING_CODE}; "
+                          f"code {prep['code']} (decode {decode!r}), this c10 computes "
+                          f"{PREPROCESSING_CODE} (decode {' or '.join(DECODE_MODES)}); "
                           f"{_BUILD_AGAIN}", MANIFEST_NAME)
     return Preprocessing(tuple(prep["input_size"]), tuple(prep["mean"]), tuple(prep["std"]),
-                         prep["channel_order"], prep["resize"])
+                         prep["channel_order"], prep["resize"], decode)

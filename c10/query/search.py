@@ -86,7 +86,7 @@ class Searcher:
     def query_file(self, image: Path, k: int = 5) -> list[Hit]:
         """Top-k tiles for one image file, decoded exactly as tiles are (open_tile)."""
         try:
-            img = open_tile(image)
+            img = open_tile(image, self.prep)
         except DescriptorBatchError as exc:  # its problem names the file; a query changes no tile
             raise DescriptorBatchError(f"{exc.problem} (a query image)",
                                        "give a JPEG, PNG or WebP file", then="") from None

@@ -90,7 +90,8 @@ def _model(name: str, value, listed: set[str]) -> ModelSpec:
     if role not in ROLES:
         raise TypeError(f"runtime.models.{name}.role")
     prep = _dict(value["preprocessing"])
-    if set(prep) != set(PREP_KEYS):
+    # "decode" only when not "full" (c10.config.Model.preprocessing): checked by the query side
+    if set(prep) - {"decode"} != set(PREP_KEYS) or not isinstance(prep.get("decode", ""), str):
         raise TypeError(f"runtime.models.{name}.preprocessing")
     index = _index(name, value["index"], listed) if role == "global" else None
     shards = None

@@ -21,7 +21,7 @@ from c10.features.preprocess import Preprocessing, load_tensor
 from c10.tools import synth
 
 pytestmark = pytest.mark.timeout(120)
-PREP = ((32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "rgb", "bilinear")
+PREP = ((32, 32), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "rgb", "bilinear", "full")
 
 
 @pytest.fixture(scope="module")
