@@ -29,7 +29,7 @@ ROUNDS = 8
 # first CALIBRATION, gated and scored on the next HOLDOUT
 TILES_BBOX, TILES_ZOOMS = (50.43, 30.49, 50.47, 30.56), (15, 16)
 CALIBRATION = HOLDOUT = 96
-PREP = ((INPUT, INPUT), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "rgb", "bilinear")
+PREP = ((INPUT, INPUT), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "rgb", "bilinear", "full")
 
 
 def write_model(path: Path) -> str:

@@ -21,7 +21,7 @@ from c10.features.int8 import _tile_tensors
 
 SIDE = 256  # the exports' input (c10.tools.export.IMAGE_SIZE)
 # ALIKED takes RGB in [0, 1]; the exports' c10.toml tables (c10.tools.export.models_toml)
-PREP = ((SIDE, SIDE), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "rgb", "bilinear")
+PREP = ((SIDE, SIDE), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "rgb", "bilinear", "full")
 BATCHES = (1, 8, 32)
 
 

@@ -21,7 +21,7 @@ from c10.tools import netgen, synth
 
 pytestmark = pytest.mark.timeout(120)
 SIZE, K, DIM = 64, 32, 16
-PREP = ((SIZE, SIZE), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "rgb", "bilinear")
+PREP = ((SIZE, SIZE), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "rgb", "bilinear", "full")
 
 
 @pytest.fixture(scope="module")

@@ -262,7 +262,7 @@ def test_int8_engines_of_the_real_exports_pass_their_gates(demo, exported, tmp_p
     from c10.features.engines import sidecar_path
 
     paths = sorted(str(p) for p in (demo / "tiles").rglob("*.jpg"))[:16]
-    prep = ((256, 256), (0.0,) * 3, (1.0,) * 3, "rgb", "bilinear")
+    prep = ((256, 256), (0.0,) * 3, (1.0,) * 3, "rgb", "bilinear", "full")
     for role, batch in (("global", (1, 8, 8)), ("local", (1, 1, 1))):
         path = exported["native"] / f"{role}.onnx"
         spec = EngineSpec(model=role, onnx_path=path, onnx_hash=f"real-{role}",
