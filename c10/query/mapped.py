@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from pathlib import Path
 
 import blake3
 
 from c10.errors import VerifyError
-from c10.trust.files import OPEN_FLAGS, REBUILD, open_failure
+from c10.trust.files import OPEN_FLAGS, REBUILD, check_digest, checked_stat, open_failure
 
 CHUNK = 1 << 23
 
@@ -33,7 +32,7 @@ def open_index(root: Path, entry: dict, mmap: bool = True):
     except OSError as exc:
         raise open_failure(rel, exc) from None
     try:
-        before = _checked_stat(fd, entry)
+        before = checked_stat(fd, entry)
         data = _hash(fd, entry, keep=not (mmap and _proc_fd()))
         if data is not None:
             return faiss.deserialize_index(np.frombuffer(data, np.uint8))
@@ -54,15 +53,6 @@ def _identity(st: os.stat_result) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _checked_stat(fd: int, entry: dict) -> os.stat_result:
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != entry["size"]:
-        raise VerifyError("size-mismatch" if stat.S_ISREG(st.st_mode) else "special-file",
-                          f"{entry['path']} is not the regular file of {entry['size']} bytes the "
-                          f"Manifest lists; {REBUILD}", entry["path"])
-    return st
-
-
 def _hash(fd: int, entry: dict, keep: bool) -> bytes | None:
     """Hash the file through `fd` in chunks; its bytes if `keep` (else None: it is mapped)."""
     hasher, parts, offset = blake3.blake3(), [], 0
@@ -71,7 +61,5 @@ def _hash(fd: int, entry: dict, keep: bool) -> bytes | None:
         offset += len(chunk)
         if keep:
             parts.append(chunk)
-    if offset != entry["size"] or hasher.hexdigest() != entry["blake3"]:
-        raise VerifyError("hash-mismatch", f"{entry['path']}: blake3 differs from the Manifest "
-                          f"(corrupted or replaced); {REBUILD}", entry["path"])
+    check_digest(entry, offset, hasher.hexdigest())
     return b"".join(parts) if keep else None

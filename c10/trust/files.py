@@ -64,15 +64,26 @@ def read_listed(root: Path, entry: dict) -> bytes:
     except OSError as exc:
         raise open_failure(rel, exc) from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != entry["size"]:
-            raise VerifyError("size-mismatch" if stat.S_ISREG(st.st_mode) else "special-file",
-                              f"{rel} is not the regular file of {entry['size']} bytes the "
-                              f"Manifest lists; {REBUILD}", rel)
-        data = read_fd(fd, st.st_size)
+        data = read_fd(fd, checked_stat(fd, entry).st_size)
     finally:
         os.close(fd)
-    if len(data) != entry["size"] or blake3.blake3(data).hexdigest() != entry["blake3"]:
-        raise VerifyError("hash-mismatch", f"{rel}: blake3 differs from the Manifest (corrupted or "
-                          f"replaced); {REBUILD}", rel)
+    check_digest(entry, len(data), blake3.blake3(data).hexdigest())
     return data
+
+
+def checked_stat(fd: int, entry: dict) -> os.stat_result:
+    """The fstat of a listed file opened as `fd`, refused unless it is a regular singly linked
+    file of the listed size."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size != entry["size"]:
+        raise VerifyError("size-mismatch" if stat.S_ISREG(st.st_mode) else "special-file",
+                          f"{entry['path']} is not the regular file of {entry['size']} bytes the "
+                          f"Manifest lists; {REBUILD}", entry["path"])
+    return st
+
+
+def check_digest(entry: dict, size: int, digest: str) -> None:
+    """hash-mismatch unless the bytes read (their count and blake3) are the listed ones."""
+    if size != entry["size"] or digest != entry["blake3"]:
+        raise VerifyError("hash-mismatch", f"{entry['path']}: blake3 differs from the Manifest "
+                          f"(corrupted or replaced); {REBUILD}", entry["path"])
