@@ -59,29 +59,49 @@ def check_coverage() -> None:
         print(f"removed dead {rel}")
     # hashes the checker computed this run (a mass `touch`): saved once, never computed again; the
     # entries of files the cache no longer has are dropped
-    build.hashes.retain(lambda: _hashed_files(plan))
+    build.hashes.retain(_hashed_files(plan))
     build.hashes.save()
     build.save_provenance(prune=True)  # (a no-op build has none: it never loads the key)
     build.save_scan_memo()
     _check_complete(plan)
 
 
-def _hashed_files(plan: Plan) -> set[str]:
-    """Every path the hash cache should still know: declared files, refs and their files, models
-    (a committed file no ref names is dropped: nothing hashes it again)."""
-    from c10.store.layout import ref_relpath
+def _hashed_files(plan: Plan):
+    """keep(bucket) for HashCache.retain: every path the hash cache should still know. A column's
+    are the tiles the scan found in it (in scope or not: hashed again when re-widened); "other"
+    holds declared files, refs and their files, models (a committed file no ref names is dropped:
+    nothing hashes it again)."""
+    from c10.store.layout import TILES_DIR, ref_relpath
     from c10.store.refs import read_ref
 
-    keep = plan.declared() | {t.path for t in plan.out_of_scope}  # hashed again when re-widened
-    for logical in plan.owned_logicals():
-        keep.add(ref_relpath(logical))
-        entry = read_ref(plan.root, logical)
-        if entry:
-            keep.add(entry["path"])
-    for model_plan in plan.plans.values():
-        keep.add(str(model_plan.model.path.resolve()))
-        if model_plan.spec.calibration_path is not None:
-            keep.add(str(model_plan.spec.calibration_path.resolve()))
+    @cache
+    def other() -> set[str]:
+        keep = plan.declared(tiles=False)
+        for logical in plan.owned_logicals():
+            keep.add(ref_relpath(logical))
+            entry = read_ref(plan.root, logical)
+            if entry:
+                keep.add(entry["path"])
+        for model_plan in plan.plans.values():
+            keep.add(str(model_plan.model.path.resolve()))
+            if model_plan.spec.calibration_path is not None:
+                keep.add(str(model_plan.spec.calibration_path.resolve()))
+        return keep
+
+    @cache
+    def columns() -> dict:
+        if plan.scan is not None:
+            return plan.scan.columns
+        out: dict = {}
+        for tile in [*plan.tiles, *plan.out_of_scope]:
+            out.setdefault(f"{TILES_DIR}/{tile.z}/{tile.x}", []).append(tile)
+        return out
+
+    def keep(bucket: str) -> set[str]:
+        if bucket == "other":
+            return other()
+        return {t.path for t in columns().get(f"{TILES_DIR}/{bucket}", ())}
+
     return keep
 
 

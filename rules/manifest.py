@@ -81,7 +81,7 @@ def write_manifest() -> dict:
     build = session.current()
     plan = build.begin_writing()
     key = build.operator_key()
-    files, lists_memo = _file_entries(build, plan)
+    files, lists_memo, fresh_keys = _file_entries(build, plan)
     request = plan.config.signed_request()
     request["signing"] |= {"keyid": keyid(key), "fingerprint": ssh_fingerprint(key)}
     tiles_hash = tree_tiles_hash(files)
@@ -101,6 +101,7 @@ def write_manifest() -> dict:
     if committed is not None:  # the doit DB was lost, the cache moved: nothing to sign (CP-INV-1)
         build.drop_key()
         write_lists_memo(plan.root, lists_memo)
+        _save_list_keys(build, files, fresh_keys)
         _collect_garbage(plan, {f.path for f in files})
         return {"version": committed["version"], "files": len(files),
                 "expires": committed["expires"], "unchanged": True}
@@ -113,6 +114,7 @@ def write_manifest() -> dict:
     finally:
         build.drop_key()
     remember_commit(plan.root)
+    _save_list_keys(build, files, fresh_keys)
     _collect_garbage(plan, {f.path for f in files})
     return {"version": body["version"], "files": len(files), "expires": body["expires"]}
 
@@ -159,11 +161,12 @@ def _collect_garbage(plan: Plan, listed: set[str]) -> None:
               f"removed ({exc}); the next `doit build_cache` removes them", file=sys.stderr)
 
 
-def _file_entries(build, plan: Plan) -> tuple[list, dict[str, list[str]]]:
+def _file_entries(build, plan: Plan) -> tuple[list, dict[str, list[str]], dict]:
     """Every entry of the root: shards, index files, models, engines, and one tile list per block;
-    and the tile-list memo to keep once committed. Derived files are listed only with bytes this
-    build wrote or the last signed Manifest lists (c10.trust.provenance): refs, the hash cache and
-    doit's DB decide what is rebuilt, never what is signed."""
+    the tile-list memo to keep once committed, and the keys of the lists written now. Derived
+    files are listed only with bytes this build wrote or the last signed Manifest lists
+    (c10.trust.provenance): refs, the hash cache and doit's DB decide what is rebuilt, never what
+    is signed."""
     from c10.trust.manifest import FileEntry
 
     entries, by_block = {}, _tile_shards(plan)
@@ -173,11 +176,12 @@ def _file_entries(build, plan: Plan) -> tuple[list, dict[str, list[str]]]:
             entry, _ = build.provenance.current(logical)
             entries[entry["path"]] = FileEntry(entry["path"], entry["size"], entry["blake3"], kind)
     memo: dict[str, list[str]] = {}
-    for entry in _tile_lists(build, plan, by_block, entries, memo):
+    fresh: dict = {}
+    for entry in _tile_lists(build, plan, by_block, entries, memo, fresh):
         entries[entry.path] = entry
     for rel, kind in _derived_files(plan):
         entries[rel] = _hashed_entry(build, plan, rel, kind)
-    return list(entries.values()), memo
+    return list(entries.values()), memo, fresh
 
 
 def _tile_shards(plan: Plan) -> dict[tuple[int, int, int], list[tuple[str, list]]]:
@@ -192,15 +196,17 @@ def _tile_shards(plan: Plan) -> dict[tuple[int, int, int], list[tuple[str, list]
     return dict(sorted(out.items()))
 
 
-def _tile_lists(build, plan: Plan, by_block: dict, entries: dict, memo: dict):
-    """Each block's tile list, its shard entries going into `entries` and its memo row into
-    `memo`: the last Manifest's list when the block is unchanged (_reused_list), else built from
-    its shards' tile rows, one block in memory at a time, written before the commit (the root
-    never names a list that is not there) and only when no file holds its bytes yet
+def _tile_lists(build, plan: Plan, by_block: dict, entries: dict, memo: dict, fresh: dict):
+    """Each block's tile list, its shard entries going into `entries`, its memo row into `memo`
+    and, when written now, its tiles' keys into `fresh` (c10.store.listkeys): the last
+    Manifest's list when the block is unchanged (_reused_list), else built from its shards' tile
+    rows, one block in memory at a time, written before the commit (the root never names a list
+    that is not there) and only when no file holds its bytes yet
     (c10.trust.tilelists.write_tile_list)."""
     import io
 
     from c10.features.shards import tile_facts
+    from c10.store.listkeys import digest_keys
     from c10.trust.manifest import FileEntry
     from c10.trust.tilelists import LIST_KIND, block_name, read_lists_memo, write_tile_list
 
@@ -224,7 +230,26 @@ def _tile_lists(build, plan: Plan, by_block: dict, entries: dict, memo: dict):
         rel, size, digest = write_tile_list(plan.root, block, (
             (paths[tid], size, digest) for tid, (size, digest) in facts.items()))
         memo[name] = [key, rel]
+        fresh[digest] = digest_keys([d for _, d in facts.values()])
         yield FileEntry(rel, size, digest, LIST_KIND)
+
+
+def _save_list_keys(build, files: list, fresh: dict) -> None:
+    """LIST_KEYS for the committed root: the lists written now, the others as this build's hint
+    took them or the last commit kept them (a list known to neither is read by the next hint)."""
+    from c10.store.listkeys import read_list_keys, write_list_keys
+    from c10.trust.tilelists import LIST_KIND
+
+    lists = [f.blake3 for f in files if f.kind == LIST_KIND]
+    known = build.provenance.list_keys or read_list_keys(build.root)
+    if not fresh and set(known) == set(lists):
+        return  # the file already holds exactly these lists
+    kept = {d: k for d in lists if (k := fresh.get(d, known.get(d))) is not None}
+    try:
+        write_list_keys(build.root, kept)
+    except OSError as exc:  # a hint: the commit stands, the next build reads the lists
+        print(f"warning: tile-list keys not saved ({exc}); the commit stands, the next build "
+              "reads the tile lists instead", file=sys.stderr)
 
 
 def _previous_root(build) -> dict[str, dict]:

@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Container
 
 from c10.store import atomic
 from c10.store.digest import blake3_file
@@ -105,17 +105,18 @@ class HashCache:
         path."""
         return self.hash(str(Path(path).resolve()))[0]
 
-    def retain(self, keep: Callable[[], set[str]]) -> None:
-        """Drop the loaded entries of every path not in `keep()` (files the build no longer has),
-        so the cache does not grow forever; nothing is stat'ed, and an unloaded bucket stays as
-        it is. keep() is not even called when nothing was added since the load (a no-op: the
-        last retain already dropped what it could)."""
+    def retain(self, keep: Callable[[str], Container[str]]) -> None:
+        """Drop the loaded entries of every path not in `keep(bucket)` (files the build no longer
+        has; a bucket is a column "z/x" of tiles, or "other"), so the cache does not grow forever;
+        nothing is stat'ed, and an unloaded bucket stays as it is. keep() is not even called when
+        nothing was added since the load (a no-op: the last retain already dropped what it could),
+        and only for the loaded buckets (a strip of new tiles loads its own columns)."""
         with self._lock:
             if not self._dirty:
                 return
-            keep = keep()
             for name, bucket in self._buckets.items():
-                gone = [path for path in bucket if path not in keep]
+                kept = keep(name)
+                gone = [path for path in bucket if path not in kept]
                 for path in gone:
                     del bucket[path]
                 if gone:

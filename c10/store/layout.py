@@ -25,6 +25,8 @@ COMMIT_MEMO = f"{CONTROL_DIR}/commit-stat.json"
 # block -> (its tiles' content key, its tile list) when the last Manifest was written: a hint that
 # lets the next one reuse an unchanged block's signed list instead of rebuilding it
 LISTS_MEMO = f"{CONTROL_DIR}/tilelists-memo.json"
+# tile list blake3 -> its tiles' blake3 prefixes (c10.store.listkeys): the descriptor store's hint
+LIST_KEYS = f"{CONTROL_DIR}/tilelist-keys.bin"
 # Two hash caches: the big one of tiles is loaded only when a tile's stat changed; the small one
 # (models, engines, shards...) is read on every graph load to key engines.
 HASH_CACHES = {"tiles": f"{CONTROL_DIR}/hashes-tiles.json", "other": f"{CONTROL_DIR}/hashes.json"}
@@ -151,7 +153,8 @@ DEP_SIDE_SUFFIXES = ("-journal", "-wal", "-shm")  # sqlite's own side files of t
 _DEP_NAME = DEP_FILE.removeprefix(CONTROL_DIR + "/")
 # Written atomically beside themselves: a kill may leave `.{name}.XXXXXXXX.tmp` (atomic_path).
 CONTROL_DIR_WRITTEN = frozenset(p.removeprefix(CONTROL_DIR + "/") for p in (
-    LOCK_HOLDER, REPORT_PATH, SCAN_MEMO, COMMIT_MEMO, LISTS_MEMO, *HASH_CACHES.values()))
+    LOCK_HOLDER, REPORT_PATH, SCAN_MEMO, COMMIT_MEMO, LISTS_MEMO, LIST_KEYS,
+    *HASH_CACHES.values()))
 # Names earlier releases wrote there, which an upgraded cache may still hold.
 _LEGACY = frozenset({"tiles-scan.marshal"})
 CONTROL_DIR_FILES = CONTROL_DIR_WRITTEN | _LEGACY | {_DEP_NAME + s

@@ -75,22 +75,6 @@ class Ledger:
             self._files, self._dirty, self._saved = kept, False, time.monotonic()
 
 
-_HEX = bytes.maketrans(b"0123456789abcdef", bytes(range(16)))
-
-
-def _row_digest_keys(data: bytes) -> "np.ndarray":
-    """The first 8 bytes of each row's blake3 in a tile list's bytes: the 16 hex digits 65 bytes
-    before each `"]` (tilelists.signed_lists), taken vectorised (a regex over 10⁶ rows is ~5x
-    slower)."""
-    import numpy as np
-
-    raw = np.frombuffer(data, np.uint8)
-    ends = np.flatnonzero(raw[65:] == ord("]")) + 65
-    ends = ends[raw[ends - 1] == ord('"')]
-    nibbles = np.frombuffer(data.translate(_HEX), np.uint8)[(ends - 65)[:, None] + np.arange(16)]
-    return np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).view("<u8").ravel()
-
-
 class Provenance:
     """The trust of one build in the derived files under its cache.
 
@@ -108,6 +92,7 @@ class Provenance:
         self._by_logical: dict[str, tuple[str, str]] | None = None
         self.unsigned_reason: str | None = None
         self.ledger = ledger or Ledger(root)
+        self.list_keys: dict = {}  # list blake3 -> keys, as signed_tile_keys took them
 
     @property
     def signed(self) -> dict[str, str]:
@@ -122,9 +107,12 @@ class Provenance:
     def signed_tile_keys(self) -> "np.ndarray":
         """The first 8 bytes of the blake3 of every tile the last verified Manifest lists, as
         sorted little-endian uint64: the descriptor store's hint of which rows the committed
-        shards may hold, never a trust decision (a wrong key costs a computation or a scan)."""
+        shards may hold, never a trust decision (a wrong key costs a computation or a scan). A
+        list's keys come from LIST_KEYS when it holds the list's blake3 (the commit that signed
+        it wrote them), else from the list, read and checked against its root entry."""
         import numpy as np
 
+        from c10.store.listkeys import read_list_keys, row_keys
         from c10.trust.tilelists import signed_lists
 
         manifest = self.verified
@@ -132,9 +120,12 @@ class Provenance:
             return np.zeros(0, "<u8")
         flat = bytes.fromhex("".join(f["blake3"][:16] for f in manifest["files"]
                                      if f["kind"] == "tile"))
-        parts = [np.frombuffer(flat, "<u8")]
-        parts += [_row_digest_keys(data) for data in signed_lists(self.root, manifest)]
-        return np.sort(np.concatenate(parts))
+        known = read_list_keys(self.root)
+        for entry, data in signed_lists(self.root, manifest, skip=known):
+            known[entry["blake3"]] = row_keys(data)
+        self.list_keys = {f["blake3"]: known[f["blake3"]] for f in manifest["files"]
+                          if f["blake3"] in known}
+        return np.sort(np.concatenate([np.frombuffer(flat, "<u8"), *self.list_keys.values()]))
 
     @property
     def verified(self) -> dict | None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Container, Iterable, Iterator
 
 import blake3
 
@@ -167,17 +167,17 @@ def iter_files(root: Path, manifest: dict, skip_bad: bool = False) -> Iterator[d
             yield from tiles
 
 
-def signed_lists(root: Path, manifest: dict) -> Iterator[bytes]:
-    """The bytes of each tile list of a verified tree, read and checked against its root entry as
-    iter_files does but not parsed (a build's hint of what its committed shards hold: a list that
-    fails lists nothing). Each row ends `[path, size, "blake3"]`, canonical JSON: the 64 hex
-    before each `"]`."""
+def signed_lists(root: Path, manifest: dict, skip: Container[str] = ()
+                 ) -> Iterator[tuple[dict, bytes]]:
+    """(root entry, bytes) of each tile list of a verified tree whose blake3 is not in `skip`,
+    read and checked against its entry as iter_files does but not parsed (a build's hint of what
+    its committed shards hold: a list that fails lists nothing)."""
     if manifest["schema_version"] < TREE_SCHEMA:
         return
     for entry in manifest["files"]:
-        if entry["kind"] == LIST_KIND:
+        if entry["kind"] == LIST_KIND and entry["blake3"] not in skip:
             try:
-                yield read_listed(root, entry)
+                yield entry, read_listed(root, entry)
             except VerifyError:
                 continue
 

@@ -83,3 +83,35 @@ def test_a_forged_memo_costs_rebuilds_never_a_wrong_list(built_cache, capsys, pu
     edit_one_tile(built_cache, 9)
     built(built_cache, capsys)
     verified(built_cache, pub)
+
+
+@pytest.mark.parametrize("forged", ["empty", "everything"])
+def test_forged_list_keys_cost_a_computation_never_a_row(built_cache, capsys, pub, forged):
+    """LIST_KEYS is unsigned: keys that hide every signed tile make a copied tile be embedded
+    again; keys that claim tiles no list holds make the committed shards be scanned for them.
+    Either way the rows are the engine's and the cache verifies."""
+    import numpy as np
+
+    from c10.features.shards import read_shard
+    from c10.report import read_report
+    from c10.store.listkeys import read_list_keys, write_list_keys
+
+    honest = read_list_keys(built_cache)
+    fill = (lambda k: np.zeros(0, "<u8")) if forged == "empty" else (
+        lambda k: np.concatenate([k, np.arange(1, 1 + 4 * len(k), dtype="<u8")]))
+    write_list_keys(built_cache, {d: fill(k) for d, k in honest.items()})
+    tiles = sorted((built_cache / "tiles/15").rglob("*.jpg"))
+    far = next(t for t in tiles[::-1] if block_of_tile(t.relative_to(built_cache).as_posix())
+               != block_of_tile(tiles[0].relative_to(built_cache).as_posix()))
+    rewrite(far, tiles[0].read_bytes())  # another block's bytes: found only through the hint
+    built(built_cache, capsys)
+    report = read_report(built_cache)
+    assert report.descriptors_generated == (1 if forged == "empty" else 0)
+    verified(built_cache, pub)
+    rows = {}
+    for path in (built_cache / "shards").rglob("*.npy"):
+        for row in read_shard(path):
+            rows.setdefault(row["blake3"].tobytes(), []).append(row["desc"])
+    assert rows
+    for same in rows.values():  # a tile's bytes give one descriptor, wherever it was embedded
+        assert all(np.allclose(same[0], other, atol=1e-6) for other in same)

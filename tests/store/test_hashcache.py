@@ -95,3 +95,40 @@ def test_size_hash_stats_a_tile_once_per_build(tmp_path, monkeypatch):
     assert hashes.size_hash(a) == (5, first) and not stats
     assert hashes.size_hash(b) == (5, blake3_file(tmp_path / b)) and len(stats) == 1
     assert HashCache(tmp_path).size_hash(a) == (9, blake3_file(tmp_path / a))
+
+
+def test_retain_drops_only_what_each_loaded_bucket_no_longer_holds(tmp_path):
+    a, b, c = (tile(tmp_path, x, y, bytes([x, y])) for x, y in ((1, 1), (1, 2), (2, 1)))
+    hashes = HashCache(tmp_path)
+    for rel in (a, b, c):
+        hashes.hash(rel)
+    hashes.save()
+    later = HashCache(tmp_path)
+    later.hash(a)  # column 17/1 loaded; 17/2 is not
+    later.remember(a, os.stat(tmp_path / a), "0" * 64)  # something added since the load
+    asked: list[str] = []
+
+    def keep(bucket: str) -> set[str]:
+        asked.append(bucket)
+        return {a}  # b's file went
+
+    later.retain(keep)
+    later.save()
+    assert asked == ["17/1"]
+    assert set(json.loads((tmp_path / tile_hashes_relpath("17", "1")).read_bytes())) == {a}
+    assert set(json.loads((tmp_path / tile_hashes_relpath("17", "2")).read_bytes())) == {c}
+
+
+def test_a_build_forgets_the_hash_of_a_removed_tile(built_cache, capsys):
+    from conftest import built
+
+    column = sorted((built_cache / "tiles/15").iterdir())[0]
+    gone, kept = sorted(column.iterdir())[:2]
+    z, x = column.parent.name, column.name
+    memo = built_cache / tile_hashes_relpath(z, x)
+    rel = lambda p: p.relative_to(built_cache).as_posix()  # noqa: E731
+    assert {rel(gone), rel(kept)} <= set(json.loads(memo.read_bytes()))
+    gone.unlink()
+    built(built_cache, capsys)
+    held = set(json.loads(memo.read_bytes()))
+    assert rel(kept) in held and rel(gone) not in held

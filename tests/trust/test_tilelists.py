@@ -11,7 +11,7 @@ import blake3
 import pytest
 
 from c10.errors import ManifestWriteError, VerifyError
-from c10.store.layout import LISTS_DIR, MANIFEST_NAME, list_relpath, tagged_relpath
+from c10.store.layout import LIST_KEYS, LISTS_DIR, MANIFEST_NAME, list_relpath, tagged_relpath
 from c10.trust import manifest as mf
 from c10.trust.keys import load_signing_key, load_trusted_keys
 from c10.trust.tilelists import (
@@ -111,24 +111,69 @@ def test_a_built_cache_signs_a_root_of_tile_lists(built_cache, pub):
 
 def test_the_build_hint_of_signed_tiles_is_every_listed_tile(built_cache, pub):
     """The descriptor store's hint takes the digests by position, not by parse: the same tiles,
-    and a list that fails its root entry lists nothing (a missing key costs a computation)."""
-    from c10.trust.keys import load_trusted_keys
-    from c10.trust.provenance import Provenance
-
-    def hint() -> list[bytes]:
-        keys = Provenance(built_cache, load_trusted_keys([pub])).signed_tile_keys()
-        assert list(keys) == sorted(keys)
-        return sorted(int(k).to_bytes(8, "little") for k in keys)
-
+    from the keys the commit kept or, without them, from the lists, where a list that fails its
+    root entry lists nothing (a missing key costs a computation)."""
     root = root_of(built_cache)
     tiles = [f for f in expand_files(built_cache, root) if f["kind"] == "tile"]
-    assert hint() == sorted(bytes.fromhex(f["blake3"])[:8] for f in tiles)
+    every = sorted(bytes.fromhex(f["blake3"])[:8] for f in tiles)
+    assert (built_cache / LIST_KEYS).is_file()
+    assert hint(built_cache, pub) == every
+    (built_cache / LIST_KEYS).unlink()
+    assert hint(built_cache, pub) == every
     first = lists_of(built_cache)[0]
     gone = {f["path"] for f in parse_tile_list(
         (built_cache / first["path"]).read_bytes(), first["path"], block_size(root))}
     (built_cache / first["path"]).write_bytes(b"{}")
     kept = sorted(bytes.fromhex(f["blake3"])[:8] for f in tiles if f["path"] not in gone)
-    assert hint() == kept and kept
+    assert hint(built_cache, pub) == kept and kept
+
+
+def hint(root: Path, pub: Path) -> list[bytes]:
+    from c10.trust.keys import load_trusted_keys
+    from c10.trust.provenance import Provenance
+
+    keys = Provenance(root, load_trusted_keys([pub])).signed_tile_keys()
+    assert list(keys) == sorted(keys)
+    return sorted(int(k).to_bytes(8, "little") for k in keys)
+
+
+def test_the_commit_keeps_each_signed_lists_keys(built_cache):
+    """LIST_KEYS holds, for exactly the lists the root signs, the keys of the tiles each lists."""
+    from c10.store.listkeys import read_list_keys
+
+    root = root_of(built_cache)
+    kept = read_list_keys(built_cache)
+    assert set(kept) == {f["blake3"] for f in lists_of(built_cache)}
+    for entry in lists_of(built_cache):
+        listed = parse_tile_list((built_cache / entry["path"]).read_bytes(), entry["path"],
+                                 block_size(root))
+        assert sorted(kept[entry["blake3"]].tolist()) == sorted(
+            int.from_bytes(bytes.fromhex(f["blake3"])[:8], "little") for f in listed)
+
+
+@pytest.mark.parametrize("junk", [b"", b"c10 tile-list keys 1\n", b"\0" * 64,
+                                  b"c10 tile-list keys 1\n\x05\0\0\0\0\0\0\0[[1]]",
+                                  b"c10 tile-list keys 1\n\xff\xff\xff\xff\xff\xff\xff\x7f",
+                                  b"c10 tile-list keys 1\n\x0a\0\0\0\0\0\0\0"
+                                  b'[["a",-1]]\0\0\0\0\0\0\0\0'])
+def test_a_torn_or_junk_keys_file_is_read_as_none(built_cache, pub, junk):
+    """Anything but a whole keys file of ours is no keys: the hint reads the lists again."""
+    from c10.store.listkeys import read_list_keys
+
+    (built_cache / LIST_KEYS).write_bytes(junk)
+    assert read_list_keys(built_cache) == {}
+    root = root_of(built_cache)
+    assert hint(built_cache, pub) == sorted(
+        bytes.fromhex(f["blake3"])[:8] for f in expand_files(built_cache, root)
+        if f["kind"] == "tile")
+
+
+def test_a_truncated_keys_file_is_read_as_none(built_cache):
+    from c10.store.listkeys import read_list_keys
+
+    data = (built_cache / LIST_KEYS).read_bytes()
+    (built_cache / LIST_KEYS).write_bytes(data[:-8])
+    assert read_list_keys(built_cache) == {}
 
 
 def test_nothing_is_signed_until_the_unsynced_writes_are_durable(built_cache, operator_key,
