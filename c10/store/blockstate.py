@@ -74,14 +74,11 @@ class BlockState:
         rows = self._scan.columns[prefix]
         lo = bisect.bisect_left(rows, by * self._block, key=lambda t: t.y)
         hi = bisect.bisect_left(rows, (by + 1) * self._block, key=lambda t: t.y)
-        key, complete = blake3.blake3(), True
-        for tile in rows[lo:hi]:
-            try:
-                digest = self._hashes.hash(tile.path)[0]
-            except OSError:  # gone since the scan: the task runs and names it
-                digest, complete = "missing", False
-            key.update(f"{tile.path}\0{digest}\n".encode())
-        found = key.hexdigest()
+        paths = [tile.path for tile in rows[lo:hi]]
+        digests = self._hashes.hash_tiles(paths)
+        complete = None not in digests  # else one went since the scan: the task runs, names it
+        found = blake3.blake3("".join(f"{path}\0{digest or 'missing'}\n"
+                                      for path, digest in zip(paths, digests)).encode()).hexdigest()
         memo = self._scan.memo.get(prefix) if self._scan.memo is not None else None
         if complete and memo is not None and memo[3].get(name) != found:
             memo[3][name] = found

@@ -18,6 +18,7 @@ from c10.store.layout import (
     split_tagged,
     tagged_relpath,
 )
+from c10.store.tiles import racy
 
 
 def write_artifact(root: Path, logical: str, data: bytes) -> dict:
@@ -61,12 +62,33 @@ def write_ref(root: Path, logical: str, entry: dict) -> None:
                             staging=Path(root) / STAGING_DIR)
 
 
+# ref path -> (its stat key, its entry): a build reads every ref several times (task checks, the
+# index, coverage, the Manifest); c10 replaces a ref by a rename, which changes the key, and an
+# edit in place changes its mtime and ctime unless within the clock tick of the last change (racy).
+_READ: dict[str, tuple[tuple, dict | None]] = {}
+
+
 def read_ref(root: Path, logical: str) -> dict | None:
     """The entry a ref names, or None if it is missing or not one of ours."""
+    path = os.path.join(root, ref_relpath(logical))
     try:  # os-level: every no-op build reads every ref (refs_current)
-        with open(os.path.join(root, ref_relpath(logical)), "rb") as f:
-            entry = json.loads(f.read())
-    except (OSError, ValueError):
+        st = os.stat(path)
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_dev)
+        hit = _READ.get(path)
+        if hit is None or hit[0] != key:
+            with open(path, "rb") as f:
+                hit = (key, _parse_ref(f.read(), logical))
+            if not racy(st):  # else an edit in the same clock tick would keep this key
+                _READ[path] = hit
+    except OSError:
+        return None
+    return dict(hit[1]) if hit[1] is not None else None
+
+
+def _parse_ref(data: bytes, logical: str) -> dict | None:
+    try:
+        entry = json.loads(data)
+    except ValueError:
         return None
     split = split_tagged(str(entry.get("path"))) if isinstance(entry, dict) else None
     return entry if split and split[0] == logical else None

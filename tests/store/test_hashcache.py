@@ -132,3 +132,16 @@ def test_a_build_forgets_the_hash_of_a_removed_tile(built_cache, capsys):
     built(built_cache, capsys)
     held = set(json.loads(memo.read_bytes()))
     assert rel(kept) in held and rel(gone) not in held
+
+
+def test_hash_tiles_is_hash_of_each_and_none_for_a_file_gone(tmp_path):
+    rels = [tile(tmp_path, 3, y, bytes([y]) * 9) for y in range(4)]
+    hashes = HashCache(tmp_path)
+    first = hashes.hash_tiles(rels)
+    assert first == [blake3_file(tmp_path / rel) for rel in rels]
+    hashes.save()
+    (tmp_path / rels[1]).unlink()
+    os.replace(tmp_path / rels[3], tmp_path / rels[2])  # renamed over: a new inode, new bytes
+    later = HashCache(tmp_path)
+    assert later.hash_tiles(rels) == [first[0], None, first[3], None]
+    assert later.hash_tiles([]) == []

@@ -44,6 +44,26 @@ def test_publish_writes_the_file_then_its_ref(tmp_path):
     assert not list((tmp_path / ".c10/tmp").iterdir())  # staged temp files all renamed
 
 
+def test_a_ref_read_again_is_the_file_as_it_is_now(tmp_path):
+    """read_ref keeps what it parsed by the ref's stat: a ref replaced, edited in place or removed
+    is read as it is now, and a caller's change to an entry never reaches the next read."""
+    import os
+
+    logical = "shards/g/15/1-2.npy"
+    first = refs.publish(tmp_path, logical, b"one")
+    seen = refs.read_ref(tmp_path, logical)
+    seen["size"] = 99
+    assert refs.read_ref(tmp_path, logical) == first
+    second = refs.publish(tmp_path, logical, b"second")
+    assert refs.read_ref(tmp_path, logical) == second != first
+    ref = tmp_path / ref_relpath(logical)
+    with open(ref, "r+b") as f:  # in place, same size: the ctime still moves
+        f.write(b"[" + f.read()[1:])
+    assert refs.read_ref(tmp_path, logical) is None
+    os.unlink(ref)
+    assert refs.read_ref(tmp_path, logical) is None
+
+
 def test_a_ref_write_that_fails_leaves_the_old_ref_and_no_temp_file(tmp_path, monkeypatch):
     import errno
     import os
