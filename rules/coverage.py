@@ -88,19 +88,10 @@ def _hashed_files(plan: Plan):
                 keep.add(str(model_plan.spec.calibration_path.resolve()))
         return keep
 
-    @cache
-    def columns() -> dict:
-        if plan.scan is not None:
-            return plan.scan.columns
-        out: dict = {}
-        for tile in [*plan.tiles, *plan.out_of_scope]:
-            out.setdefault(f"{TILES_DIR}/{tile.z}/{tile.x}", []).append(tile)
-        return out
-
     def keep(bucket: str) -> set[str]:
         if bucket == "other":
             return other()
-        return {t.path for t in columns().get(f"{TILES_DIR}/{bucket}", ())}
+        return {t.path for t in plan.scan.columns.get(f"{TILES_DIR}/{bucket}", ())}
 
     return keep
 
