@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from test_int8 import BACKENDS  # each backend's INT8 engine (OpenVINO's needs NNCF)
 from tiny_models import file_hash
 
 from c10.errors import EngineBuildError
 from c10.features import int8_local
 from c10.features.backends.onnxruntime import OnnxRuntimeBackend
-from c10.features.backends.openvino import OpenVinoBackend
 from c10.features.engines import EngineSpec, build_engine, engine_key, load_engine, sidecar_path
 from c10.tools import netgen, synth
 
@@ -78,15 +78,6 @@ def test_shifted_view_moves_the_tile_by_the_stated_motion():
     assert (dx, dy) == (6, 4)
     assert np.array_equal(moved[:, dy:, dx:], tensor[:, :-dy, :-dx])
     assert np.array_equal(moved[:, :dy, dx:], np.broadcast_to(tensor[:, :1, :-dx], (3, dy, 42)))
-
-
-def ov_int8():
-    pytest.importorskip("nncf")
-    return OpenVinoBackend()
-
-
-BACKENDS = [pytest.param(OnnxRuntimeBackend, id="onnxruntime"),
-            pytest.param(ov_int8, id="openvino")]
 
 
 @pytest.mark.parametrize("make", BACKENDS)
